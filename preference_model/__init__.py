@@ -1,0 +1,1 @@
+"""The step-aware preference model (SPM); filled by a later issue."""

@@ -1,0 +1,7 @@
+"""`python -m spo` is the same as the `spo` command."""
+
+import sys
+
+from spo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""The run folder contract shared by every command.
+
+A run folder holds the resolved `config.yaml`, an append-only `metrics.jsonl`, `checkpoints/`
+and `final/`. Why: any run can be inspected, compared or resumed from its folder alone, and
+the folder is checked to be writable *before* any compute is spent. The atomic helpers here are
+how every trainer writes files and checkpoints, so that a killed run never leaves a half-written
+file or checkpoint that resume would pick up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spo.config import ConfigError, save_config
+
+__all__ = ["RunDir", "atomic_dir", "atomic_write_bytes", "prepare_run_dir"]
+
+
+def _umask() -> int:
+    # Read the process umask (there is no read-only call) so temp files get normal permissions.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary sibling file and `os.replace`.
+
+    Readers see either the old file or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; use what open() would have
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `final_path` only if the block succeeds.
+
+    Use it for checkpoints: write everything into the yielded folder; on success it is renamed
+    onto `final_path` (an existing folder there is replaced); on an exception it is deleted and
+    `final_path` is left untouched.
+    """
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f".{final_path.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    old: Path | None = None
+    try:
+        if final_path.exists() or final_path.is_symlink():
+            # A directory cannot be os.replace'd onto a non-empty one: move the old one aside
+            # first, put the new one in place, then delete the old one.
+            old = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f".{final_path.name}.old-"))
+            old.rmdir()
+            os.replace(final_path, old)
+        os.replace(tmp, final_path)
+    except BaseException:
+        if old is not None and not final_path.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, final_path)  # put the previous version back
+        _remove(tmp)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values from numpy / torch scalars; non-finite floats become null."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):  # a multi-element array or tensor
+            value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A prepared run folder; build it with `prepare_run_dir`."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        """Intermediate checkpoints, each written with `atomic_dir`."""
+        return self.root / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        """The run's final artefacts (weights, data, report)."""
+        return self.root / "final"
+
+    @property
+    def metrics_path(self) -> Path:
+        """Append-only JSON lines: one object per `log_metrics` call."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def config_path(self) -> Path:
+        """The resolved config the run was started with."""
+        return self.root / "config.yaml"
+
+    def log_metrics(self, step: int, **values: Any) -> None:
+        """Append one JSON line `{"step", "time", **values}` to metrics.jsonl.
+
+        Non-finite floats are written as null so every line stays valid JSON.
+        """
+        reserved = {"step", "time"} & values.keys()
+        if reserved:
+            raise TypeError(f"log_metrics: {sorted(reserved)} are reserved metric names")
+        record: dict[str, Any] = {"step": int(step), "time": time.time()}
+        record.update({str(k): _jsonable(v) for k, v in values.items()})
+        line = json.dumps(record, allow_nan=False) + "\n"
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line)
+
+
+def prepare_run_dir(out: str | Path, cfg: Any) -> RunDir:
+    """Create the run folder `out` and record `cfg`, failing fast if it cannot be written.
+
+    Creates `checkpoints/`, `final/`, an empty `metrics.jsonl` (an existing one is kept, so a
+    resumed run appends to it) and writes the resolved `config.yaml`. Raises a one-line
+    ConfigError "cannot write to output folder OUT: reason" before anything else is done.
+    """
+    root = Path(out)
+    try:
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"cannot write to output folder {out}: it exists and is not a folder")
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if isinstance(e, NotADirectoryError | FileExistsError):
+            reason = "a parent of it is a file, not a folder"
+        raise ConfigError(f"cannot write to output folder {out}: {reason}") from e
+
+    run = RunDir(root)
+    try:
+        run.checkpoints.mkdir(exist_ok=True)
+        run.final.mkdir(exist_ok=True)
+        run.metrics_path.touch(exist_ok=True)
+        save_config(cfg, run.config_path)
+    except OSError as e:
+        raise ConfigError(f"cannot write to output folder {out}: {e.strerror or e}") from e
+    return run

@@ -1,0 +1,190 @@
+"""`spo toy-world`: write the toy world that every toy config reads.
+
+OUT/base_model/               the shipped tiny StableDiffusionPipeline (copied)
+OUT/prompts/{train,eval}.txt  eval holds colour/shape/background combinations never in train
+OUT/pairs/{train,validation}.parquet  Pick-a-Pic schema; validation pairs use the eval prompts
+OUT/base_samples.png          a grid of base samples on eval prompts with their oracle rewards
+OUT/world.json                pair statistics and the base model's report (recognition rates,
+                              aesthetic quartiles next to those of renders)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from spo.config import ToyWorldConfig
+from spo.runs import RunDir, atomic_dir, atomic_write_bytes
+from spo.toy.annotator import labelled_pairs
+from spo.toy.oracle import WEIGHTS, OracleReport, evaluate, recognition_rates
+from spo.toy.render import Prompt, render, split_prompts
+
+BASE_MODEL_DIR = Path(__file__).parent / "base_model"
+AESTHETIC_TERMS = ("sharpness", "clean", "framing", "contrast")
+
+
+def aesthetic_score(report: OracleReport) -> float:
+    """The aesthetic part of R rescaled to [0, 1] (alignment terms left out)."""
+    return report.aesthetic / sum(WEIGHTS[k] for k in AESTHETIC_TERMS)
+
+
+def load_base_pipeline(path: str | Path, device: str = "cpu"):
+    """The toy base model as a plain diffusers pipeline with a DDIM scheduler, in float32
+    (its weights are stored in fp16 to keep the repository small)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def generate(
+    pipe, texts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int = 64
+) -> np.ndarray:
+    """uint8 images (N, H, W, 3); image i depends only on (texts[i], seeds[i])."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
+        imgs = pipe(
+            texts[i : i + batch_size],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="np",
+        ).images
+        out.append((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def _write_pairs(path: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _pair_stats(rows: list[dict]) -> dict[str, float]:
+    labels = np.array([r["label_0"] for r in rows])
+    diff = np.array([r["reward_0"] - r["reward_1"] for r in rows])
+    decided = labels != 0.5
+    agree = (labels[decided] == 1.0) == (diff[decided] > 0)
+    return {
+        "pairs": len(rows),
+        "tie_share": float(1 - decided.mean()),
+        "label_agrees_with_oracle": float(agree.mean()),
+    }
+
+
+def base_model_report(
+    pipe, cfg: ToyWorldConfig, images_per_prompt: int = 4
+) -> tuple[dict, np.ndarray, list[str]]:
+    """Recognition rates and aesthetic quartiles of base samples on every eval prompt, next to the
+    aesthetic quartiles of renders at quality 0.2 and 0.8 (the spread the base should cover)."""
+    _, eval_prompts = split_prompts()
+    texts = [p.text for p in eval_prompts for _ in range(images_per_prompt)]
+    seeds = [cfg.seed * 100_000 + i for i in range(len(texts))]
+    imgs = generate(pipe, texts, seeds, cfg.num_inference_steps, cfg.guidance_scale)
+    reps = [evaluate(im, t) for im, t in zip(imgs, texts, strict=True)]
+    prompts = [Prompt.parse(t) for t in texts]
+    rng = np.random.default_rng(cfg.seed + 7)
+    render_aes = {
+        str(q): np.percentile(
+            [
+                aesthetic_score(evaluate(render(p, q, rng), p))
+                for p in eval_prompts
+                for _ in range(8)
+            ],
+            [25, 50, 75],
+        ).tolist()
+        for q in (0.2, 0.8)
+    }
+    report = {
+        "samples": len(texts),
+        **recognition_rates(reps, prompts),
+        "mean_reward": float(np.mean([r.reward for r in reps])),
+        "aesthetic_quartiles": np.percentile(
+            [aesthetic_score(r) for r in reps], [25, 50, 75]
+        ).tolist(),
+        "render_aesthetic_quartiles": render_aes,
+    }
+    return report, imgs, texts
+
+
+def save_grid(path: Path, images: np.ndarray, texts: list[str], cols: int) -> None:
+    """A PNG grid, one prompt a row, each image titled with its oracle reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(images) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 2.6, 1.7 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.imshow(images[i], interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"R={evaluate(images[i], texts[i]).reward:.2f}", fontsize=8)
+        if i % cols == 0:
+            ax.set_ylabel(texts[i].removeprefix("a ").replace(" on a ", "\non "), fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
+    """Write every part of the toy world into run.root (see the module docstring)."""
+    if not (BASE_MODEL_DIR / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"the shipped toy base model is missing from {BASE_MODEL_DIR}; "
+            "rebuild it with `python scripts/build_toy_base_model.py`"
+        )
+    root = run.root
+    with atomic_dir(root / "base_model") as tmp:
+        shutil.copytree(BASE_MODEL_DIR, tmp, dirs_exist_ok=True)
+
+    train_prompts, eval_prompts = split_prompts()
+    (root / "prompts").mkdir(exist_ok=True)
+    for name, prompts in (("train", train_prompts), ("eval", eval_prompts)):
+        atomic_write_bytes(
+            root / "prompts" / f"{name}.txt", "".join(p.text + "\n" for p in prompts).encode()
+        )
+
+    (root / "pairs").mkdir(exist_ok=True)
+    stats = {}
+    for split, prompts, n, offset in (
+        ("train", train_prompts, cfg.train_pairs, 0),
+        ("validation", eval_prompts, cfg.validation_pairs, 1),
+    ):
+        rng = np.random.default_rng([cfg.seed, offset])
+        rows = list(
+            tqdm(
+                labelled_pairs(prompts, n, cfg.annotator_tau, cfg.tie_delta, rng),
+                total=n,
+                desc=f"pairs/{split}",
+            )
+        )
+        _write_pairs(root / "pairs" / f"{split}.parquet", rows)
+        stats[split] = _pair_stats(rows)
+        run.log_metrics(0, **{f"{split}/{k}": v for k, v in stats[split].items()})
+
+    pipe = load_base_pipeline(root / "base_model")
+    report, imgs, texts = base_model_report(pipe, cfg, cfg.grid_images_per_prompt)
+    run.log_metrics(0, **{f"base/{k}": v for k, v in report.items() if isinstance(v, float)})
+    per = cfg.grid_images_per_prompt
+    shown = min(cfg.grid_prompts, len(eval_prompts)) * per
+    save_grid(root / "base_samples.png", imgs[:shown], texts[:shown], per)
+    summary = {"pairs": stats, "base_model": report}
+    atomic_write_bytes(root / "world.json", json.dumps(summary, indent=2).encode())
+    print(json.dumps(summary, indent=2))
+    print(f"toy world written to {root}")

@@ -1,0 +1,97 @@
+"""`spo toy-world` end to end (small counts) and the shipped base model in stock diffusers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from spo.cli import main
+from spo.toy.world import BASE_MODEL_DIR
+
+pytestmark = pytest.mark.skipif(
+    not (BASE_MODEL_DIR / "model_index.json").exists(), reason="toy base model not built"
+)
+
+
+def test_stock_diffusers_loads_base_model_and_samples_64px(tmp_path):
+    """No import of this project: plain diffusers, DDIM, 20 steps, on CPU."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained({str(BASE_MODEL_DIR)!r},
+                                                       torch_dtype=torch.float32)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        out = pipe(["a red circle on a white background"] * 2, num_inference_steps=20,
+                   guidance_scale=5.0, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert "spo" not in sys.modules
+        print(out.shape, float(out.std()))
+    """)
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    shape, std = res.stdout.strip().rsplit(" ", 1)
+    assert shape == "(2, 64, 64, 3)"
+    assert float(std) > 0.05  # an image, not a flat colour
+
+
+def test_toy_world_writes_every_part(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    out = tmp_path / "world"
+    code = main(
+        [
+            "toy-world",
+            "--out",
+            str(out),
+            "train_pairs=40",
+            "validation_pairs=12",
+            "grid_prompts=2",
+            "grid_images_per_prompt=2",
+        ]
+    )
+    assert code == 0
+    for rel in (
+        "base_model/model_index.json",
+        "prompts/train.txt",
+        "prompts/eval.txt",
+        "pairs/train.parquet",
+        "pairs/validation.parquet",
+        "base_samples.png",
+        "world.json",
+        "config.yaml",
+        "metrics.jsonl",
+    ):
+        assert (out / rel).is_file(), rel
+    train = (out / "prompts/train.txt").read_text().splitlines()
+    held_out = (out / "prompts/eval.txt").read_text().splitlines()
+    assert len(held_out) == 16 and not set(train) & set(held_out)
+
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files={
+            "train": str(out / "pairs/train.parquet"),
+            "validation": str(out / "pairs/validation.parquet"),
+        },
+    )
+    assert ds["train"].num_rows == 40 and ds["validation"].num_rows == 12
+    assert {"caption", "jpg_0", "jpg_1", "label_0", "label_1"} <= set(ds["train"].column_names)
+    for split, prompts in (("train", train), ("validation", held_out)):
+        rows = ds[split]
+        assert set(rows["label_0"]) <= {0.0, 0.5, 1.0}
+        assert np.allclose(np.array(rows["label_0"]) + np.array(rows["label_1"]), 1.0)
+        assert set(rows["caption"]) <= set(prompts)
+    from io import BytesIO
+
+    from PIL import Image
+
+    assert Image.open(BytesIO(ds["train"][0]["jpg_0"])).size == (64, 64)
+    summary = json.loads((out / "world.json").read_text())
+    base = summary["base_model"]
+    assert base["samples"] == 16 * 2
+    assert 0.0 <= base["colour_right"] <= 1.0 and 0.0 <= base["mean_reward"] <= 1.0
