@@ -95,3 +95,32 @@ def test_toy_world_writes_every_part(tmp_path):
     base = summary["base_model"]
     assert base["samples"] == 16 * 2
     assert 0.0 <= base["colour_right"] <= 1.0 and 0.0 <= base["mean_reward"] <= 1.0
+
+
+def test_oracle_survives_the_shipped_vae_round_trip():
+    """R still orders renders by hidden quality after encode/decode, and the VAE keeps colour
+    and background of clean renders."""
+    import torch
+    from diffusers import AutoencoderKL
+    from scipy.stats import spearmanr
+
+    from spo.toy.oracle import evaluate, recognition_rates
+    from spo.toy.render import all_prompts, render
+
+    vae = AutoencoderKL.from_pretrained(BASE_MODEL_DIR / "vae", torch_dtype=torch.float32)
+    rng = np.random.default_rng(11)
+    prompts = [all_prompts()[i] for i in rng.integers(96, size=200)]
+    qs = rng.uniform(size=200)
+    imgs = np.stack([render(p, q, rng) for p, q in zip(prompts, qs, strict=True)])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    reports = [evaluate(im, p) for im, p in zip(rec, prompts, strict=True)]
+    assert spearmanr(qs, [r.reward for r in reports]).correlation >= 0.8
+    clean = qs >= 0.5
+    rates = recognition_rates(
+        [r for r, c in zip(reports, clean, strict=True) if c],
+        [p for p, c in zip(prompts, clean, strict=True) if c],
+    )
+    assert rates["colour_right"] >= 0.95 and rates["background_right"] >= 0.95, rates

@@ -9,9 +9,11 @@ alignment (does the image show the prompt?)
                     shape's template
   background  0.10  border colour near the prompted background colour
 aesthetics (is it a good picture?)
-  sharpness   0.15  steepest edge relative to the object/background contrast
-  clean       0.15  how little the background deviates from its own colour (clutter, blotches)
-  framing     0.15  object centred, of the nominal size, not cropped by the border
+  sharpness   0.05  steepest edge relative to the object/background contrast (low weight: the
+                    toy VAE does not keep blur, so no generator can control it; measured in
+                    docs/toy-world.md)
+  clean       0.20  how little the background deviates from its own colour (clutter, blotches)
+  framing     0.20  object centred, of the nominal size, not cropped by the border
   contrast    0.15  saturation of the object relative to the pure prompted colour
 
 The main object is the largest connected region of pixels far from the border colour.
@@ -31,9 +33,9 @@ WEIGHTS = {
     "colour": 0.20,
     "shape": 0.10,
     "background": 0.10,
-    "sharpness": 0.15,
-    "clean": 0.15,
-    "framing": 0.15,
+    "sharpness": 0.05,
+    "clean": 0.20,
+    "framing": 0.20,
     "contrast": 0.15,
 }
 OBJECT_THRESHOLD = 70.0  # RGB distance from the border colour that makes a pixel "object"
@@ -202,7 +204,7 @@ def _clean(diff: np.ndarray, mask: np.ndarray) -> float:
     rest = ~ndimage.binary_dilation(mask, iterations=2)
     if not rest.any():
         return 0.0
-    return float(np.clip(1.0 - np.mean(np.minimum(diff[rest], 80.0)) / 12.0, 0.0, 1.0))
+    return float(np.clip(1.0 - np.mean(np.minimum(diff[rest], 80.0)) / 45.0, 0.0, 1.0))
 
 
 def reward(image, prompt: Prompt | str) -> float:
