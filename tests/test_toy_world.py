@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from spo.cli import main
-from spo.toy.world import BASE_MODEL_DIR
+from spo.toy.world import BASE_MODEL_DIR, vae_round_trip
 
 pytestmark = pytest.mark.skipif(
     not (BASE_MODEL_DIR / "model_index.json").exists(), reason="toy base model not built"
@@ -112,10 +112,7 @@ def test_oracle_survives_the_shipped_vae_round_trip():
     prompts = [all_prompts()[i] for i in rng.integers(96, size=200)]
     qs = rng.uniform(size=200)
     imgs = np.stack([render(p, q, rng) for p, q in zip(prompts, qs, strict=True)])
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rec = vae_round_trip(vae, imgs)
     reports = [evaluate(im, p) for im, p in zip(rec, prompts, strict=True)]
     assert spearmanr(qs, [r.reward for r in reports]).correlation >= 0.8
     clean = qs >= 0.5

@@ -35,6 +35,17 @@ def aesthetic_score(report: OracleReport) -> float:
     return report.aesthetic / sum(WEIGHTS[k] for k in AESTHETIC_TERMS)
 
 
+@torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Encode (posterior mode) and decode uint8 images (N, H, W, 3) with a diffusers VAE."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
 def load_base_pipeline(path: str | Path, device: str = "cpu"):
     """The toy base model as a plain diffusers pipeline with a DDIM scheduler, in float32
     (its weights are stored in fp16 to keep the repository small)."""
