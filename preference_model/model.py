@@ -644,6 +644,10 @@ class StepAwarePreferenceModel(nn.Module):
         """Projected (unnormalised) text features of token ids, (N, D); the backbone's own."""
         return self._tower.text_features(input_ids)
 
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, timesteps: Timesteps) -> Tensor:
+        """`logits`, as the module's call (what DDP and other wrappers run)."""
+        return self.logits(pixel_values, input_ids, timesteps)
+
     def logits(self, pixel_values: Tensor, input_ids: Tensor, timesteps: Timesteps) -> Tensor:
         """exp(logit_scale) * cos(image i at t_i, text i), one per pair, (N,). Differentiable."""
         image = F.normalize(self.image_features(pixel_values, timesteps), dim=-1)

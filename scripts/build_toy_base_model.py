@@ -231,15 +231,37 @@ def sample_check(unet, text_encoder, tokenizer, vae, n_per_prompt: int = 4) -> d
     return rates | {"reward": float(np.mean([r.reward for r in reps]))}
 
 
-def train_unet(work: Path, minutes: float, seed: int = 0, batch: int = 64) -> None:
+def init_from_pipeline(work: Path, folder: Path) -> None:
+    """Seed the work folder from an exported pipeline (e.g. the shipped one) so that training
+    continues from its weights instead of starting over: its VAE becomes `vae.pt`, its UNet and
+    text encoder the starting point of the UNet stage (`init.pt`)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    vae = new_vae()
+    vae.load_state_dict(pipe.vae.state_dict())
+    torch.save({"model": vae.state_dict(), "step": 0}, work / "vae.pt")
+    torch.save(
+        {"unet": pipe.unet.state_dict(), "text": pipe.text_encoder.state_dict()}, work / "init.pt"
+    )
+    print(f"work folder {work} seeded from {folder}", flush=True)
+
+
+def train_unet(
+    work: Path, minutes: float, seed: int = 0, batch: int = 64, peak_lr: float = 1e-3
+) -> None:
     """Joint UNet + text encoder training with a time-based cosine lr schedule and EMA."""
     torch.manual_seed(seed)
     vae = load_vae(work)
     tokenizer = build_tokenizer(MAX_TOKENS)
     unet, text_encoder = new_unet(), new_text_encoder()
+    if (work / "init.pt").exists():
+        init = torch.load(work / "init.pt")
+        unet.load_state_dict(init["unet"])
+        text_encoder.load_state_dict(init["text"])
     ema_unet, ema_text = new_unet().requires_grad_(False), new_text_encoder().requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
     ckpt, step, elapsed = work / "unet.pt", 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt)
@@ -277,6 +299,7 @@ def train_unet(work: Path, minutes: float, seed: int = 0, batch: int = 64) -> No
     sched = new_noise_scheduler()
     snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
     ema_decay = 0.998
+    eval_every = 600
 
     def save() -> None:
         torch.save(
@@ -295,7 +318,11 @@ def train_unet(work: Path, minutes: float, seed: int = 0, batch: int = 64) -> No
     start, last_save, last_eval = time.time() - elapsed, time.time(), time.time()
     while elapsed < minutes * 60:
         frac = elapsed / (minutes * 60)
-        lr = 1e-3 * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = (
+            peak_lr
+            * min(1.0, (step + 1) / 300)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(mean), (batch,))
@@ -327,7 +354,7 @@ def train_unet(work: Path, minutes: float, seed: int = 0, batch: int = 64) -> No
         if time.time() - last_save > 300:
             save()
             last_save = time.time()
-        if time.time() - last_eval > 900:
+        if time.time() - last_eval > eval_every:
             print("unet eval", sample_check(ema_unet, ema_text, tokenizer, vae), flush=True)
             last_eval = time.time()
     save()
@@ -371,13 +398,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "spo/toy/base_model")
     ap.add_argument("--vae-minutes", type=float, default=12.0)
     ap.add_argument("--unet-minutes", type=float, default=75.0)
+    ap.add_argument("--unet-lr", type=float, default=1e-3, help="peak learning rate of the UNet")
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="continue from this pipeline folder (its VAE is kept; UNet stage only)",
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 if sharing the CPU)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.init_from is not None:
+        init_from_pipeline(args.work, args.init_from)
     if args.stage in ("vae", "all"):
         train_vae(args.work, args.vae_minutes)
     if args.stage in ("unet", "all"):
-        train_unet(args.work, args.unet_minutes)
+        train_unet(args.work, args.unet_minutes, peak_lr=args.unet_lr)
     if args.stage in ("export", "all"):
         export(args.work, args.out)
 

@@ -10,13 +10,21 @@ then `--out`. Every problem found before the work starts is printed as one line,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from spo import __version__
-from spo.config import COMMAND_CONFIGS, ConfigError, ToyWorldConfig, load_config
+from spo.config import (
+    COMMAND_CONFIGS,
+    ConfigError,
+    DPOTrainConfig,
+    SPMTrainConfig,
+    ToyWorldConfig,
+    load_config,
+)
 from spo.runs import prepare_run_dir
 
 EXIT_USAGE = 2  # bad config, bad input, bad command line, or not implemented
@@ -27,6 +35,24 @@ def _run_toy_world(cfg: ToyWorldConfig) -> int:
     from spo.toy.world import build_world  # heavy (torch); only once the config is known good
 
     build_world(cfg, run)
+    return 0
+
+
+def _run_train_spm(cfg: SPMTrainConfig) -> int:
+    from preference_model.train import train_preference_model  # heavy: torch, diffusers
+
+    result = train_preference_model(cfg)
+    print(json.dumps(result, indent=2))
+    print(f"SPM written to {cfg.out}/final (evaluation: {cfg.out}/eval.json)")
+    return 0
+
+
+def _run_train_dpo(cfg: DPOTrainConfig) -> int:
+    from spo.dpo import train_dpo  # heavy: torch, diffusers, peft
+
+    summary = train_dpo(cfg)
+    print(json.dumps(summary, indent=2))
+    print(f"Diffusion-DPO result written to {cfg.out}/final")
     return 0
 
 
@@ -44,12 +70,27 @@ COMMANDS: dict[str, Command] = {
         "build the toy world: preference pairs, prompts and base-model sample grids",
         run=_run_toy_world,
     ),
-    "train-preference-model": Command("train a step-aware preference model (SPM)", issue=3),
-    "train-dpo": Command("fine-tune a diffusion model with the Diffusion-DPO baseline", issue=4),
+    "train-preference-model": Command(
+        "train a step-aware preference model (SPM)", run=_run_train_spm
+    ),
+    "train-dpo": Command(
+        "fine-tune a diffusion model with the Diffusion-DPO baseline", run=_run_train_dpo
+    ),
     "train-spo": Command("fine-tune a diffusion model with SPO, scored by an SPM", issue=5),
     "compare": Command("generate with several models, score them, and write a report", issue=6),
     "demo": Command("the whole story end to end on the toy world, on CPU", issue=7),
 }
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input or a stopped run: printed as one line, exit code 2. Imported
+    lazily so that `spo --help` does not pay for torch."""
+    errors: list[type[Exception]] = []
+    if "preference_model.model" in sys.modules:
+        errors.append(sys.modules["preference_model.model"].CheckpointError)
+    if "spo.training" in sys.modules:
+        errors.append(sys.modules["spo.training"].TrainingError)
+    return tuple(errors)
 
 
 def _one_line(message: object) -> str:
@@ -131,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if callable(validate):
             validate()
         return command.run(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, *_input_errors()) as e:
         return _error(e)
     except KeyboardInterrupt:
         print("spo: interrupted", file=sys.stderr)

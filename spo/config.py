@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,8 @@ T = TypeVar("T")
 __all__ = [
     "COMMAND_CONFIGS",
     "ConfigError",
+    "DPOTrainConfig",
+    "SPMTrainConfig",
     "ToyWorldConfig",
     "dump_config",
     "load_config",
@@ -298,7 +301,295 @@ class ToyWorldConfig:
         _require(math.isfinite(scale) and scale >= 0, "guidance_scale", scale, "must be >= 0")
 
 
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("none", "tensorboard", "wandb")
+LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (shared by every trainer)."""
+
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up from 0, in optimiser steps
+    lr_schedule: str = "constant_with_warmup"  # constant_with_warmup | linear | cosine
+    max_grad_norm: float = 1.0  # gradient clipping (<= 0: off)
+
+    def validate(self, prefix: str = "optim") -> None:
+        _require(math.isfinite(self.lr) and self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        _require(
+            self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0"
+        )
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            _require(0 <= value < 1, f"{prefix}.{key}", value, "must be in [0, 1)")
+        _require(self.adam_epsilon > 0, f"{prefix}.adam_epsilon", self.adam_epsilon, "must be > 0")
+        _require(
+            self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0"
+        )
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            f"{prefix}.lr_schedule",
+            self.lr_schedule,
+            "must be one of " + ", ".join(LR_SCHEDULES),
+        )
+
+
+@dataclass
+class BackboneConfig:
+    """The CLIP the SPM is built on (SPEC.md 2: PickScore_v1 for the real models)."""
+
+    family: str = "open_clip"  # open_clip | hf_clip (transformers CLIPModel, e.g. PickScore_v1)
+    # open_clip: an architecture name, a model-config JSON, or "toy" (the shipped toy CLIP);
+    # hf_clip: a hub name or a local folder of a CLIPModel
+    model: str = "toy"
+    # open_clip only: a weights file or an open_clip pretrained tag (None: random weights;
+    # ignored for "toy", whose weights ship with it)
+    pretrained: str | None = None
+    tokenizer: str | None = None  # hf_clip only: a folder with CLIPTokenizer files
+
+
+@dataclass
+class PairsConfig:
+    """Where the preference pairs come from (Pick-a-Pic schema)."""
+
+    # a parquet file / folder / glob, a save_to_disk folder, or a hub dataset name
+    train: str = "runs/toy/world/pairs/train.parquet"
+    validation: str = "runs/toy/world/pairs/validation.parquet"
+    train_split: str = "train"  # split names, used for hub datasets and DatasetDict folders
+    validation_split: str = "validation"
+    max_train_pairs: int | None = None  # use only the first N training pairs (None: all)
+    max_validation_pairs: int | None = None  # likewise for validation
+    max_bad_image_share: float = 0.01  # undecodable pairs are skipped; fail past this share
+    # Relabel every training pair with the clean backbone's scores (the SDXL SPM's recipe):
+    # a win / lose label if the gap of the 2-way softmax probabilities exceeds this, else a tie.
+    # None keeps the pairs' own labels.
+    relabel_tie_gap: float | None = None
+
+    def validate(self) -> None:
+        for key in ("max_train_pairs", "max_validation_pairs"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"pairs.{key}", value, "must be > 0 or null")
+        share = self.max_bad_image_share
+        _require(0 <= share < 1, "pairs.max_bad_image_share", share, "must be in [0, 1)")
+        gap = self.relabel_tie_gap
+        _require(gap is None or 0 <= gap < 1, "pairs.relabel_tie_gap", gap, "must be in [0, 1)")
+
+
+def _validate_loop(cfg: Any) -> None:
+    """Checks shared by the trainers' loop settings."""
+    _require(bool(str(cfg.out).strip()), "out", cfg.out, "must be a non-empty path")
+    _require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
+        value = getattr(cfg, key)
+        _require(value > 0, key, value, "must be > 0")
+    for key in ("checkpoint_every", "validation_every"):
+        value = getattr(cfg, key)
+        _require(value >= 0, key, value, "must be >= 0 (0: only at the end)")
+    _require(
+        cfg.mixed_precision in MIXED_PRECISION,
+        "mixed_precision",
+        cfg.mixed_precision,
+        "must be one of " + ", ".join(MIXED_PRECISION),
+    )
+    _require(
+        cfg.tracker in TRACKERS, "tracker", cfg.tracker, "must be one of " + ", ".join(TRACKERS)
+    )
+    if cfg.tracker != "none" and importlib.util.find_spec(cfg.tracker) is None:
+        raise ConfigError(
+            f"tracker '{cfg.tracker}' needs the {cfg.tracker} package: pip install {cfg.tracker} "
+            "(or tracker=none; metrics.jsonl is always written)"
+        )
+    _require(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be >= 0")
+    _require(
+        cfg.checkpoints_total_limit > 0,
+        "checkpoints_total_limit",
+        cfg.checkpoints_total_limit,
+        "must be > 0",
+    )
+    cfg.optim.validate()
+
+
+@dataclass
+class SPMTrainConfig:
+    """`spo train-preference-model`: train a step-aware preference model (SPEC.md 2)."""
+
+    out: str = "runs/toy/spm"  # run folder
+    seed: int = 0  # data order, timesteps and noise all derive from it
+    # the frozen diffusers pipeline (SD1.5 or SDXL family) whose x0_hat the SPM learns to judge
+    base_model: str = "runs/toy/world/base_model"
+    vae: str | None = None  # replace the pipeline's VAE (e.g. SDXL's fp16-safe one)
+    base_dtype: str = "float32"  # dtype of the frozen pipeline: float32 | float16 | bfloat16
+    guidance_scale: float = 5.0  # CFG of the base UNet's prediction (empty negative prompt)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    time_conditioning: bool = True  # False: the paper's ablation, a plain CLIP on x0_hat
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 16  # pairs per process per micro-batch
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 400  # optimiser steps
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    num_workers: int = 0  # data-loader workers per process
+    log_every: int = 10  # optimiser steps between metrics.jsonl lines
+    tracker: str = "none"  # none | tensorboard | wandb (metrics.jsonl is always written)
+    validation_every: int = 0  # optimiser steps between validations (0: only at the end)
+    # pairs used by the periodic validations (the final one uses every validation pair)
+    validation_pairs_periodic: int = 200
+    validation_timesteps: list[int] = field(default_factory=lambda: [0, 251, 501, 701, 951])
+    checkpoint_every: int = 200  # optimiser steps between resumable checkpoints (0: none)
+    checkpoints_total_limit: int = 2  # older checkpoints are deleted
+    resume: str = "latest"  # latest (if any) | none | a checkpoint folder
+
+    def validate(self) -> None:
+        """Reject nonsensical values before any work starts (one-line ConfigError)."""
+        _validate_loop(self)
+        self.pairs.validate()
+        _require(
+            self.backbone.family in ("open_clip", "hf_clip"),
+            "backbone.family",
+            self.backbone.family,
+            "must be open_clip or hf_clip",
+        )
+        _require(
+            self.base_dtype in ("float32", "float16", "bfloat16"),
+            "base_dtype",
+            self.base_dtype,
+            "must be float32, float16 or bfloat16",
+        )
+        scale = self.guidance_scale
+        _require(math.isfinite(scale) and scale >= 0, "guidance_scale", scale, "must be >= 0")
+        _require(
+            len(self.validation_timesteps) > 0
+            and all(0 <= t < 1000 for t in self.validation_timesteps),
+            "validation_timesteps",
+            self.validation_timesteps,
+            "must be a non-empty list of timesteps in [0, 1000)",
+        )
+        _require(
+            self.validation_pairs_periodic > 0,
+            "validation_pairs_periodic",
+            self.validation_pairs_periodic,
+            "must be > 0",
+        )
+
+
+@dataclass
+class PolicyConfig:
+    """What is trained: LoRA adapters on the UNet, or the whole UNet (SPEC.md 1 and 3)."""
+
+    mode: str = "lora"  # lora | full
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # None: equal to the rank
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_init: str = "gaussian"  # gaussian (as SPO's release) | default (peft's Kaiming/zero)
+    # full mode: keep the frozen reference UNet in CPU memory, streamed to the device per call
+    reference_offload: bool = False
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _require(self.mode in ("lora", "full"), "policy.mode", self.mode, "must be lora or full")
+        _require(self.lora_rank > 0, "policy.lora_rank", self.lora_rank, "must be > 0")
+        alpha = self.lora_alpha
+        _require(alpha is None or alpha > 0, "policy.lora_alpha", alpha, "must be > 0 or null")
+        _require(bool(self.lora_targets), "policy.lora_targets", self.lora_targets, "is empty")
+        _require(
+            self.lora_init in ("gaussian", "default"),
+            "policy.lora_init",
+            self.lora_init,
+            "must be gaussian or default",
+        )
+
+
+@dataclass
+class ValidationImagesConfig:
+    """Fixed-seed samples of the policy during training (a PNG grid per validation)."""
+
+    prompts: list[str] = field(default_factory=list)  # empty: no validation images
+    every: int = 0  # optimiser steps between grids (0: only at the end)
+    seed: int = 0
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+
+
+@dataclass
+class DPOTrainConfig:
+    """`spo train-dpo`: the Diffusion-DPO baseline (SPEC.md 1)."""
+
+    out: str = "runs/toy/dpo"  # run folder
+    seed: int = 0
+    base_model: str = "runs/toy/world/base_model"  # diffusers SD1.5- or SDXL-family pipeline
+    vae: str | None = None  # replace the pipeline's VAE (SDXL: madebyollin/sdxl-vae-fp16-fix)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    # Relabel every pair with a scorer before training (the release's "choice model"):
+    # none | oracle (toy world) | spm:<folder> (an SPM at t = 0) | pickscore:<model>
+    relabel_with: str = "none"
+    loss: str = "dpo"  # dpo | sft (plain MSE on the winners)
+    beta: float = 5000.0  # the released code's default; the paper: 2000 (SD1.5), 5000 (SDXL)
+    beta_scale: float = 0.5  # inside = -beta_scale * beta * (...); 0.5 as released, 1.0 other
+    prompt_dropout: float = 0.2  # probability of training a pair on the empty prompt
+    random_crop: bool = False  # random (else centre) crop, the same for both images of a pair
+    random_flip: bool = True  # horizontal flip, the same for both images of a pair
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    optimizer: str = "adamw"  # adamw | adafactor | adamw8bit (needs bitsandbytes)
+    # How optim.lr becomes the learning rate, with E = batch_size x accumulation x processes:
+    # none: optim.lr as it is; code: optim.lr x E (the released --scale_lr, 1e-8 -> 2.048e-5 at
+    # E = 2048); paper: optim.lr x E x 2000 / beta (the paper's (2000 / beta) x 2.048e-8 at
+    # E = 2048 when optim.lr = 1e-11).
+    lr_scaling: str = "none"
+    batch_size: int = 1  # pairs per process per micro-batch
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 2000  # optimiser steps
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    num_workers: int = 0
+    log_every: int = 10
+    tracker: str = "none"
+    validation_every: int = 0  # kept for the shared loop checks; images: validation_images
+    validation_images: ValidationImagesConfig = field(default_factory=ValidationImagesConfig)
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 2
+    resume: str = "latest"  # latest (if any) | none | a checkpoint folder
+
+    def validate(self) -> None:
+        """Reject nonsensical values before any work starts (one-line ConfigError)."""
+        _validate_loop(self)
+        self.pairs.validate()
+        self.policy.validate()
+        _require(self.loss in ("dpo", "sft"), "loss", self.loss, "must be dpo or sft")
+        _require(math.isfinite(self.beta) and self.beta > 0, "beta", self.beta, "must be > 0")
+        _require(self.beta_scale > 0, "beta_scale", self.beta_scale, "must be > 0")
+        p = self.prompt_dropout
+        _require(0 <= p < 1, "prompt_dropout", p, "must be in [0, 1)")
+        _require(
+            self.optimizer in ("adamw", "adafactor", "adamw8bit"),
+            "optimizer",
+            self.optimizer,
+            "must be adamw, adafactor or adamw8bit",
+        )
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes")
+        _require(
+            self.lr_scaling in ("none", "code", "paper"),
+            "lr_scaling",
+            self.lr_scaling,
+            "must be none, code or paper",
+        )
+        relabel = self.relabel_with
+        _require(
+            relabel in ("none", "oracle") or relabel.startswith(("spm:", "pickscore:")),
+            "relabel_with",
+            relabel,
+            "must be none, oracle, spm:<folder> or pickscore:<model>",
+        )
+
+
 # Command name -> config schema. The CLI loads `--config`/overrides into this type.
 COMMAND_CONFIGS: dict[str, type] = {
     "toy-world": ToyWorldConfig,
+    "train-preference-model": SPMTrainConfig,
+    "train-dpo": DPOTrainConfig,
 }

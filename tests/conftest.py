@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from tiny_pipelines import build_tiny_sd
+
+from spo.toy.annotator import labelled_pairs
+from spo.toy.render import split_prompts
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -14,3 +29,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _write_pairs(path: Path, prompts, n: int, seed: int) -> list[dict]:
+    rows = list(labelled_pairs(prompts, n, 0.05, 0.03, np.random.default_rng(seed)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def mini_world(tmp_path_factory) -> Path:
+    """Toy pairs (48 train, 16 validation), a tiny SD pipeline and a tiny CLIP config."""
+    root = tmp_path_factory.mktemp("mini_world")
+    train, evaluation = split_prompts()
+    _write_pairs(root / "pairs/train.parquet", train, 48, 0)
+    _write_pairs(root / "pairs/validation.parquet", evaluation, 16, 1)
+    build_tiny_sd(root / "base_model")
+    (root / "clip.json").write_text(json.dumps(TINY_CLIP))
+    return root

@@ -1,0 +1,75 @@
+"""The SPM's training input: the one-step clean-image prediction x0_hat of a noisy image.
+
+SPEC.md section 2: encode both images of a pair with the frozen VAE, draw one t and one noise
+shared by the pair, let the frozen base UNet predict the noise with classifier-free guidance
+(empty negative prompt), take the one-step x0_hat and decode it. The SPM then judges
+(decoded x0_hat, t), which is exactly what it sees inside SPO's sampler. t = 0 means the clean
+image itself, as SPO scores its final samples.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from spo.models import DiffusionModel
+from spo.sampling import add_noise, cfg_combine, predict_x0
+
+
+class NoisyImageMaker:
+    """Turns batches of clean pairs into decoded x0_hat images at given timesteps.
+
+    One UNet call per micro-batch of `max_pairs` pairs (the conditional and unconditional
+    inputs of both images together); each caption's text embedding is computed once.
+    """
+
+    def __init__(
+        self, model: DiffusionModel, guidance_scale: float = 5.0, max_pairs: int = 64
+    ) -> None:
+        self.model = model
+        self.guidance_scale = guidance_scale
+        self.max_pairs = max_pairs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        pixels: Tensor,
+        captions: list[str],
+        timesteps: Tensor,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """`pixels` (B, 2, 3, H, W) in [-1, 1], `timesteps` (B,) -> x0_hat images, same shape.
+
+        Pairs with t = 0 are returned unchanged (clean images). `generator` draws the noise,
+        so a fixed generator gives fixed inputs (validation).
+        """
+        out = pixels.clone().float()
+        noisy = torch.nonzero(timesteps > 0).flatten().tolist()
+        for start in range(0, len(noisy), self.max_pairs):
+            idx = noisy[start : start + self.max_pairs]
+            out[idx] = self._x0_hat(
+                pixels[idx], [captions[i] for i in idx], timesteps[idx], generator
+            ).to(out.device)
+        return out
+
+    def _x0_hat(
+        self, pixels: Tensor, captions: list[str], timesteps: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        model = self.model
+        b = pixels.shape[0]
+        latents = model.encode_images(pixels.flatten(0, 1))  # (2B, C, h, w): 0, 1, 0, 1, ...
+        noise = torch.randn((b, *latents.shape[1:]), generator=generator, device=generator.device)
+        noise = noise.to(latents).repeat_interleave(2, dim=0)
+        t = timesteps.to(model.device).long().repeat_interleave(2)
+        alpha_bar = model.alpha_bar(t)
+        x_t = add_noise(latents, noise, alpha_bar)
+        text = model.encode_text(captions).repeat_interleave(2)
+        both = type(text).cat([text, model.empty_text(2 * b)])
+        unet_dtype = model.unet.dtype
+        eps = model.unet_forward(
+            model.unet, torch.cat([x_t, x_t]).to(unet_dtype), torch.cat([t, t]), both
+        ).float()
+        cond, uncond = eps.chunk(2)
+        guided = cfg_combine(uncond, cond, self.guidance_scale)
+        x0 = predict_x0(x_t.float(), guided, alpha_bar, model.prediction_type)
+        return model.decode_latents(x0).unflatten(0, (b, 2))

@@ -1,0 +1,350 @@
+"""`spo train-preference-model`: the SPM training recipe (SPEC.md section 2).
+
+The loop only: pairs -> noisy x0_hat images from the frozen base pipeline (`noisy.py`) ->
+SPM scores -> PickScore's loss (`losses.py`). Multi-process through accelerate: every process
+takes its own slice of each epoch's permutation; timesteps and noise come from generators seeded
+by (seed, micro-step, rank), so a killed and resumed run sees the same data and noise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from preference_model.losses import pairwise_accuracy, preference_loss
+from preference_model.model import StepAwarePreferenceModel
+from preference_model.noisy import NoisyImageMaker
+from spo.config import ConfigError, SPMTrainConfig
+from spo.data import (
+    BadImageCounter,
+    PairDataset,
+    check_pair_table,
+    examples_per_prompt,
+    load_pair_table,
+)
+from spo.models import DTYPES, DiffusionModel
+from spo.runs import RunDir, atomic_dir, atomic_write_bytes, prepare_run_dir
+from spo.training import (
+    Checkpointer,
+    MetricLogger,
+    TrainingError,
+    adamw,
+    made_by,
+    micro_batch_rows,
+    require_path,
+    seeded_generator,
+)
+
+KIND = "spm_training"
+TOY_BACKBONE_DIR = Path(__file__).parent / "toy_backbone"
+
+
+def build_spm(cfg: SPMTrainConfig) -> StepAwarePreferenceModel:
+    """The untrained SPM on the configured backbone (equal to the backbone at every t)."""
+    b = cfg.backbone
+    try:
+        if b.family == "hf_clip":
+            return StepAwarePreferenceModel.from_hf_clip(
+                b.model, tokenizer=b.tokenizer, time_conditioning=cfg.time_conditioning
+            )
+        if b.model == "toy":
+            config = require_path(TOY_BACKBONE_DIR / "open_clip_config.json", "toy backbone")
+            return StepAwarePreferenceModel.from_open_clip(
+                config,
+                TOY_BACKBONE_DIR / "open_clip_model.safetensors",
+                time_conditioning=cfg.time_conditioning,
+            )
+        model: str | Path = Path(b.model) if b.model.endswith(".json") else b.model
+        return StepAwarePreferenceModel.from_open_clip(
+            model, b.pretrained, time_conditioning=cfg.time_conditioning
+        )
+    except (OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"cannot build the SPM backbone {b.model}: {e}") from e
+
+
+@dataclass
+class PairSplit:
+    """A validated split: the table, its labels (N, 2) and the dataset that decodes it."""
+
+    source: str
+    table: object
+    labels: np.ndarray
+    dataset: PairDataset
+
+
+def load_split(source: str, split: str, limit: int | None) -> PairSplit:
+    """Load and check one split of pairs (columns, labels) before any compute is spent; its
+    dataset gets the diffusion model's resolution later (`PairSplit.dataset.resolution`)."""
+    table = load_pair_table(source, split, made_by=made_by(source))
+    if limit is not None and limit < len(table):
+        table = table.select(range(limit))
+    labels = check_pair_table(table, source)
+    return PairSplit(source, table, labels, PairDataset(table, 0, labels))
+
+
+def oracle_ceiling(split: PairSplit) -> float | None:
+    """Toy world only: accuracy of the oracle's own order against the annotator's labels on
+    the non-tie pairs (the best any judge of these labels can do on average)."""
+    if not {"reward_0", "reward_1"} <= set(split.table.column_names):
+        return None
+    r = np.stack([np.asarray(split.table[c], dtype=np.float64) for c in ("reward_0", "reward_1")])
+    accuracy, _ = pairwise_accuracy(
+        torch.from_numpy(r[0]), torch.from_numpy(r[1]), torch.from_numpy(split.labels)
+    )
+    return accuracy
+
+
+def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+@torch.no_grad()
+def score_pairs(
+    spm: StepAwarePreferenceModel,
+    maker: NoisyImageMaker,
+    dataset: PairDataset,
+    indices: list[int],
+    timestep: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPM scores of both images of the given pairs at one timestep: (s0, s1, labels)."""
+    s0, s1, labels = [], [], []
+    for chunk in _batches(indices, batch_size):
+        batch = PairDataset.collate([dataset[i] for i in chunk])
+        if not batch.captions:
+            continue
+        t = torch.full((len(batch.captions),), timestep, dtype=torch.long)
+        images = maker(batch.pixels, batch.captions, t, generator)
+        pixels = spm.preprocess(images.flatten(0, 1).to(spm.device), value_range="-1-1")
+        ids = spm.tokenize(batch.captions).repeat_interleave(2, dim=0)
+        scores = spm.logits(pixels, ids, t.repeat_interleave(2).to(spm.device)).float()
+        s0.append(scores[0::2].cpu())
+        s1.append(scores[1::2].cpu())
+        labels.append(batch.labels)
+    if not s0:
+        return torch.empty(0), torch.empty(0), torch.empty(0, 2)
+    return torch.cat(s0), torch.cat(s1), torch.cat(labels)
+
+
+def validate(
+    accelerator,
+    spm: StepAwarePreferenceModel,
+    maker: NoisyImageMaker,
+    split: PairSplit,
+    timesteps: list[int],
+    batch_size: int,
+    seed: int,
+    limit: int | None = None,
+) -> dict[str, float]:
+    """Pairwise accuracy on non-tie validation pairs at each timestep (fixed noise per t).
+
+    Each process scores its own share of the pairs; the scores are gathered.
+    """
+    n = len(split.dataset) if limit is None else min(limit, len(split.dataset))
+    mine = list(range(n))[accelerator.process_index :: accelerator.num_processes]
+    was_training = spm.training
+    spm.eval()
+    result = {}
+    for t in timesteps:
+        gen = seeded_generator(seed, 7919, t, accelerator.process_index)
+        s0, s1, labels = score_pairs(spm, maker, split.dataset, mine, t, batch_size, gen)
+        s0, s1, labels = (
+            accelerator.gather_for_metrics(x.to(accelerator.device)).cpu() for x in (s0, s1, labels)
+        )
+        result[str(t)] = pairwise_accuracy(s0, s1, labels)[0]
+    spm.train(was_training)
+    return result
+
+
+def relabel_by_backbone(
+    spm: StepAwarePreferenceModel, split: PairSplit, tie_gap: float, batch_size: int
+) -> np.ndarray:
+    """New labels from the clean backbone (the untrained SPM at t = 0, which equals it): the
+    higher-scored image wins when the 2-way softmax probabilities differ by more than
+    `tie_gap`, else a tie (the SDXL SPM's recipe, SPEC.md 2)."""
+    labels = split.labels.copy()  # a pair whose images do not decode keeps its own labels
+    for chunk in tqdm(
+        _batches(list(range(len(split.dataset))), batch_size), desc="relabel", leave=False
+    ):
+        batch = PairDataset.collate([split.dataset[i] for i in chunk])
+        if not batch.captions:
+            continue
+        with torch.no_grad():
+            pixels = spm.preprocess(batch.pixels.flatten(0, 1).to(spm.device), "-1-1")
+            ids = spm.tokenize(batch.captions).repeat_interleave(2, dim=0)
+            scores = spm.logits(pixels, ids, 0).float().view(-1, 2)
+        probs = scores.softmax(dim=-1).cpu().numpy()
+        gap = probs[:, 0] - probs[:, 1]
+        new = np.where(gap > tie_gap, 1.0, np.where(gap < -tie_gap, 0.0, 0.5))
+        labels[batch.indices.numpy()] = np.stack([new, 1.0 - new], axis=1)
+    return labels
+
+
+def train_preference_model(cfg: SPMTrainConfig) -> dict:
+    """Run the recipe; returns the final evaluation written to OUT/eval.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # Everything that can fail cheaply fails here, before the run folder or any compute.
+    base_source = cfg.base_model
+    if made_by(base_source) or Path(base_source).exists():
+        require_path(base_source, "base model")
+    train = load_split(cfg.pairs.train, cfg.pairs.train_split, cfg.pairs.max_train_pairs)
+    val = load_split(
+        cfg.pairs.validation, cfg.pairs.validation_split, cfg.pairs.max_validation_pairs
+    )
+    bad = BadImageCounter(cfg.pairs.max_bad_image_share, train.source)
+    bad.probe(train.table)
+    BadImageCounter(cfg.pairs.max_bad_image_share, val.source).probe(val.table)
+    run_root = Path(cfg.out)
+    checkpoints = Checkpointer(run_root / "checkpoints", KIND, cfg.checkpoints_total_limit)
+    resume_from = checkpoints.resolve(cfg.resume)
+    set_seed(cfg.seed)  # the time-conditioning MLP (and a random backbone) start the same
+    spm = build_spm(cfg)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_dir=cfg.out,
+    )
+    main = accelerator.is_main_process
+    diffusion = DiffusionModel.from_pretrained(
+        base_source, dtype=DTYPES[cfg.base_dtype], device=accelerator.device, vae=cfg.vae
+    )
+    train.dataset.resolution = val.dataset.resolution = diffusion.resolution
+    spm = spm.to(accelerator.device)
+    run = prepare_run_dir(cfg.out, cfg) if main else RunDir(run_root)
+    accelerator.wait_for_everyone()
+
+    if cfg.pairs.relabel_tie_gap is not None:
+        spm.eval()
+        train.labels = relabel_by_backbone(spm, train, cfg.pairs.relabel_tie_gap, cfg.batch_size)
+        train.dataset.labels = train.labels
+        spm.train()
+    train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
+    maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
+
+    optimizer, scheduler = adamw(spm.parameters(), cfg.optim, cfg.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(spm, optimizer, scheduler)
+    spm_unwrapped: StepAwarePreferenceModel = accelerator.unwrap_model(model)
+    step = 0
+    if resume_from is not None:
+        state = checkpoints.read_state(resume_from)
+        accelerator.load_state(str(resume_from))
+        step, bad.seen, bad.bad = state["step"], state["seen_pairs"], state["bad_pairs"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    if cfg.tracker != "none":
+        accelerator.init_trackers("spm", config={"out": cfg.out, "seed": cfg.seed})
+
+    accum = cfg.gradient_accumulation_steps
+    progress = tqdm(
+        total=cfg.max_steps, initial=step, desc="train SPM", disable=not main, dynamic_ncols=True
+    )
+    logger = MetricLogger(run, accelerator, cfg.tracker != "none")
+    model.train()
+    started = time.time()
+    try:
+        while step < cfg.max_steps:
+            micro = step * accum
+            for _ in range(accum):
+                _, rows = micro_batch_rows(
+                    len(train.dataset), cfg.batch_size, micro, accelerator, cfg.seed
+                )
+                batch = PairDataset.collate([train.dataset[i] for i in rows])
+                bad.update(len(rows), batch.bad)
+                gen = seeded_generator(cfg.seed, micro, accelerator.process_index)
+                t = torch.randint(
+                    0, diffusion.num_train_timesteps, (len(batch.captions),), generator=gen
+                )
+                images = maker(batch.pixels, batch.captions, t, gen)
+                with accelerator.accumulate(model):
+                    pixels = spm_unwrapped.preprocess(
+                        images.flatten(0, 1).to(accelerator.device), "-1-1"
+                    )
+                    ids = spm_unwrapped.tokenize(batch.captions).repeat_interleave(2, dim=0)
+                    with accelerator.autocast():
+                        scores = model(pixels, ids, t.repeat_interleave(2).to(accelerator.device))
+                    scores = scores.float().view(-1, 2)
+                    loss, p0 = preference_loss(
+                        scores[:, 0],
+                        scores[:, 1],
+                        batch.labels.to(accelerator.device),
+                        batch.weights.to(accelerator.device),
+                    )
+                    if not torch.isfinite(loss):
+                        # The weights are still those of the last good step: keep them, then stop.
+                        checkpoints.save(
+                            accelerator, step, {"seen_pairs": bad.seen, "bad_pairs": bad.bad}
+                        )
+                        raise TrainingError(
+                            f"non-finite SPM loss at step {step}; the last good state is in "
+                            f"{checkpoints.root}/step-{step}"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                p0 = p0.detach().cpu()
+                logger.add(
+                    **{
+                        "train/loss": loss.item(),
+                        "train/accuracy": pairwise_accuracy(p0, 1 - p0, batch.labels)[0],
+                    }
+                )
+                micro += 1
+            step += 1
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                metrics = logger.flush(
+                    step,
+                    lr=scheduler.get_last_lr()[0],
+                    bad_pairs=bad.bad,
+                    elapsed_s=time.time() - started,
+                )
+                progress.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.max_steps:
+                acc = validate(
+                    accelerator,
+                    spm_unwrapped,
+                    maker,
+                    val,
+                    cfg.validation_timesteps,
+                    cfg.batch_size,
+                    cfg.seed,
+                    cfg.validation_pairs_periodic,
+                )
+                logger.log(step, {f"val/accuracy_t{t}": a for t, a in acc.items()})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                checkpoints.save(accelerator, step, {"seen_pairs": bad.seen, "bad_pairs": bad.bad})
+    finally:
+        progress.close()  # ends the bar's line, also before an error message
+
+    accuracy = validate(
+        accelerator, spm_unwrapped, maker, val, cfg.validation_timesteps, cfg.batch_size, cfg.seed
+    )
+    result: dict = {"accuracy_by_timestep": accuracy, "step": step}
+    ceiling = oracle_ceiling(val)
+    if ceiling is not None:
+        result["oracle_ceiling"] = ceiling
+    result["validation_pairs"] = int((val.labels[:, 0] != 0.5).sum())
+    result["time_conditioning"] = cfg.time_conditioning
+    if main:
+        with atomic_dir(run.final) as tmp:
+            spm_unwrapped.save(tmp)
+        atomic_write_bytes(run.root / "eval.json", json.dumps(result, indent=2).encode())
+        run.log_metrics(step, **{f"val/accuracy_t{t}": a for t, a in accuracy.items()})
+    if cfg.tracker != "none":
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return result

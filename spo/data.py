@@ -1,0 +1,292 @@
+"""Preference pairs in the Pick-a-Pic schema, read with `datasets`.
+
+Why one module: the SPM trainer (ties kept) and the Diffusion-DPO trainer (ties dropped, winner
+first) read the same files: a hub dataset, local parquet files, or a `save_to_disk` folder with
+the columns `caption, jpg_0, jpg_1` (encoded image bytes) and `label_0, label_1` (in {0, 0.5, 1},
+summing to 1). Everything cheap is checked before training starts, with one line naming the
+source, column or row; images are decoded lazily and an undecodable one is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from spo.config import ConfigError
+from spo.models import is_local_path
+
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+VALID_LABELS = (0.0, 0.5, 1.0)
+
+
+def load_pair_table(source: str, split: str = "train", made_by: str | None = None):
+    """A `datasets.Dataset` of pairs from a parquet file / folder / glob, a `save_to_disk`
+    folder, or a hub dataset name (then `split` picks the split).
+
+    `made_by` names the command that writes a missing local source, for the error message.
+    """
+    import datasets
+
+    with _quiet_datasets():
+        return _load_pair_table(datasets, source, split, made_by)
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No "Generating train split" bars: loading a file is quick, and an error that follows
+    must be the only line the user sees."""
+    import datasets
+
+    was_disabled = datasets.utils.logging.is_progress_bar_enabled() is False
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _load_pair_table(datasets, source: str, split: str, made_by: str | None):
+    path = Path(source)
+    try:
+        if path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ConfigError(f"{source}: no split {split!r} (has {sorted(loaded)})")
+                loaded = loaded[split]
+            return loaded
+        if path.is_dir():
+            files = sorted(str(p) for p in path.rglob("*.parquet"))
+            if not files:
+                raise ConfigError(f"{source}: a folder with no parquet files and no saved dataset")
+            return datasets.load_dataset("parquet", data_files=files, split="train")
+        if source.endswith(".parquet") or "*" in source:
+            if "*" not in source and not path.is_file():
+                hint = f" (`{made_by}` writes it)" if made_by else ""
+                raise ConfigError(f"pairs file not found: {source}{hint}")
+            return datasets.load_dataset("parquet", data_files=source, split="train")
+        if is_local_path(source):
+            hint = f" (`{made_by}` writes it)" if made_by else ""
+            raise ConfigError(f"pairs not found: {source}{hint}")
+        return datasets.load_dataset(source, split=split)
+    except ConfigError:
+        raise
+    except Exception as e:  # datasets raises many types; the user needs the source and reason
+        raise ConfigError(f"cannot read pairs from {source}: {e}") from e
+
+
+def check_pair_table(table, source: str) -> np.ndarray:
+    """Check columns and labels; return the labels as a float array (N, 2).
+
+    Raises ConfigError naming the first missing column, or the first row whose labels are not
+    in {0, 0.5, 1} or do not sum to 1.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ConfigError(
+            f"{source}: missing column {missing[0]!r} (Pick-a-Pic schema needs "
+            f"{', '.join(REQUIRED_COLUMNS)}; has {', '.join(table.column_names)})"
+        )
+    if len(table) == 0:
+        raise ConfigError(f"{source}: no pairs")
+    labels = np.stack(
+        [np.asarray(table[c], dtype=np.float64) for c in ("label_0", "label_1")], axis=1
+    )
+    valid = np.isin(labels, VALID_LABELS).all(axis=1) & np.isclose(labels.sum(axis=1), 1.0)
+    if not valid.all():
+        row = int(np.flatnonzero(~valid)[0])
+        raise ConfigError(
+            f"{source}: row {row} has label_0={labels[row, 0]}, label_1={labels[row, 1]}; "
+            "labels must be 0, 0.5 or 1 and sum to 1"
+        )
+    return labels
+
+
+def examples_per_prompt(captions: Sequence[str]) -> np.ndarray:
+    """How many pairs share each pair's caption (PickScore weights examples by its inverse)."""
+    counts = Counter(captions)
+    return np.array([counts[c] for c in captions], dtype=np.float64)
+
+
+def decode_image(data: Any) -> Image.Image:
+    """Encoded bytes (or a datasets Image dict / PIL image) -> RGB PIL image; raises on junk."""
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    if isinstance(data, dict):
+        data = data.get("bytes")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError(f"not image bytes: {type(data).__name__}")
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def to_pixels(
+    image: Image.Image,
+    resolution: int,
+    crop_at: tuple[float, float] = (0.5, 0.5),
+    flip: bool = False,
+) -> Tensor:
+    """Resize the shorter side to `resolution` (bicubic), crop a square, optionally mirror it
+    -> (3, R, R) in [-1, 1]. `crop_at` places the crop in the spare width / height (0.5, 0.5:
+    centre), so one random draw can crop both images of a pair the same way."""
+    w, h = image.size
+    if (w, h) != (resolution, resolution):
+        scale = resolution / min(w, h)
+        image = image.resize(
+            (max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+            Image.Resampling.BICUBIC,
+        )
+        w, h = image.size
+        left = round(crop_at[0] * (w - resolution))
+        top = round(crop_at[1] * (h - resolution))
+        image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class PairBatch:
+    """A collated batch; `pixels` is (B, 2, 3, R, R) in [-1, 1], image 0 then image 1."""
+
+    pixels: Tensor
+    captions: list[str]
+    labels: Tensor  # (B, 2) soft labels (label_0, label_1)
+    weights: Tensor  # (B,) per-example loss weights
+    indices: Tensor  # (B,) row numbers in the table
+    bad: int  # pairs dropped from this batch because an image could not be decoded
+
+
+class PairDataset(Dataset):
+    """Pairs with decoded, resized images; an undecodable pair yields None (see `collate`).
+
+    `labels` (N, 2) may differ from the table's own (relabelled by a scorer); `weights` are the
+    per-example loss weights (default 1). `winner_first` swaps each pair whose `label_0` is 0
+    so that image 0 is the winner (DPO; ties must have been removed). `random_crop` and
+    `random_flip` draw one crop and one flip per pair and apply them to both images, from a
+    generator seeded by (seed, epoch, row): set `epoch` each epoch for fresh draws.
+    """
+
+    def __init__(
+        self,
+        table,
+        resolution: int,
+        labels: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+        *,
+        winner_first: bool = False,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.table = table.select_columns(["caption", "jpg_0", "jpg_1"])
+        self.resolution = resolution
+        self.labels = check_pair_table(table, "pairs") if labels is None else labels
+        self.weights = np.ones(len(table)) if weights is None else weights
+        self.winner_first = winner_first
+        self.random_crop, self.random_flip = random_crop, random_flip
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        i = int(i)
+        row = self.table[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        crop_at = tuple(rng.uniform(size=2)) if self.random_crop else (0.5, 0.5)
+        flip = bool(rng.integers(2)) if self.random_flip else False
+        try:
+            images = [
+                to_pixels(decode_image(row[k]), self.resolution, crop_at, flip)
+                for k in ("jpg_0", "jpg_1")
+            ]
+        except Exception:  # PIL raises many kinds on corrupt bytes; the pair is skipped
+            return None
+        labels = self.labels[i]
+        if self.winner_first and labels[0] < labels[1]:
+            images, labels = images[::-1], labels[::-1]
+        return {
+            "pixels": torch.stack(images),
+            "caption": str(row["caption"]),
+            "labels": torch.tensor(np.array(labels), dtype=torch.float32),
+            "weight": float(self.weights[i]),
+            "index": i,
+        }
+
+    @staticmethod
+    def collate(items: list[dict[str, Any] | None]) -> PairBatch:
+        good = [it for it in items if it is not None]
+        bad = len(items) - len(good)
+        if not good:
+            return PairBatch(
+                torch.empty(0),
+                [],
+                torch.empty(0, 2),
+                torch.empty(0),
+                torch.empty(0, dtype=torch.long),
+                bad,
+            )
+        return PairBatch(
+            pixels=torch.stack([it["pixels"] for it in good]),
+            captions=[it["caption"] for it in good],
+            labels=torch.stack([it["labels"] for it in good]),
+            weights=torch.tensor([it["weight"] for it in good], dtype=torch.float32),
+            indices=torch.tensor([it["index"] for it in good], dtype=torch.long),
+            bad=bad,
+        )
+
+
+class BadImageCounter:
+    """Counts skipped pairs and stops the run once their share passes `max_share`.
+
+    The share is judged only after `min_seen` pairs so that one bad pair early on does not end
+    a run whose data is almost all good.
+    """
+
+    def __init__(self, max_share: float, source: str, min_seen: int = 100) -> None:
+        self.max_share, self.source, self.min_seen = max_share, source, min_seen
+        self.seen = 0
+        self.bad = 0
+
+    def update(self, seen: int, bad: int) -> None:
+        """Add a batch's counts; raise a one-line ConfigError once the share is too high."""
+        self.seen += seen
+        self.bad += bad
+        judged = self.seen >= self.min_seen or self.bad > self.max_share * self.min_seen
+        if judged and self.share > self.max_share:
+            raise ConfigError(
+                f"{self.source}: {self.bad} of {self.seen} pairs have an undecodable image "
+                f"({self.share:.1%}, more than max_bad_image_share={self.max_share:.1%})"
+            )
+
+    def probe(self, table, n: int | None = None) -> None:
+        """Decode the first `n` pairs (default `min_seen`) before any training, so that a
+        source full of broken images fails at once rather than after hours."""
+        n = min(len(table), self.min_seen if n is None else n)
+        bad = 0
+        for row in table.select_columns(["jpg_0", "jpg_1"]).select(range(n)):
+            try:
+                decode_image(row["jpg_0"])
+                decode_image(row["jpg_1"])
+            except Exception:  # any decoding failure makes the pair unusable
+                bad += 1
+        self.update(n, bad)
+
+    @property
+    def share(self) -> float:
+        return self.bad / max(self.seen, 1)

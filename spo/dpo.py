@@ -1,0 +1,343 @@
+"""`spo train-dpo`: the Diffusion-DPO baseline (SPEC.md section 1), SD1.5 and SDXL families.
+
+The loop only; the loss is `spo.losses.dpo_loss`. One step for a micro-batch of B pairs: the
+winners and losers (winner first, ties dropped) are VAE-encoded, each pair gets one timestep
+and one noise, the policy and the reference (LoRA: the same UNet with adapters disabled) predict
+the noise of all 2B latents, and the loss compares their errors on winner and loser.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from spo.config import ConfigError, DPOTrainConfig
+from spo.data import BadImageCounter, PairDataset, check_pair_table, load_pair_table
+from spo.losses import dpo_loss, sft_loss
+from spo.models import DiffusionModel, TextConditioning
+from spo.policy import LORA_WEIGHTS, Policy
+from spo.runs import RunDir, atomic_dir, prepare_run_dir
+from spo.sampling import add_noise
+from spo.training import (
+    Checkpointer,
+    MetricLogger,
+    TrainingError,
+    made_by,
+    micro_batch_rows,
+    require_path,
+    seeded_generator,
+)
+
+KIND = "dpo_training"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def effective_lr(cfg: DPOTrainConfig, num_processes: int) -> float:
+    """The learning rate after `lr_scaling` (written out in DPOTrainConfig's comments)."""
+    batch = cfg.batch_size * cfg.gradient_accumulation_steps * num_processes
+    if cfg.lr_scaling == "code":
+        return cfg.optim.lr * batch
+    if cfg.lr_scaling == "paper":
+        return cfg.optim.lr * batch * 2000.0 / cfg.beta
+    return cfg.optim.lr
+
+
+def build_optimizer(cfg: DPOTrainConfig, params, lr: float):
+    """AdamW, Adafactor (the released SDXL full fine-tune) or 8-bit AdamW, with the schedule."""
+    from spo.training import lr_lambda
+
+    o = cfg.optim
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(
+            params,
+            lr=lr,
+            weight_decay=o.weight_decay,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+            clip_threshold=1.0,
+        )
+    else:
+        if cfg.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        optimizer = cls(
+            params,
+            lr=lr,
+            betas=(o.adam_beta1, o.adam_beta2),
+            eps=o.adam_epsilon,
+            weight_decay=o.weight_decay,
+        )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.max_steps))
+
+
+def load_dpo_pairs(cfg: DPOTrainConfig) -> tuple[object, np.ndarray, int]:
+    """The training table and its labels, checked; ties are removed later (after relabelling).
+    Returns (table, labels (N, 2), N)."""
+    source = cfg.pairs.train
+    table = load_pair_table(source, cfg.pairs.train_split, made_by=made_by(source))
+    if cfg.pairs.max_train_pairs is not None and cfg.pairs.max_train_pairs < len(table):
+        table = table.select(range(cfg.pairs.max_train_pairs))
+    return table, check_pair_table(table, source), len(table)
+
+
+def relabel(cfg: DPOTrainConfig, table, device: str, resolution: int) -> np.ndarray:
+    """AI feedback (the released code's "choice model"): every pair relabelled by a scorer."""
+    from spo.data import decode_image, to_pixels
+    from spo.evaluation.scorers import build_scorer, prefer_by_scorer
+
+    scorer = build_scorer(cfg.relabel_with, device=device)
+    scores = {0: [], 1: []}
+    rows = table.select_columns(["caption", "jpg_0", "jpg_1"])
+    for start in tqdm(range(0, len(rows), 64), desc="relabel", leave=False):
+        chunk = rows[start : start + 64]
+        for k in (0, 1):
+            images = []
+            for data in chunk[f"jpg_{k}"]:
+                try:
+                    images.append((to_pixels(decode_image(data), resolution) + 1) / 2)
+                except Exception:  # undecodable: scored -inf, the pair is skipped later anyway
+                    images.append(None)
+            blank = torch.zeros(3, resolution, resolution)
+            batch = torch.stack([im if im is not None else blank for im in images])
+            s = scorer(batch, chunk["caption"]).numpy().astype(np.float64)
+            s[[im is None for im in images]] = -np.inf
+            scores[k].append(s)
+    return prefer_by_scorer(np.concatenate(scores[0]), np.concatenate(scores[1]))
+
+
+def _usable_rows(cfg: DPOTrainConfig, labels: np.ndarray) -> np.ndarray:
+    """Rows with a winner (DPO drops ties); one line when there is none."""
+    decided = np.flatnonzero(labels[:, 0] != 0.5)
+    if len(decided) == 0:
+        raise ConfigError(
+            f"{cfg.pairs.train}: no usable pair ({len(labels)} pairs, all ties; DPO drops ties)"
+        )
+    return decided
+
+
+def _check_resume_mode(checkpoints: Checkpointer, path: Path | None, mode: str) -> None:
+    if path is None:
+        return
+    theirs = checkpoints.read_state(path).get("mode")
+    if theirs != mode:
+        raise ConfigError(
+            f"cannot resume a {mode} run from {path}: that checkpoint is of a {theirs} run "
+            f"(set policy.mode={theirs} or resume=none)"
+        )
+
+
+def save_validation_grid(model: DiffusionModel, cfg: DPOTrainConfig, path: Path) -> None:
+    """Fixed-seed samples of the current policy, one per prompt, as a PNG row."""
+    from torchvision.utils import save_image
+
+    v = cfg.validation_images
+    seeds = [v.seed + i for i in range(len(v.prompts))]
+    images = model.generate(v.prompts, seeds, v.num_inference_steps, v.guidance_scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=len(v.prompts))
+
+
+def train_dpo(cfg: DPOTrainConfig) -> dict:
+    """Run the recipe; returns a summary (also written to OUT/final/train_summary.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # Cheap checks first: inputs, resume target, before any model is loaded.
+    if made_by(cfg.base_model) or Path(cfg.base_model).exists():
+        require_path(cfg.base_model, "base model")
+    table, labels, n_rows = load_dpo_pairs(cfg)
+    BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train).probe(table)
+    checkpoints = Checkpointer(Path(cfg.out) / "checkpoints", KIND, cfg.checkpoints_total_limit)
+    resume_from = checkpoints.resolve(cfg.resume)
+    _check_resume_mode(checkpoints, resume_from, cfg.policy.mode)
+    if cfg.relabel_with == "none":
+        _usable_rows(cfg, labels)
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_dir=cfg.out,
+    )
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    model = DiffusionModel.from_pretrained(
+        cfg.base_model,
+        dtype=WEIGHT_DTYPES[cfg.mixed_precision],
+        device=accelerator.device,
+        vae=cfg.vae,
+    )
+    if cfg.relabel_with != "none":
+        labels = relabel(cfg, table, accelerator.device, model.resolution)
+    decided = _usable_rows(cfg, labels)
+    dataset = PairDataset(
+        table.select(decided),
+        model.resolution,
+        labels[decided],
+        winner_first=True,
+        random_crop=cfg.random_crop,
+        random_flip=cfg.random_flip,
+        seed=cfg.seed,
+    )
+    policy = Policy(model, cfg.policy)
+    lr = effective_lr(cfg, accelerator.num_processes)
+    optimizer, scheduler = build_optimizer(cfg, policy.trainable_parameters(), lr)
+    if cfg.policy.mode == "lora":
+        _register_lora_checkpoint_hooks(accelerator, policy)
+    unet, optimizer, scheduler = accelerator.prepare(policy.unet, optimizer, scheduler)
+    run = prepare_run_dir(cfg.out, cfg) if main else RunDir(Path(cfg.out))
+    accelerator.wait_for_everyone()
+
+    step = 0
+    bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train)
+    if resume_from is not None:
+        state = checkpoints.read_state(resume_from)
+        accelerator.load_state(str(resume_from))
+        step, bad.seen, bad.bad = state["step"], state["seen_pairs"], state["bad_pairs"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    if cfg.tracker != "none":
+        accelerator.init_trackers("dpo", config={"out": cfg.out, "seed": cfg.seed})
+    logger = MetricLogger(run, accelerator, cfg.tracker != "none")
+    if main:
+        run.log_metrics(
+            step, pairs=n_rows, ties_dropped=int(n_rows - len(decided)), effective_lr=lr
+        )
+
+    def state() -> dict:
+        return {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.policy.mode}
+
+    empty = model.empty_text(1)
+    accum = cfg.gradient_accumulation_steps
+    progress = tqdm(total=cfg.max_steps, initial=step, desc="train DPO", disable=not main)
+    started = time.time()
+    try:
+        while step < cfg.max_steps:
+            micro = step * accum
+            for _ in range(accum):
+                epoch, rows = micro_batch_rows(
+                    len(dataset), cfg.batch_size, micro, accelerator, cfg.seed
+                )
+                dataset.epoch = epoch
+                batch = PairDataset.collate([dataset[i] for i in rows])
+                bad.update(len(rows), batch.bad)
+                micro += 1
+                b = len(batch.captions)
+                if b == 0:
+                    continue
+                gen = seeded_generator(cfg.seed, micro, accelerator.process_index)
+                pixels = torch.cat([batch.pixels[:, 0], batch.pixels[:, 1]])  # winners, then losers
+                latents = model.encode_images(pixels, generator=gen).float()
+                noise = (
+                    torch.randn((b, *latents.shape[1:]), generator=gen)
+                    .to(latents)
+                    .repeat(2, 1, 1, 1)
+                )
+                t = torch.randint(0, model.num_train_timesteps, (b,), generator=gen)
+                t = t.to(latents.device).repeat(2)
+                x_t = add_noise(latents, noise, model.alpha_bar(t))
+                target = noise
+                if model.prediction_type == "v_prediction":
+                    a = model.alpha_bar(t).view(-1, 1, 1, 1)
+                    target = a.sqrt() * noise - (1 - a).sqrt() * latents
+                drop = torch.rand(b, generator=gen) < cfg.prompt_dropout
+                text = model.encode_text(batch.captions)
+                text = TextConditioning.cat(
+                    [empty if d else text.index([i]) for i, d in enumerate(drop.tolist())]
+                )
+                text = TextConditioning.cat([text, text])
+                with accelerator.accumulate(unet):
+                    with accelerator.autocast():
+                        pred = model.unet_forward(unet, x_t, t, text)
+                        if cfg.loss == "sft":
+                            loss = sft_loss(pred, target)
+                            out = None
+                        else:
+                            with policy.reference(unet) as reference:
+                                ref_pred = model.unet_forward(reference, x_t, t, text)
+                            out = dpo_loss(pred, ref_pred, target, cfg.beta, cfg.beta_scale)
+                            loss = out.loss
+                    if not torch.isfinite(loss):
+                        checkpoints.save(accelerator, step, state())
+                        raise TrainingError(
+                            f"non-finite DPO loss at step {step}; the last good state is in "
+                            f"{checkpoints.root}/step-{step}"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                values = {"loss": loss.item()}
+                if out is not None:
+                    values |= {
+                        "implicit_acc": out.implicit_acc.item(),
+                        "model_mse": out.model_mse.item(),
+                        "ref_mse": out.ref_mse.item(),
+                        "margin": out.margin.item(),
+                    }
+                logger.add(**values)
+            step += 1
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                metrics = logger.flush(
+                    step,
+                    lr=scheduler.get_last_lr()[0],
+                    bad_pairs=bad.bad,
+                    elapsed_s=time.time() - started,
+                )
+                progress.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}")
+            v = cfg.validation_images
+            if v.prompts and v.every and step % v.every == 0 and step < cfg.max_steps and main:
+                save_validation_grid(model, cfg, run.root / "validation" / f"step-{step}.png")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                checkpoints.save(accelerator, step, state())
+    finally:
+        progress.close()  # ends the bar's line, also before an error message
+
+    summary = {"step": step, "pairs": n_rows, "ties_dropped": int(n_rows - len(decided))}
+    summary |= {"effective_lr": lr, "mode": cfg.policy.mode, "family": model.family}
+    accelerator.wait_for_everyone()
+    if main:
+        with atomic_dir(run.final) as tmp:
+            policy.save(tmp)
+            (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if cfg.validation_images.prompts:
+            save_validation_grid(model, cfg, run.root / "validation" / f"step-{step}.png")
+    if cfg.tracker != "none":
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _register_lora_checkpoint_hooks(accelerator, policy: Policy) -> None:
+    """Checkpoints of LoRA runs hold the adapters only (MBs, not the GBs of the whole UNet)."""
+
+    def save_hook(models, weights, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            policy.save(Path(output_dir))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir: str) -> None:
+        folder = Path(input_dir)
+        if not (folder / LORA_WEIGHTS).is_file():
+            raise ConfigError(f"{folder}: no {LORA_WEIGHTS}; not a checkpoint of a LoRA run")
+        while models:
+            models.pop()
+        policy.load_lora_state_dict(folder)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

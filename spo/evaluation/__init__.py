@@ -1,0 +1,1 @@
+"""Scoring and comparing models: scorers behind one interface (`scorers.py`)."""

@@ -1,0 +1,263 @@
+"""Diffusion models of the Stable Diffusion family behind one small interface.
+
+Why: the SPM's noisy-image maker, the DPO and SPO recipes and the evaluation all need the same
+few things from a diffusers pipeline (text conditioning, the UNet call with SDXL's extra
+inputs, VAE encode / decode, the noise schedule), for SD1.5-family pipelines (one text encoder)
+and SDXL-family ones (two text encoders, pooled embedding, `add_time_ids`). Loading goes through
+diffusers' own `DiffusionPipeline.from_pretrained`, so hub names and local folders both work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from spo.config import ConfigError
+
+Family = Literal["sd", "sdxl"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TextConditioning:
+    """What the UNet is conditioned on: hidden states, plus SDXL's pooled text embedding."""
+
+    hidden: Tensor  # (N, L, D)
+    pooled: Tensor | None = None  # (N, P), SDXL only
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def index(self, idx: Tensor | Sequence[int]) -> TextConditioning:
+        idx = torch.as_tensor(idx, device=self.hidden.device)
+        pooled = None if self.pooled is None else self.pooled[idx]
+        return TextConditioning(self.hidden[idx], pooled)
+
+    def repeat_interleave(self, repeats: int) -> TextConditioning:
+        pooled = None if self.pooled is None else self.pooled.repeat_interleave(repeats, 0)
+        return TextConditioning(self.hidden.repeat_interleave(repeats, 0), pooled)
+
+    @staticmethod
+    def cat(parts: Sequence[TextConditioning]) -> TextConditioning:
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return TextConditioning(torch.cat([p.hidden for p in parts]), pooled)
+
+
+def is_local_path(source: str) -> bool:
+    """A path-like source (absolute, relative with a separator, or existing) rather than a hub
+    name such as `org/model`: hub names have exactly one slash and no leading dot."""
+    if Path(source).exists() or source.startswith((".", "/", "~")):
+        return True
+    return source.count("/") != 1
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No per-component loading bars from diffusers / transformers: loading is quick, and
+    the recipes show their own progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [m.is_progress_bar_enabled() for m in (diffusers_logging, transformers_logging)]
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, was in zip((diffusers_logging, transformers_logging), enabled, strict=True):
+            if was:
+                module.enable_progress_bar()
+
+
+def pipeline_family(pipe) -> Family:
+    """'sdxl' for pipelines with two text encoders and SDXL's added conditioning, else 'sd'."""
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+class DiffusionModel:
+    """The frozen parts of an SD-family pipeline and the calls the recipes make on them.
+
+    The UNet held here is the one the recipes train or freeze; `unet_forward` takes any UNet of
+    the same architecture (a policy with adapters, a reference copy) so the SDXL extras are
+    written once.
+    """
+
+    def __init__(self, pipe, text_cache_size: int = 4096) -> None:
+        self.pipe = pipe
+        self.family: Family = pipeline_family(pipe)
+        self.vae = pipe.vae
+        self.unet = pipe.unet
+        self.scheduler = pipe.scheduler
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
+        self.prediction_type = self.scheduler.config.prediction_type
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = int(self.unet.config.sample_size) * self.vae_scale_factor
+        self._text_cache: OrderedDict[str, TextConditioning] = OrderedDict()
+        self._text_cache_size = text_cache_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        vae: str | None = None,
+        what: str = "base model",
+    ) -> DiffusionModel:
+        """Load a diffusers SD / SDXL pipeline folder or hub name, frozen, on `device`.
+
+        `vae` replaces the pipeline's VAE (e.g. SDXL's fp16-safe VAE). A VAE that asks to be
+        upcast (`force_upcast`) stays in float32 when `dtype` is float16.
+        """
+        from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
+
+        if is_local_path(source) and not (Path(source) / "model_index.json").is_file():
+            raise ConfigError(
+                f"{what} {source}: not a diffusers pipeline folder (no model_index.json)"
+            )
+        kwargs = {}
+        if vae is not None:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype)
+        try:
+            with quiet_loading():
+                pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load {what} {source}: {e}") from e
+        for name in ("vae", "unet", "text_encoder"):
+            if getattr(pipe, name, None) is None:
+                raise ConfigError(f"{what} {source}: the pipeline has no {name}")
+        # Sampling follows SPEC.md 3 / 4 (DDIM); the noise schedule is the pipeline's own.
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+        if dtype == torch.float16 and vae is None and pipe.vae.config.get("force_upcast", False):
+            pipe.vae.to(torch.float32)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
+        return cls(pipe)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    # ------------------------------------------------------------------------------ text
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> TextConditioning:
+        if self.family == "sdxl":
+            hidden, _, pooled, _ = self.pipe.encode_prompt(
+                prompts, device=self.device, do_classifier_free_guidance=False
+            )
+            return TextConditioning(hidden, pooled)
+        hidden, _ = self.pipe.encode_prompt(
+            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return TextConditioning(hidden)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> TextConditioning:
+        """Text conditioning per prompt; each distinct prompt is encoded once (LRU cache)."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            encoded = self._encode(missing)
+            for i, prompt in enumerate(missing):
+                self._text_cache[prompt] = encoded.index([i])
+        parts = []
+        for prompt in prompts:
+            self._text_cache.move_to_end(prompt)
+            parts.append(self._text_cache[prompt])
+        while len(self._text_cache) > self._text_cache_size:
+            self._text_cache.popitem(last=False)
+        return TextConditioning.cat(parts)
+
+    @torch.no_grad()
+    def empty_text(self, n: int) -> TextConditioning:
+        """The unconditional input of classifier-free guidance for n samples: the empty prompt,
+        or zeros where the pipeline says so (SDXL's `force_zeros_for_empty_prompt`)."""
+        empty = self.encode_text([""])
+        if self.family == "sdxl" and self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            empty = TextConditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
+        return empty.index([0] * n)
+
+    # ------------------------------------------------------------------------------ UNet
+
+    def add_time_ids(self, n: int, dtype: torch.dtype) -> Tensor:
+        """SDXL's micro-conditioning (original size, crop top-left, target size): full-frame
+        images at the model's resolution."""
+        r = self.resolution
+        ids = torch.tensor([r, r, 0, 0, r, r], dtype=dtype, device=self.device)
+        return ids.expand(n, -1)
+
+    def unet_forward(
+        self, unet, latents: Tensor, timesteps: Tensor, text: TextConditioning
+    ) -> Tensor:
+        """`unet(latents, t, text)` with SDXL's added conditioning when the family needs it."""
+        kwargs = {}
+        if self.family == "sdxl":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": text.pooled.to(latents.dtype),
+                "time_ids": self.add_time_ids(latents.shape[0], latents.dtype),
+            }
+        hidden = text.hidden.to(latents.dtype)
+        return unet(latents, timesteps, encoder_hidden_states=hidden, **kwargs).sample
+
+    # ------------------------------------------------------------------------------ VAE
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels in [-1, 1] (N, 3, H, W) -> scaled latents. With a generator the posterior is
+        sampled (as the DPO code does), otherwise its mean is used (deterministic)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        dist = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
+        latents = dist.sample(generator) if generator is not None else dist.mean
+        return self._scale(latents)
+
+    def _scale(self, latents: Tensor) -> Tensor:
+        shift = self.vae.config.get("shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> pixels in [-1, 1] (clamped), float32."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        shift = self.vae.config.get("shift_factor", None) or 0.0
+        latents = latents / self.vae.config.scaling_factor + shift
+        return self.vae.decode(latents.to(vae_dtype)).sample.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        batch_size: int = 16,
+    ) -> Tensor:
+        """Images (N, 3, H, W) in [0, 1] from the pipeline as it is now (the policy in place);
+        image i depends only on (prompts[i], seeds[i])."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
+            images = self.pipe(
+                list(prompts[i : i + batch_size]),
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=gens,
+                output_type="pt",
+            ).images
+            out.append(images.float().clamp(0, 1).cpu())
+        return torch.cat(out)
+
+    def alpha_bar(self, timesteps: Tensor) -> Tensor:
+        """Cumulative alpha of each timestep, float32 on the model's device."""
+        return self.alphas_cumprod.to(timesteps.device)[timesteps.long()]

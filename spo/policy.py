@@ -1,0 +1,120 @@
+"""The trained UNet and its frozen reference, for LoRA and for full fine-tuning.
+
+Why one place: DPO and SPO both need "the policy" and "the reference" (SPEC.md 1 and 3). With
+LoRA the reference is the same UNet with its adapters disabled, so no second UNet is held in
+memory; with full fine-tuning it is a frozen copy, optionally kept in CPU memory and streamed
+to the device per call. Results are written in the formats stock diffusers loads:
+`pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(dir)`) or a `unet/` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from spo.config import ConfigError, PolicyConfig
+from spo.models import DiffusionModel
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class Policy:
+    """The trainable UNet of `model` (in place: `model.unet` / `model.pipe.unet` is the policy)
+    and a way to call the reference."""
+
+    def __init__(self, model: DiffusionModel, cfg: PolicyConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        unet = model.unet
+        self.reference_unet = None
+        if cfg.mode == "lora":
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            unet.add_adapter(
+                LoraConfig(
+                    r=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                    init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True,
+                    target_modules=list(cfg.lora_targets),
+                )
+            )
+            # Trainable adapters in float32 even when the frozen UNet is half precision.
+            for p in unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            unet.to(torch.float32)
+            self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+            if cfg.reference_offload and model.device.type != "cpu":
+                from accelerate import cpu_offload
+
+                self.reference_unet.to("cpu")
+                cpu_offload(self.reference_unet, execution_device=model.device)
+            unet.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.unet = unet
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self, unet=None) -> Iterator[torch.nn.Module]:
+        """The reference UNet for the duration of the block (no gradients). `unet` is the
+        (possibly accelerate-wrapped) policy; with LoRA its adapters are disabled meanwhile."""
+        if self.reference_unet is not None:
+            with torch.no_grad():
+                yield self.reference_unet
+            return
+        target = self.unet
+        target.disable_adapters()
+        try:
+            with torch.no_grad():
+                yield target if unet is None else unet
+        finally:
+            target.enable_adapters()
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapters in diffusers' key format (what `save_lora_weights` writes)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.unet)
+        return convert_state_dict_to_diffusers(
+            {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        )
+
+    def load_lora_state_dict(self, folder: Path) -> None:
+        """Load adapters written by `save` (resume)."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(folder / LORA_WEIGHTS)
+        state = {k.removeprefix("unet."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(state))
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ConfigError(f"{folder}: LoRA weights do not fit this UNet ({unexpected[0]})")
+
+    def save(self, folder: Path) -> None:
+        """Write the result as stock diffusers loads it, plus `policy.json` naming the mode."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.cfg.mode == "lora":
+            pipeline_cls = type(self.model.pipe)
+            pipeline_cls.save_lora_weights(
+                folder, unet_lora_layers=self.lora_state_dict(), safe_serialization=True
+            )
+        else:
+            self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        info = {"mode": self.cfg.mode, "family": self.model.family}
+        if self.cfg.mode == "lora":
+            info |= {"rank": self.cfg.lora_rank, "targets": list(self.cfg.lora_targets)}
+        (folder / "policy.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,227 @@
+"""What every trainer's loop needs besides its math: schedules, checkpoints, resume, seeds.
+
+Why shared: the SPM, DPO and SPO trainers must all write checkpoints atomically with
+`accelerator.save_state` called on every rank (the released DPO code saved on rank 0 only and
+hung under DeepSpeed), refuse to resume from a checkpoint of another kind, and derive their
+randomness from (seed, step) so that a killed and resumed run takes the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spo.config import ConfigError, OptimConfig
+from spo.runs import atomic_write_bytes
+
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# Toy run folders -> the command that makes them, for "input missing" messages.
+_MADE_BY = {
+    "world": "spo toy-world",
+    "spm": "spo train-preference-model --config configs/toy/spm.yaml",
+    "dpo": "spo train-dpo --config configs/toy/dpo.yaml",
+    "spo": "spo train-spo --config configs/toy/spo.yaml",
+}
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop (non-finite loss, ...); the message is one line."""
+
+
+def made_by(path: str | Path) -> str | None:
+    """The command that writes `path` when it lies in a toy run folder (runs/toy/<stage>/...)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts[:-1]):
+        if part == "toy" and parts[i + 1] in _MADE_BY:
+            return _MADE_BY[parts[i + 1]]
+    return None
+
+
+def require_path(path: str | Path, what: str) -> Path:
+    """`path` if it exists, else a one-line ConfigError saying which command makes it."""
+    path = Path(path)
+    if not path.exists():
+        command = made_by(path)
+        hint = f"; `{command}` writes it" if command else ""
+        raise ConfigError(f"{what} not found: {path}{hint}")
+    return path
+
+
+def seeded_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator whose state depends only on `keys` (e.g. seed, step, rank): resumable."""
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    """Multiplier of the peak lr at optimiser step s: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant_with_warmup":
+            return 1.0
+        span = max(1, max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def adamw(params, cfg: OptimConfig, max_steps: int):
+    """AdamW with the configured schedule: (optimizer, LambdaLR)."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+
+
+class Checkpointer:
+    """Resumable checkpoints `checkpoints/step-N/` written atomically from every rank.
+
+    Each holds `accelerator.save_state` output plus `trainer_state.json` with the trainer's
+    `kind` and `step`; `checkpoints/latest` names the newest complete one. A checkpoint appears
+    under its final name only once every rank has written its part.
+    """
+
+    def __init__(self, root: Path, kind: str, total_limit: int) -> None:
+        self.root = root
+        self.kind = kind
+        self.total_limit = total_limit
+
+    def save(self, accelerator, step: int, state: dict[str, Any]) -> Path:
+        final = self.root / f"step-{step}"
+        tmp = self.root / f".step-{step}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            payload = {"kind": self.kind, "step": step, **state}
+            atomic_write_bytes(tmp / STATE_FILE, json.dumps(payload, indent=2).encode())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_bytes(self.root / LATEST_FILE, final.name.encode())
+            self._prune(keep=final)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        steps = sorted(self._complete(), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+        old = [p for p in steps if p != keep][: max(0, len(steps) - self.total_limit)]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [
+            p
+            for p in self.root.iterdir()
+            if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()
+        ]
+
+    def resolve(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: `none`, `latest` (None when there is none yet), or a
+        folder, which must be a complete checkpoint of this trainer's kind."""
+        if resume == "none":
+            return None
+        if resume == "latest":
+            pointer = self.root / LATEST_FILE
+            path = self.root / pointer.read_text().strip() if pointer.is_file() else None
+            if path is None or not (path / STATE_FILE).is_file():
+                found = self._complete()
+                if not found:
+                    return None
+                path = max(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                raise ConfigError(f"resume checkpoint not found: {path}")
+        self.read_state(path)
+        return path
+
+    def read_state(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's trainer state; a one-line ConfigError for another kind."""
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            raise ConfigError(f"{path} is not a training checkpoint (no {STATE_FILE})")
+        try:
+            state = json.loads(state_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{state_file}: not valid JSON ({e})") from e
+        if state.get("kind") != self.kind:
+            raise ConfigError(
+                f"{path} is a checkpoint of kind {state.get('kind')!r}; this run needs "
+                f"{self.kind!r}"
+            )
+        return state
+
+
+def micro_batch_rows(
+    n_rows: int, batch_size: int, micro_step: int, accelerator, seed: int
+) -> tuple[int, list[int]]:
+    """(epoch, rows) of one process's micro-batch number `micro_step`.
+
+    Each epoch is a permutation seeded by (seed, epoch); every process takes its own slice of
+    each global batch, and a partial last batch is dropped. A pure function of its arguments,
+    so a resumed run continues with exactly the rows it would have seen.
+    """
+    per_step = batch_size * accelerator.num_processes
+    batches_per_epoch = max(1, n_rows // per_step)
+    epoch, offset = divmod(micro_step, batches_per_epoch)
+    order = torch.randperm(n_rows, generator=seeded_generator(seed, epoch)).tolist()
+    start = offset * per_step + accelerator.process_index * batch_size
+    return epoch, order[start : start + batch_size]
+
+
+class MetricLogger:
+    """Averages metrics over the steps between two log lines and writes them to
+    `metrics.jsonl` (main process) and to the accelerate tracker, if any."""
+
+    def __init__(self, run, accelerator, tracker: bool) -> None:
+        self.run, self.accelerator, self.tracker = run, accelerator, tracker
+        self.window: dict[str, list[float]] = {}
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.window.setdefault(key, []).append(float(value))
+
+    def flush(self, step: int, **extra: float) -> dict[str, float]:
+        """Log the window's means plus `extra` at `step`; return what was logged."""
+        metrics = {
+            k: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")
+            for k, v in self.window.items()
+        }
+        metrics.update(extra)
+        self.window = {}
+        self.log(step, metrics)
+        return metrics
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            self.run.log_metrics(step, **metrics)
+        if self.tracker:
+            self.accelerator.log(metrics, step=step)

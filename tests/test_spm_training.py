@@ -1,0 +1,258 @@
+"""SPM training: loss and accuracy math, noisy-image maker, pair data checks, the recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
+
+from preference_model.losses import pairwise_accuracy, preference_loss
+from preference_model.noisy import NoisyImageMaker
+from spo.cli import main
+from spo.config import ConfigError, SPMTrainConfig, load_config
+from spo.data import BadImageCounter, PairDataset, check_pair_table, load_pair_table
+from spo.models import DiffusionModel
+
+ROOT = Path(__file__).parents[1]
+
+
+def _args(world: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train-preference-model",
+        "--config",
+        str(ROOT / "configs/toy/spm.yaml"),
+        "--out",
+        str(out),
+        f"base_model={world / 'base_model'}",
+        f"pairs.train={world / 'pairs/train.parquet'}",
+        f"pairs.validation={world / 'pairs/validation.parquet'}",
+        f"backbone.model={world / 'clip.json'}",
+        "batch_size=4",
+        "max_steps=4",
+        "log_every=2",
+        "validation_every=0",
+        "checkpoint_every=2",
+        "optim.warmup_steps=0",
+        *extra,
+    ]
+
+
+# ------------------------------------------------------------------------------ math
+
+
+def test_preference_loss_hand_values():
+    s0, s1 = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 3.0])
+    labels = torch.tensor([[1.0, 0.0], [0.5, 0.5], [1.0, 0.0]])
+    ce = [math.log(1 + math.exp(-1)), math.log(2), math.log(1 + math.exp(2))]
+    loss, p0 = preference_loss(s0, s1, labels)
+    assert math.isclose(loss.item(), sum(ce) / 3, rel_tol=1e-6)
+    assert math.isclose(p0[0].item(), 1 / (1 + math.exp(-1)), rel_tol=1e-6)
+    weights = torch.tensor([1.0, 0.5, 0.25])  # 1 / examples per prompt
+    loss_w, _ = preference_loss(s0, s1, labels, weights)
+    expected = (ce[0] + 0.5 * ce[1] + 0.25 * ce[2]) / 1.75
+    assert math.isclose(loss_w.item(), expected, rel_tol=1e-6)
+
+
+def test_pairwise_accuracy_skips_ties_and_halves_equal_scores():
+    s0 = torch.tensor([2.0, 0.0, 1.0, 5.0, 1.0])
+    s1 = torch.tensor([1.0, 3.0, 3.0, 0.0, 1.0])
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    accuracy, n = pairwise_accuracy(s0, s1, labels)
+    assert n == 4
+    assert accuracy == pytest.approx((1 + 0 + 1 + 0.5) / 4)
+
+
+# ------------------------------------------------------------------------------ noisy images
+
+
+@pytest.mark.parametrize("builder", [build_tiny_sd, build_tiny_sdxl])
+def test_noisy_maker_batches_and_shares_noise(builder, tmp_path):
+    model = DiffusionModel.from_pretrained(str(builder(tmp_path / "pipe")))
+    assert model.family == ("sdxl" if builder is build_tiny_sdxl else "sd")
+    calls = []
+    model.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    encoded = []
+    original = model._encode
+    model._encode = lambda prompts: encoded.append(list(prompts)) or original(prompts)
+
+    maker = NoisyImageMaker(model, guidance_scale=5.0, max_pairs=4)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(7, 2, 3, 32, 32) * 2 - 1
+    pixels[1, 1] = pixels[1, 0]  # a pair of identical images
+    captions = ["a red circle", "a blue square", "a red circle"] * 2 + ["a cat"]
+    t = torch.tensor([0, 500, 999, 250, 1, 10, 700])
+    out = maker(pixels, captions, t, g)
+
+    assert out.shape == pixels.shape
+    assert torch.equal(out[0], pixels[0])  # t = 0: the clean image itself
+    assert calls == [4 * 4, 2 * 4]  # 6 noisy pairs, 4 per call: both images, cond + uncond
+    assert torch.equal(out[1, 0], out[1, 1])  # same image, same t, same noise -> same x0_hat
+    assert not torch.equal(out[1, 0], pixels[1, 0])
+    assert out.min() >= -1 and out.max() <= 1
+    # Each caption's text embedding is computed once (the empty prompt once too).
+    flat = [p for call in encoded for p in call]
+    assert sorted(flat) == sorted(["", "a red circle", "a blue square", "a cat"])
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def test_pair_table_checks(mini_world, tmp_path):
+    table = load_pair_table(str(mini_world / "pairs/train.parquet"))
+    labels = check_pair_table(table, "train")
+    assert labels.shape == (48, 2) and set(np.unique(labels)) <= {0.0, 0.5, 1.0}
+
+    with pytest.raises(ConfigError, match="missing column 'label_1'"):
+        check_pair_table(table.remove_columns("label_1"), "x")
+    bad = table.map(
+        lambda row, i: {"label_0": 0.7 if i == 5 else row["label_0"]}, with_indices=True
+    )
+    with pytest.raises(ConfigError, match="row 5 has label_0=0.7"):
+        check_pair_table(bad, "x")
+    with pytest.raises(ConfigError, match="pairs file not found: .*nope.parquet"):
+        load_pair_table(str(tmp_path / "nope.parquet"))
+
+
+def test_undecodable_images_are_skipped_and_counted(mini_world):
+    table = load_pair_table(str(mini_world / "pairs/train.parquet"))
+    broken = table.map(
+        lambda row, i: {"jpg_1": b"not a png" if i in (1, 3) else row["jpg_1"]}, with_indices=True
+    )
+    dataset = PairDataset(broken, 32)
+    batch = PairDataset.collate([dataset[i] for i in range(4)])
+    assert batch.bad == 2 and batch.indices.tolist() == [0, 2]
+    assert batch.pixels.shape == (2, 2, 3, 32, 32)
+
+    counter = BadImageCounter(max_share=0.1, source="pairs", min_seen=20)
+    counter.update(10, 1)  # 10% of 10 pairs: not judged yet
+    counter.update(10, 1)  # 10% of 20: at the limit, fine
+    with pytest.raises(ConfigError, match="4 of 30 pairs have an undecodable image"):
+        counter.update(10, 2)
+
+
+# ------------------------------------------------------------------------------ recipe
+
+
+def test_configs_load():
+    for family in ("toy", "sd15", "sdxl"):
+        cfg = load_config(SPMTrainConfig, ROOT / f"configs/{family}/spm.yaml")
+        cfg.validate()
+    sdxl = load_config(SPMTrainConfig, ROOT / "configs/sdxl/spm.yaml")
+    assert sdxl.pairs.relabel_tie_gap == 0.1 and sdxl.optim.lr == 1e-6
+    sd15 = load_config(SPMTrainConfig, ROOT / "configs/sd15/spm.yaml")
+    assert (sd15.optim.lr, sd15.optim.weight_decay, sd15.max_steps) == (3e-6, 0.3, 8000)
+
+
+def test_train_writes_final_eval_and_loads_in_fresh_process(mini_world, tmp_path, capsys):
+    out = tmp_path / "spm"
+    assert main(_args(mini_world, out, "validation_every=2", "validation_pairs_periodic=8")) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result["accuracy_by_timestep"]) == {"0", "251", "501", "701", "951"}
+    assert all(0 <= a <= 1 for a in result["accuracy_by_timestep"].values())
+    assert 0.5 < result["oracle_ceiling"] <= 1
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in x for x in lines) and any("val/accuracy_t501" in x for x in lines)
+    assert (out / "checkpoints/step-2/trainer_state.json").is_file()
+
+    import preference_model
+
+    spm = preference_model.load(out / "final")
+    images = torch.rand(3, 3, 32, 32)
+    prompts = ["a red circle on a white background"] * 3
+    here = spm.score(images, prompts, [0, 500, 900]).tolist()
+    torch.save(images, tmp_path / "images.pt")
+    script = textwrap.dedent(f"""
+        import json, torch, preference_model
+        spm = preference_model.load({str(out / "final")!r})
+        images = torch.load({str(tmp_path / "images.pt")!r})
+        print(json.dumps(spm.score(images, {prompts!r}, [0, 500, 900]).tolist()))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == here
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_weights(mini_world, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert main(_args(mini_world, straight)) == 0
+
+    from preference_model import train as recipe
+
+    save = recipe.Checkpointer.save
+
+    def save_then_die(self, accelerator, step, state):
+        save(self, accelerator, step, state)
+        raise _Killed
+
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(recipe.Checkpointer, "save", save_then_die)
+        with pytest.raises(_Killed):
+            main(_args(mini_world, killed))
+    assert (killed / "checkpoints/latest").read_text() == "step-2"
+    assert not (killed / "final/model.safetensors").exists()
+    assert main(_args(mini_world, killed)) == 0  # resume=latest is the default
+
+    a = load_file(straight / "final/model.safetensors")
+    b = load_file(killed / "final/model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("spo: error: ")
+    return err[0]
+
+
+def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys):
+    table = load_pair_table(str(mini_world / "pairs/train.parquet"))
+    no_caption = tmp_path / "no_caption.parquet"
+    table.remove_columns("caption").to_parquet(str(no_caption))
+    capsys.readouterr()
+    assert main(_args(mini_world, tmp_path / "a", f"pairs.train={no_caption}")) == 2
+    assert "missing column 'caption'" in _one_error_line(capsys)
+
+    bad_labels = tmp_path / "bad_labels.parquet"
+    table.map(lambda r: {"label_0": 2.0, "label_1": -1.0}).to_parquet(str(bad_labels))
+    capsys.readouterr()
+    assert main(_args(mini_world, tmp_path / "b", f"pairs.train={bad_labels}")) == 2
+    assert "row 0 has label_0=2.0" in _one_error_line(capsys)
+
+    broken = tmp_path / "broken.parquet"
+    table.map(
+        lambda r, i: {"jpg_0": b"junk" if i % 2 else r["jpg_0"]}, with_indices=True
+    ).to_parquet(str(broken))
+    capsys.readouterr()
+    args = _args(
+        mini_world, tmp_path / "c", f"pairs.train={broken}", "pairs.max_bad_image_share=0.2"
+    )
+    assert main(args) == 2
+    assert "have an undecodable image" in _one_error_line(capsys)
+
+    other = tmp_path / "other_ckpt"
+    other.mkdir()
+    (other / "trainer_state.json").write_text(json.dumps({"kind": "dpo_training", "step": 3}))
+    assert main(_args(mini_world, tmp_path / "d", f"resume={other}")) == 2
+    assert "checkpoint of kind 'dpo_training'" in _one_error_line(capsys)
+
+    assert main(_args(mini_world, tmp_path / "e", "base_model=runs/toy/nowhere/base_model")) == 2
+    assert "base model" in _one_error_line(capsys)
+
+    missing = tmp_path / "runs/toy/world/pairs/train.parquet"
+    assert main(_args(mini_world, tmp_path / "f", f"pairs.train={missing}")) == 2
+    assert "`spo toy-world` writes it" in _one_error_line(capsys)
