@@ -124,6 +124,9 @@ class SPMConfig:
     time_conditioning: bool = True
     timestep_embed_dim: int = 256
     timestep_max_period: float = 10000
+    # The diffusion pipeline whose x0_hat the SPM was trained on ({"source", "family",
+    # "resolution", "latent_channels"}); SPO refuses an SPM of another family. None: unknown.
+    trained_on: dict[str, Any] | None = None
     kind: str = KIND
     version: int = FORMAT_VERSION
 

@@ -34,7 +34,7 @@ from spo.training import (
     Checkpointer,
     MetricLogger,
     TrainingError,
-    adamw,
+    build_optimizer,
     made_by,
     micro_batch_rows,
     require_path,
@@ -233,7 +233,9 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
     maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
 
-    optimizer, scheduler = adamw(spm.parameters(), cfg.optim, cfg.max_steps)
+    optimizer, scheduler = build_optimizer(
+        "adamw", cfg.optim, cfg.max_steps, spm.parameters(), cfg.optim.lr
+    )
     model, optimizer, scheduler = accelerator.prepare(spm, optimizer, scheduler)
     spm_unwrapped: StepAwarePreferenceModel = accelerator.unwrap_model(model)
     step = 0
@@ -340,6 +342,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     result["validation_pairs"] = int((val.labels[:, 0] != 0.5).sum())
     result["time_conditioning"] = cfg.time_conditioning
     if main:
+        spm_unwrapped.config.trained_on = diffusion.describe()
         with atomic_dir(run.final) as tmp:
             spm_unwrapped.save(tmp)
         atomic_write_bytes(run.root / "eval.json", json.dumps(result, indent=2).encode())

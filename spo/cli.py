@@ -22,6 +22,7 @@ from spo.config import (
     ConfigError,
     DPOTrainConfig,
     SPMTrainConfig,
+    SPOTrainConfig,
     ToyWorldConfig,
     load_config,
 )
@@ -56,6 +57,15 @@ def _run_train_dpo(cfg: DPOTrainConfig) -> int:
     return 0
 
 
+def _run_train_spo(cfg: SPOTrainConfig) -> int:
+    from spo.spo import train_spo  # heavy: torch, diffusers, peft
+
+    summary = train_spo(cfg)
+    print(json.dumps(summary, indent=2))
+    print(f"SPO result written to {cfg.out}/final")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its one-line help, and either a runner or the issue that will add it."""
@@ -76,7 +86,9 @@ COMMANDS: dict[str, Command] = {
     "train-dpo": Command(
         "fine-tune a diffusion model with the Diffusion-DPO baseline", run=_run_train_dpo
     ),
-    "train-spo": Command("fine-tune a diffusion model with SPO, scored by an SPM", issue=5),
+    "train-spo": Command(
+        "fine-tune a diffusion model with SPO, scored by an SPM", run=_run_train_spo
+    ),
     "compare": Command("generate with several models, score them, and write a report", issue=6),
     "demo": Command("the whole story end to end on the toy world, on CPU", issue=7),
 }

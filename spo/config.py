@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DPOTrainConfig",
     "SPMTrainConfig",
+    "SPOTrainConfig",
     "ToyWorldConfig",
     "dump_config",
     "load_config",
@@ -587,9 +588,100 @@ class DPOTrainConfig:
         )
 
 
+@dataclass
+class SamplerConfig:
+    """SPO's step-wise pool sampler (SPEC.md 3); defaults are the SD1.5 release."""
+
+    num_steps: int = 20  # DDIM steps ("leading" spacing: 951, 901, ..., 1)
+    eta: float = 1.0  # stochasticity: every step is a Gaussian policy (must be > 0)
+    guidance_scale: float = 5.0
+    k: int = 4  # candidates per trained step
+    divert_step: int = 4  # ordinary steps before the first trained one (4: t <= 750 trained)
+    threshold: float = 0.3  # keep a pair if softmax([s_w, s_l]) differ by more (SDXL: 0.4)
+    continuation: str = "random"  # random | win | lose (the paper's ablation)
+    inner_steps: int = 0  # SDXL variant: 3 (each candidate takes 3 more steps before scoring)
+
+    def validate(self) -> None:
+        _require(self.num_steps > 1, "sampler.num_steps", self.num_steps, "must be > 1")
+        _require(self.eta > 0, "sampler.eta", self.eta, "must be > 0 (SPO needs a stochastic step)")
+        _require(self.k >= 2, "sampler.k", self.k, "must be >= 2 (a pair needs two candidates)")
+        _require(
+            0 <= self.threshold < 1,
+            "sampler.threshold",
+            self.threshold,
+            "must be in [0, 1) (a gap of softmax probabilities)",
+        )
+        _require(
+            self.continuation in ("random", "win", "lose"),
+            "sampler.continuation",
+            self.continuation,
+            "must be random, win or lose",
+        )
+        _require(self.inner_steps >= 0, "sampler.inner_steps", self.inner_steps, "must be >= 0")
+        trained = self.num_steps - self.divert_step
+        _require(
+            0 <= self.divert_step < self.num_steps,
+            "sampler.divert_step",
+            self.divert_step,
+            f"must be in [0, {self.num_steps})",
+        )
+        _require(
+            trained % (1 + self.inner_steps) == 0,
+            "sampler.inner_steps",
+            self.inner_steps,
+            f"segments of {1 + self.inner_steps} steps must tile the {trained} trained steps",
+        )
+
+
+@dataclass
+class SPOTrainConfig:
+    """`spo train-spo`: step-aware preference optimisation (SPEC.md 3)."""
+
+    out: str = "runs/toy/spo"  # run folder
+    seed: int = 0
+    base_model: str = "runs/toy/world/base_model"  # diffusers SD1.5- or SDXL-family pipeline
+    vae: str | None = None
+    spm: str = "runs/toy/spm/final"  # the step-aware preference model (same model family)
+    # prompts: a txt / json / jsonl / parquet file, a saved dataset or a hub dataset
+    prompts: str = "runs/toy/world/prompts/train.txt"
+    prompt_column: str = "caption"  # for json(l) objects, parquet and datasets
+    prompt_split: str = "train"
+    policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(lora_rank=4))
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    beta: float = 10.0
+    ratio_clip: float | None = 0.1  # clamp of the policy/reference ratio (None: the paper's form)
+    sample_batch_size: int = 10  # prompts per process per sampling batch
+    max_epochs: int = 10  # sampling epochs over the prompts (the run also stops at max_steps)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6e-5, weight_decay=1e-4))
+    batch_size: int = 10  # kept pairs per process per micro-batch
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 10_000  # optimiser steps
+    mixed_precision: str = "no"
+    num_workers: int = 0
+    log_every: int = 10
+    tracker: str = "none"
+    validation_every: int = 0  # unused by SPO (see validation_images); kept for the loop checks
+    validation_images: ValidationImagesConfig = field(default_factory=ValidationImagesConfig)
+    checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
+    checkpoints_total_limit: int = 2
+    resume: str = "latest"
+
+    def validate(self) -> None:
+        """Reject nonsensical values before any work starts (one-line ConfigError)."""
+        _validate_loop(self)
+        self.policy.validate()
+        self.sampler.validate()
+        _require(math.isfinite(self.beta) and self.beta > 0, "beta", self.beta, "must be > 0")
+        clip = self.ratio_clip
+        _require(clip is None or 0 < clip < 1, "ratio_clip", clip, "must be in (0, 1) or null")
+        for key in ("sample_batch_size", "max_epochs"):
+            _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+
+
 # Command name -> config schema. The CLI loads `--config`/overrides into this type.
 COMMAND_CONFIGS: dict[str, type] = {
     "toy-world": ToyWorldConfig,
     "train-preference-model": SPMTrainConfig,
     "train-dpo": DPOTrainConfig,
+    "train-spo": SPOTrainConfig,
 }

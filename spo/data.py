@@ -30,7 +30,9 @@ REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 VALID_LABELS = (0.0, 0.5, 1.0)
 
 
-def load_pair_table(source: str, split: str = "train", made_by: str | None = None):
+def load_pair_table(
+    source: str, split: str = "train", made_by: str | None = None, what: str = "pairs"
+):
     """A `datasets.Dataset` of pairs from a parquet file / folder / glob, a `save_to_disk`
     folder, or a hub dataset name (then `split` picks the split).
 
@@ -39,7 +41,7 @@ def load_pair_table(source: str, split: str = "train", made_by: str | None = Non
     import datasets
 
     with _quiet_datasets():
-        return _load_pair_table(datasets, source, split, made_by)
+        return _load_pair_table(datasets, source, split, made_by, what)
 
 
 @contextlib.contextmanager
@@ -57,7 +59,7 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def _load_pair_table(datasets, source: str, split: str, made_by: str | None):
+def _load_pair_table(datasets, source: str, split: str, made_by: str | None, what: str):
     path = Path(source)
     try:
         if path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
@@ -75,16 +77,16 @@ def _load_pair_table(datasets, source: str, split: str, made_by: str | None):
         if source.endswith(".parquet") or "*" in source:
             if "*" not in source and not path.is_file():
                 hint = f" (`{made_by}` writes it)" if made_by else ""
-                raise ConfigError(f"pairs file not found: {source}{hint}")
+                raise ConfigError(f"{what} file not found: {source}{hint}")
             return datasets.load_dataset("parquet", data_files=source, split="train")
         if is_local_path(source):
             hint = f" (`{made_by}` writes it)" if made_by else ""
-            raise ConfigError(f"pairs not found: {source}{hint}")
+            raise ConfigError(f"{what} not found: {source}{hint}")
         return datasets.load_dataset(source, split=split)
     except ConfigError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the source and reason
-        raise ConfigError(f"cannot read pairs from {source}: {e}") from e
+        raise ConfigError(f"cannot read {what} from {source}: {e}") from e
 
 
 def check_pair_table(table, source: str) -> np.ndarray:
@@ -290,3 +292,48 @@ class BadImageCounter:
     @property
     def share(self) -> float:
         return self.bad / max(self.seen, 1)
+
+
+def load_prompts(
+    source: str, column: str = "caption", split: str = "train", made_by: str | None = None
+) -> list[str]:
+    """Prompts from a txt file (one a line), json (a list of strings or of objects with
+    `column`), jsonl, parquet, a `save_to_disk` folder or a hub dataset (`column` of `split`).
+    Blank prompts are dropped; an empty result is a one-line ConfigError."""
+    import json
+
+    path = Path(source)
+    if path.suffix in (".txt", ".json", ".jsonl") or (path.is_file() and path.suffix != ".parquet"):
+        if not path.is_file():
+            hint = f" (`{made_by}` writes it)" if made_by else ""
+            raise ConfigError(f"prompt file not found: {source}{hint}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".json":
+                items = json.loads(text)
+            elif path.suffix == ".jsonl":
+                items = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                items = text.splitlines()
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON ({e})") from e
+        if not isinstance(items, list):
+            raise ConfigError(f"{source}: expected a list of prompts")
+        prompts = []
+        for item in items:
+            if isinstance(item, dict):
+                if column not in item:
+                    raise ConfigError(f"{source}: an entry has no {column!r} key")
+                item = item[column]
+            prompts.append(str(item))
+    else:
+        table = load_pair_table(source, split, made_by, what="prompts")
+        if column not in table.column_names:
+            raise ConfigError(
+                f"{source}: no column {column!r} (has {', '.join(table.column_names)})"
+            )
+        prompts = [str(p) for p in table[column]]
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise ConfigError(f"{source}: no prompts")
+    return prompts

@@ -21,21 +21,23 @@ from spo.config import ConfigError, DPOTrainConfig
 from spo.data import BadImageCounter, PairDataset, check_pair_table, load_pair_table
 from spo.losses import dpo_loss, sft_loss
 from spo.models import DiffusionModel, TextConditioning
-from spo.policy import LORA_WEIGHTS, Policy
+from spo.policy import Policy, register_lora_checkpoint_hooks
 from spo.runs import RunDir, atomic_dir, prepare_run_dir
 from spo.sampling import add_noise
 from spo.training import (
+    WEIGHT_DTYPES,
     Checkpointer,
     MetricLogger,
     TrainingError,
+    build_optimizer,
     made_by,
     micro_batch_rows,
     require_path,
+    save_validation_grid,
     seeded_generator,
 )
 
 KIND = "dpo_training"
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def effective_lr(cfg: DPOTrainConfig, num_processes: int) -> float:
@@ -46,40 +48,6 @@ def effective_lr(cfg: DPOTrainConfig, num_processes: int) -> float:
     if cfg.lr_scaling == "paper":
         return cfg.optim.lr * batch * 2000.0 / cfg.beta
     return cfg.optim.lr
-
-
-def build_optimizer(cfg: DPOTrainConfig, params, lr: float):
-    """AdamW, Adafactor (the released SDXL full fine-tune) or 8-bit AdamW, with the schedule."""
-    from spo.training import lr_lambda
-
-    o = cfg.optim
-    if cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        optimizer = Adafactor(
-            params,
-            lr=lr,
-            weight_decay=o.weight_decay,
-            relative_step=False,
-            scale_parameter=False,
-            warmup_init=False,
-            clip_threshold=1.0,
-        )
-    else:
-        if cfg.optimizer == "adamw8bit":
-            import bitsandbytes as bnb
-
-            cls = bnb.optim.AdamW8bit
-        else:
-            cls = torch.optim.AdamW
-        optimizer = cls(
-            params,
-            lr=lr,
-            betas=(o.adam_beta1, o.adam_beta2),
-            eps=o.adam_epsilon,
-            weight_decay=o.weight_decay,
-        )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.max_steps))
 
 
 def load_dpo_pairs(cfg: DPOTrainConfig) -> tuple[object, np.ndarray, int]:
@@ -127,28 +95,6 @@ def _usable_rows(cfg: DPOTrainConfig, labels: np.ndarray) -> np.ndarray:
     return decided
 
 
-def _check_resume_mode(checkpoints: Checkpointer, path: Path | None, mode: str) -> None:
-    if path is None:
-        return
-    theirs = checkpoints.read_state(path).get("mode")
-    if theirs != mode:
-        raise ConfigError(
-            f"cannot resume a {mode} run from {path}: that checkpoint is of a {theirs} run "
-            f"(set policy.mode={theirs} or resume=none)"
-        )
-
-
-def save_validation_grid(model: DiffusionModel, cfg: DPOTrainConfig, path: Path) -> None:
-    """Fixed-seed samples of the current policy, one per prompt, as a PNG row."""
-    from torchvision.utils import save_image
-
-    v = cfg.validation_images
-    seeds = [v.seed + i for i in range(len(v.prompts))]
-    images = model.generate(v.prompts, seeds, v.num_inference_steps, v.guidance_scale)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=len(v.prompts))
-
-
 def train_dpo(cfg: DPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also written to OUT/final/train_summary.json)."""
     from accelerate import Accelerator
@@ -161,7 +107,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train).probe(table)
     checkpoints = Checkpointer(Path(cfg.out) / "checkpoints", KIND, cfg.checkpoints_total_limit)
     resume_from = checkpoints.resolve(cfg.resume)
-    _check_resume_mode(checkpoints, resume_from, cfg.policy.mode)
+    checkpoints.check_mode(resume_from, cfg.policy.mode)
     if cfg.relabel_with == "none":
         _usable_rows(cfg, labels)
 
@@ -193,9 +139,11 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     )
     policy = Policy(model, cfg.policy)
     lr = effective_lr(cfg, accelerator.num_processes)
-    optimizer, scheduler = build_optimizer(cfg, policy.trainable_parameters(), lr)
+    optimizer, scheduler = build_optimizer(
+        cfg.optimizer, cfg.optim, cfg.max_steps, policy.trainable_parameters(), lr
+    )
     if cfg.policy.mode == "lora":
-        _register_lora_checkpoint_hooks(accelerator, policy)
+        register_lora_checkpoint_hooks(accelerator, policy)
     unet, optimizer, scheduler = accelerator.prepare(policy.unet, optimizer, scheduler)
     run = prepare_run_dir(cfg.out, cfg) if main else RunDir(Path(cfg.out))
     accelerator.wait_for_everyone()
@@ -301,7 +249,9 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                 progress.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}")
             v = cfg.validation_images
             if v.prompts and v.every and step % v.every == 0 and step < cfg.max_steps and main:
-                save_validation_grid(model, cfg, run.root / "validation" / f"step-{step}.png")
+                save_validation_grid(
+                    model, cfg.validation_images, run.root / "validation" / f"step-{step}.png"
+                )
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 checkpoints.save(accelerator, step, state())
     finally:
@@ -315,29 +265,10 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
             policy.save(tmp)
             (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if cfg.validation_images.prompts:
-            save_validation_grid(model, cfg, run.root / "validation" / f"step-{step}.png")
+            save_validation_grid(
+                model, cfg.validation_images, run.root / "validation" / f"step-{step}.png"
+            )
     if cfg.tracker != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return summary
-
-
-def _register_lora_checkpoint_hooks(accelerator, policy: Policy) -> None:
-    """Checkpoints of LoRA runs hold the adapters only (MBs, not the GBs of the whole UNet)."""
-
-    def save_hook(models, weights, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            policy.save(Path(output_dir))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir: str) -> None:
-        folder = Path(input_dir)
-        if not (folder / LORA_WEIGHTS).is_file():
-            raise ConfigError(f"{folder}: no {LORA_WEIGHTS}; not a checkpoint of a LoRA run")
-        while models:
-            models.pop()
-        policy.load_lora_state_dict(folder)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)

@@ -150,6 +150,15 @@ class DiffusionModel:
     def device(self) -> torch.device:
         return self.unet.device
 
+    def describe(self) -> dict:
+        """What an SPM trained on this model's x0_hat must match (family, sizes)."""
+        return {
+            "source": str(self.pipe.name_or_path),
+            "family": self.family,
+            "resolution": self.resolution,
+            "latent_channels": int(self.unet.config.in_channels),
+        }
+
     # ------------------------------------------------------------------------------ text
 
     @torch.no_grad()

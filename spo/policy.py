@@ -118,3 +118,24 @@ class Policy:
         if self.cfg.mode == "lora":
             info |= {"rank": self.cfg.lora_rank, "targets": list(self.cfg.lora_targets)}
         (folder / "policy.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def register_lora_checkpoint_hooks(accelerator, policy: Policy) -> None:
+    """Checkpoints of LoRA runs hold the adapters only (MBs, not the GBs of the whole UNet)."""
+
+    def save_hook(models, weights, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            policy.save(Path(output_dir))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir: str) -> None:
+        folder = Path(input_dir)
+        if not (folder / LORA_WEIGHTS).is_file():
+            raise ConfigError(f"{folder}: no {LORA_WEIGHTS}; not a checkpoint of a LoRA run")
+        while models:
+            models.pop()
+        policy.load_lora_state_dict(folder)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -7,6 +7,7 @@ small functions lets the tests check them against hand-computed values and again
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -76,3 +77,46 @@ def shared_pair_noise(
     """
     noise = torch.randn((num_pairs, *shape), generator=generator, device=generator.device)
     return noise.to(device).repeat_interleave(2, dim=0)
+
+
+def ddim_step_with_logprob(
+    x_t: Tensor,
+    eps: Tensor,
+    alpha_bar_t: Tensor,
+    alpha_bar_prev: Tensor,
+    eta: float = 1.0,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy, with its log-probability (SPEC.md 3).
+
+        x0_hat  = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+        sigma^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)
+        mu      = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps
+        log p   = mean over the elements of each sample of
+                  -(x_prev - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi)
+
+    `eps` is the guided noise estimate; `alpha_bar_*` hold one value per sample (N,).
+    With `prev_sample` the log-probability of that given transition is returned (scoring a
+    stored transition); otherwise x_prev = mu + sigma * z with z = `noise` if given, else
+    drawn from `generator`.
+    Returns (x_prev, log p (N,)). eta must be > 0 for a log-probability to exist.
+    """
+    if eta <= 0:
+        raise ValueError("eta must be > 0: a deterministic step has no log-probability")
+    a_t = _broadcast(alpha_bar_t, x_t).float()
+    a_prev = _broadcast(alpha_bar_prev, x_t).float()
+    x_t, eps = x_t.float(), eps.float()
+    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    if prev_sample is None:
+        if noise is None:
+            device = generator.device if generator is not None else None
+            noise = torch.randn(x_t.shape, generator=generator, device=device)
+        prev_sample = mean + std * noise.to(mean)
+    prev = prev_sample.float()
+    log_prob = -((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return prev_sample, log_prob.flatten(1).mean(dim=1)

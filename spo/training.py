@@ -24,6 +24,7 @@ from spo.runs import atomic_write_bytes
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Toy run folders -> the command that makes them, for "input missing" messages.
@@ -83,16 +84,35 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
     return factor
 
 
-def adamw(params, cfg: OptimConfig, max_steps: int):
-    """AdamW with the configured schedule: (optimizer, LambdaLR)."""
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-    )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+def build_optimizer(name: str, o: OptimConfig, max_steps: int, params, lr: float):
+    """AdamW, Adafactor (the released SDXL full fine-tune) or 8-bit AdamW, with the schedule."""
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(
+            params,
+            lr=lr,
+            weight_decay=o.weight_decay,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+            clip_threshold=1.0,
+        )
+    else:
+        if name == "adamw8bit":
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        optimizer = cls(
+            params,
+            lr=lr,
+            betas=(o.adam_beta1, o.adam_beta2),
+            eps=o.adam_epsilon,
+            weight_decay=o.weight_decay,
+        )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, max_steps))
 
 
 class Checkpointer:
@@ -163,6 +183,17 @@ class Checkpointer:
         self.read_state(path)
         return path
 
+    def check_mode(self, path: Path | None, mode: str) -> None:
+        """One line when resuming a LoRA run from a full one's checkpoint, or the reverse."""
+        if path is None:
+            return
+        theirs = self.read_state(path).get("mode")
+        if theirs != mode:
+            raise ConfigError(
+                f"cannot resume a {mode} run from {path}: that checkpoint is of a {theirs} run "
+                f"(set policy.mode={theirs} or resume=none)"
+            )
+
     def read_state(self, path: Path) -> dict[str, Any]:
         """The checkpoint's trainer state; a one-line ConfigError for another kind."""
         state_file = path / STATE_FILE
@@ -225,3 +256,14 @@ class MetricLogger:
             self.run.log_metrics(step, **metrics)
         if self.tracker:
             self.accelerator.log(metrics, step=step)
+
+
+def save_validation_grid(model, v, path: Path) -> None:
+    """Fixed-seed samples of the current policy (`model.pipe` holds it), one per prompt of the
+    ValidationImagesConfig `v`, as one PNG row: the same seeds at every validation."""
+    from torchvision.utils import save_image
+
+    seeds = [v.seed + i for i in range(len(v.prompts))]
+    images = model.generate(v.prompts, seeds, v.num_inference_steps, v.guidance_scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=len(v.prompts))

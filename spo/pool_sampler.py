@@ -1,0 +1,265 @@
+"""SPO's step-wise pool sampler (SPEC.md section 3): where the win/lose pairs come from.
+
+For a batch of prompts: ordinary DDIM steps (eta = 1) until the divert step; then, at each
+trained step, k candidates drawn from the shared x_t, each candidate's x0_hat (from the policy's
+guided noise prediction at the candidate's own timestep, all candidates in ONE UNet call)
+decoded and scored by the SPM at that timestep (t = 0 once the candidates are clean images);
+the best and the worst candidate form a pair, kept when the softmax gap of their scores passes
+the threshold; the next x_t is one candidate chosen uniformly at random (or the winner / loser,
+the paper's ablation) and its UNet output is reused. With `inner_steps` > 0 (the SDXL variant)
+every candidate continues that many ordinary steps before being scored, and the whole win and
+lose chains are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from spo.models import DiffusionModel, TextConditioning
+from spo.sampling import cfg_combine, ddim_step_with_logprob, predict_x0
+
+
+@dataclass
+class PoolSettings:
+    """The sampler's knobs (SPEC.md 3; SD1.5 defaults)."""
+
+    num_steps: int = 20
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    k: int = 4  # candidates per trained step
+    divert_step: int = 4  # ordinary steps before the first trained one (t <= 750 trained)
+    threshold: float = 0.3  # keep a pair when softmax([s_w, s_l]) differ by more than this
+    continuation: str = "random"  # random | win | lose: which candidate the chain follows
+    inner_steps: int = 0  # SDXL variant: ordinary steps each candidate takes before scoring
+
+
+@dataclass
+class KeptPairs:
+    """Kept (win, lose) segments, on the CPU. A segment starts at `start` (x_t) and takes
+    L transitions; `timesteps` holds t_0 (of x_t) and the L timesteps reached."""
+
+    start: Tensor  # (M, C, h, w)
+    win: Tensor  # (M, L, C, h, w)
+    lose: Tensor  # (M, L, C, h, w)
+    timesteps: Tensor  # (M, L + 1), long; -1 stands for the final clean sample
+    prompt: list[str]  # (M,)
+    score_gap: Tensor  # (M,) s_w - s_l
+
+    def __len__(self) -> int:
+        return self.start.shape[0]
+
+    def index(self, idx: Tensor | list[int]) -> KeptPairs:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return KeptPairs(
+            self.start[idx],
+            self.win[idx],
+            self.lose[idx],
+            self.timesteps[idx],
+            [self.prompt[i] for i in idx.tolist()],
+            self.score_gap[idx],
+        )
+
+    @staticmethod
+    def cat(parts: list[KeptPairs]) -> KeptPairs:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return KeptPairs.empty()
+        return KeptPairs(
+            torch.cat([p.start for p in parts]),
+            torch.cat([p.win for p in parts]),
+            torch.cat([p.lose for p in parts]),
+            torch.cat([p.timesteps for p in parts]),
+            [x for p in parts for x in p.prompt],
+            torch.cat([p.score_gap for p in parts]),
+        )
+
+    @staticmethod
+    def empty() -> KeptPairs:
+        z = torch.empty(0)
+        return KeptPairs(z, z, z, torch.empty(0, 0, dtype=torch.long), [], z)
+
+
+class Schedule:
+    """The sampler's timesteps and their cumulative alphas (DDIM's `leading` spacing with the
+    pipeline's offset: 951, 901, ..., 1 for SD). The step after the last one reaches the
+    'final' alpha (timestep -1 here)."""
+
+    def __init__(self, model: DiffusionModel, num_steps: int) -> None:
+        sched = model.scheduler
+        sched.set_timesteps(num_steps)
+        self.timesteps = [int(t) for t in sched.timesteps]
+        self.stride = model.num_train_timesteps // num_steps
+        self.alphas = model.alphas_cumprod
+        self.final_alpha = float(sched.final_alpha_cumprod)
+
+    def prev(self, t: int) -> int:
+        prev = t - self.stride
+        return prev if prev >= 0 else -1
+
+    def alpha(self, t: int | Tensor, n: int, device: torch.device) -> Tensor:
+        """Cumulative alpha of timestep t (one int for n rows, or one per row); -1: final."""
+        t = torch.as_tensor(t).long().expand(n).cpu()
+        alphas = self.alphas.cpu()[t.clamp(min=0)]
+        return torch.where(t < 0, torch.tensor(self.final_alpha), alphas).to(device)
+
+
+def guided_eps(
+    model: DiffusionModel, unet, x: Tensor, t: int | Tensor, cond: TextConditioning, scale: float
+) -> Tensor:
+    """CFG noise estimate for every row of x: conditional and unconditional in ONE UNet call.
+    `t` is one timestep or one per row; `cond` holds the conditional rows followed by the
+    unconditional ones (2N)."""
+    timesteps = torch.as_tensor(t, device=x.device).long().expand(x.shape[0]).repeat(2)
+    dtype = next(unet.parameters()).dtype
+    out = model.unet_forward(unet, torch.cat([x, x]).to(dtype), timesteps, cond).float()
+    e_c, e_u = out.chunk(2)
+    return cfg_combine(e_u, e_c, scale)
+
+
+Scorer = Callable[[Tensor, list[str], int], Tensor]  # (images in [-1, 1], prompts, t) -> (N,)
+
+
+class PoolSampler:
+    """Runs SPO's sampling pass with a given (policy) UNet and an SPM scorer."""
+
+    def __init__(self, model: DiffusionModel, score: Scorer, settings: PoolSettings) -> None:
+        self.model, self.score, self.s = model, score, settings
+        self.schedule = Schedule(model, settings.num_steps)
+
+    def _cond(self, prompts: list[str], repeats: int) -> TextConditioning:
+        text = self.model.encode_text(prompts).repeat_interleave(repeats)
+        return TextConditioning.cat([text, self.model.empty_text(len(text))])
+
+    @torch.no_grad()
+    def sample(
+        self, unet, prompts: list[str], generator: torch.Generator
+    ) -> tuple[KeptPairs, dict[str, float]]:
+        """One pass over `prompts`; returns the kept pairs and statistics of the pass."""
+        model, s, sch = self.model, self.s, self.schedule
+        p, k, device = len(prompts), s.k, model.device
+        latent = (model.unet.config.in_channels, *(2 * [model.unet.config.sample_size]))
+        x = torch.randn((p, *latent), generator=generator, device=generator.device).to(device)
+        cond1, condk = self._cond(prompts, 1), self._cond(prompts, k)
+        ts, n = sch.timesteps, len(sch.timesteps)
+        kept, tried, gaps, eps, i = [], 0, [], None, 0
+        while i < n:
+            t = ts[i]
+            if eps is None:
+                eps = guided_eps(model, unet, x, t, cond1, s.guidance_scale)
+            if i < s.divert_step:
+                x, _ = self._step(x, eps, t, generator)
+                eps, i = None, i + 1
+                continue
+            length = min(1 + s.inner_steps, n - i)
+            cand, eps_c = x.repeat_interleave(k, 0), eps.repeat_interleave(k, 0)
+            chain, reached = [], [t]
+            for j in range(length):
+                tj = ts[i + j]
+                cand, _ = self._step(cand, eps_c, tj, generator)
+                chain.append(cand)
+                reached.append(sch.prev(tj))
+                last = i + j + 1 >= n
+                eps_c = (
+                    None
+                    if last
+                    else guided_eps(model, unet, cand, ts[i + j + 1], condk, s.guidance_scale)
+                )
+            t_end = reached[-1]
+            if eps_c is None:  # clean samples: the SPM judges them at t = 0
+                images, t_score = model.decode_latents(cand), 0
+            else:
+                x0 = predict_x0(cand, eps_c, sch.alpha(t_end, cand.shape[0], device))
+                images, t_score = model.decode_latents(x0), t_end
+            scores = self.score(images, [q for q in prompts for _ in range(k)], t_score)
+            scores = scores.float().view(p, k).cpu()
+            win, lose = scores.argmax(dim=1), scores.argmin(dim=1)
+            rows = torch.arange(p)
+            pair = torch.stack([scores[rows, win], scores[rows, lose]], dim=1).softmax(dim=1)
+            keep = (pair[:, 0] - pair[:, 1]) > s.threshold
+            tried += p
+            gaps.append(scores[rows, win] - scores[rows, lose])
+            chains = torch.stack(chain, dim=1).view(p, k, length, *latent).cpu()
+            if keep.any():
+                idx = rows[keep]
+                kept.append(
+                    KeptPairs(
+                        start=x.cpu()[idx],
+                        win=chains[idx, win[idx]],
+                        lose=chains[idx, lose[idx]],
+                        timesteps=torch.tensor(reached).expand(len(idx), -1).clone(),
+                        prompt=[prompts[r] for r in idx.tolist()],
+                        score_gap=(scores[idx, win[idx]] - scores[idx, lose[idx]]),
+                    )
+                )
+            follow = self._follow(win, lose, generator)
+            x = cand.view(p, k, *latent)[rows.to(device), follow.to(device)]
+            eps = (
+                None
+                if eps_c is None
+                else eps_c.view(p, k, *latent)[rows.to(device), follow.to(device)]
+            )
+            i += length
+        pairs = KeptPairs.cat(kept)
+        gap = torch.cat(gaps) if gaps else torch.zeros(1)
+        stats = {"kept_share": len(pairs) / max(tried, 1), "score_gap": float(gap.mean())}
+        return pairs, stats
+
+    def _step(
+        self, x: Tensor, eps: Tensor, t: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        sch, n = self.schedule, x.shape[0]
+        return ddim_step_with_logprob(
+            x,
+            eps,
+            sch.alpha(t, n, x.device),
+            sch.alpha(sch.prev(t), n, x.device),
+            self.s.eta,
+            generator=generator,
+        )
+
+    def _follow(self, win: Tensor, lose: Tensor, generator: torch.Generator) -> Tensor:
+        if self.s.continuation == "win":
+            return win
+        if self.s.continuation == "lose":
+            return lose
+        g = generator if generator.device.type == "cpu" else None
+        return torch.randint(0, self.s.k, win.shape, generator=g)
+
+
+def chain_log_probs(
+    model: DiffusionModel,
+    unet,
+    pairs: KeptPairs,
+    chains: Tensor,
+    schedule: Schedule,
+    guidance_scale: float,
+    eta: float,
+) -> Tensor:
+    """Summed log-probability of each stored chain (M,) under `unet`: for every transition
+    s_j -> s_{j+1} (s_0 = start), the guided noise at s_j and the DDIM Gaussian's density.
+    Differentiable with respect to the UNet when called with gradients enabled."""
+    device = model.device
+    m, length = chains.shape[:2]
+    text = model.encode_text(pairs.prompt)
+    cond = TextConditioning.cat([text, model.empty_text(m)])
+    state = pairs.start.to(device)
+    total = torch.zeros(m, device=device)
+    for j in range(length):
+        t, t_next = pairs.timesteps[:, j], pairs.timesteps[:, j + 1]
+        eps = guided_eps(model, unet, state, t.to(device), cond, guidance_scale)
+        nxt = chains[:, j].to(device)
+        _, logp = ddim_step_with_logprob(
+            state,
+            eps,
+            schedule.alpha(t, m, device),
+            schedule.alpha(t_next, m, device),
+            eta,
+            prev_sample=nxt,
+        )
+        total = total + logp
+        state = nxt
+    return total

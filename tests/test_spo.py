@@ -1,0 +1,229 @@
+"""SPO: the pool sampler's batching, the loss at initialisation, the recipe on SD and SDXL
+families, outputs that stock diffusers loads, exact resume and one-line failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_pipelines import build_tiny_sdxl
+
+import preference_model
+from spo.cli import main
+from spo.config import PolicyConfig
+from spo.losses import spo_loss
+from spo.models import DiffusionModel
+from spo.policy import Policy
+from spo.pool_sampler import PoolSampler, PoolSettings, chain_log_probs
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_spm(mini_world, tmp_path_factory) -> Path:
+    """An SPM trained for two steps on the mini world (its family: the tiny SD pipeline)."""
+    out = tmp_path_factory.mktemp("spm")
+    args = [
+        "train-preference-model",
+        "--config",
+        str(ROOT / "configs/toy/spm.yaml"),
+        "--out",
+        str(out),
+        f"base_model={mini_world / 'base_model'}",
+        f"pairs.train={mini_world / 'pairs/train.parquet'}",
+        f"pairs.validation={mini_world / 'pairs/validation.parquet'}",
+        f"backbone.model={mini_world / 'clip.json'}",
+        "batch_size=4",
+        "max_steps=2",
+        "validation_timesteps=[0]",
+    ]
+    assert main(args) == 0
+    return out / "final"
+
+
+def _args(world: Path, spm: Path, out: Path, *extra: str, base: Path | None = None) -> list[str]:
+    prompts = world / "prompts.txt"
+    if not prompts.exists():
+        prompts.write_text(
+            "a red circle on a white background\na blue cross on a gray background\n"
+        )
+    return [
+        "train-spo",
+        "--config",
+        str(ROOT / "configs/toy/spo.yaml"),
+        "--out",
+        str(out),
+        f"base_model={base or world / 'base_model'}",
+        f"spm={spm}",
+        f"prompts={prompts}",
+        "sampler.num_steps=6",
+        "sampler.divert_step=2",
+        "sampler.threshold=0.0",
+        "sample_batch_size=2",
+        "batch_size=2",
+        "max_epochs=2",
+        "max_steps=100",
+        "log_every=1",
+        "validation_images.prompts=[]",
+        *extra,
+    ]
+
+
+def _judge(images, prompts, t):
+    # A stand-in SPM: brighter is better (no model needed to exercise the sampler).
+    return images.mean(dim=(1, 2, 3))
+
+
+def test_one_unet_call_per_step_for_all_candidates(mini_world):
+    model = DiffusionModel.from_pretrained(str(mini_world / "base_model"))
+    calls = []
+    model.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    settings = PoolSettings(num_steps=20, k=4, divert_step=4, threshold=0.0)
+    sampler = PoolSampler(model, _judge, settings)
+    pairs, stats = sampler.sample(model.unet, ["a red circle"], torch.Generator().manual_seed(0))
+    # 20 steps, 20 UNet calls: 4 ordinary + 1 for x_751 (each 2 rows: cond + uncond), then
+    # one call per trained step for all 4 candidates (8 rows); the last step's candidates are
+    # clean samples, judged at t = 0 without a UNet call.
+    assert len(calls) == 20
+    assert calls == [2] * 5 + [8] * 15
+    assert len(pairs) == 16  # threshold 0: one pair per trained step
+    assert pairs.timesteps[:, 0].tolist() == list(range(751, 0, -50))
+    assert pairs.timesteps[-1, 1].item() == -1  # the final clean sample
+    assert stats["kept_share"] == 1.0
+
+
+def test_fresh_lora_gives_ln2_and_unit_ratios(mini_world):
+    model = DiffusionModel.from_pretrained(str(mini_world / "base_model"))
+    policy = Policy(model, PolicyConfig(mode="lora", lora_rank=4))
+    settings = PoolSettings(num_steps=6, k=2, divert_step=2, threshold=0.0)
+    sampler = PoolSampler(model, _judge, settings)
+    pairs, _ = sampler.sample(
+        model.unet, ["a red circle", "a cat"], torch.Generator().manual_seed(1)
+    )
+    assert len(pairs) > 0
+    args = (sampler.schedule, 5.0, 1.0)
+    with torch.no_grad():
+        logp_w = chain_log_probs(model, policy.unet, pairs, pairs.win, *args)
+        logp_l = chain_log_probs(model, policy.unet, pairs, pairs.lose, *args)
+        with policy.reference() as ref:
+            ref_w = chain_log_probs(model, ref, pairs, pairs.win, *args)
+            ref_l = chain_log_probs(model, ref, pairs, pairs.lose, *args)
+    loss, ratio_w, ratio_l, clipped = spo_loss(logp_w, ref_w, logp_l, ref_l)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
+    assert torch.allclose(ratio_w, torch.ones_like(ratio_w))
+    assert torch.allclose(ratio_l, torch.ones_like(ratio_l))
+    assert clipped.item() == 0
+
+
+def test_result_loads_in_stock_diffusers(mini_world, tiny_spm, tmp_path):
+    out = tmp_path / "spo"
+    assert main(_args(mini_world, tiny_spm, out, "optim.lr=0.05")) == 0
+    summary = json.loads((out / "final/train_summary.json").read_text())
+    assert summary["step"] > 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "ratio_win", "ratio_lose", "clamp_share", "lr"):
+        assert any(key in x for x in lines), key
+    assert any("kept_share" in x for x in lines)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained({str(mini_world / "base_model")!r})
+        def sample():
+            g = torch.Generator().manual_seed(0)
+            return pipe(["a red circle"], num_inference_steps=4, generator=g,
+                        output_type="np").images
+        before = sample()
+        pipe.load_lora_weights({str(out / "final")!r})
+        after = sample()
+        assert "spo" not in sys.modules
+        print(float(abs(after - before).max()))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) > 1e-4
+
+
+def test_sdxl_multi_step_variant_runs(mini_world, tiny_spm, tmp_path):
+    base = build_tiny_sdxl(tmp_path / "sdxl")
+    spm = preference_model.load(tiny_spm)
+    spm.config.trained_on = None  # the tiny SPM stands in for an SDXL one here
+    spm.save(tmp_path / "spm_xl")
+    out = tmp_path / "spo_xl"
+    args = _args(
+        mini_world,
+        tmp_path / "spm_xl",
+        out,
+        "sampler.k=2",
+        "sampler.inner_steps=1",  # segments of 2 steps tile the 4 trained ones
+        "max_epochs=1",
+        base=base,
+    )
+    assert main(args) == 0
+    summary = json.loads((out / "final/train_summary.json").read_text())
+    assert summary["family"] == "sdxl" and summary["step"] > 0
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_weights(mini_world, tiny_spm, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert main(_args(mini_world, tiny_spm, straight)) == 0
+
+    from spo import spo as recipe
+
+    save = recipe.Checkpointer.save
+
+    def save_then_die(self, accelerator, step, state):
+        save(self, accelerator, step, state)
+        raise _Killed
+
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(recipe.Checkpointer, "save", save_then_die)
+        with pytest.raises(_Killed):
+            main(_args(mini_world, tiny_spm, killed))
+    assert main(_args(mini_world, tiny_spm, killed)) == 0
+    a = load_file(straight / "final/pytorch_lora_weights.safetensors")
+    b = load_file(killed / "final/pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("spo: error: ")
+    return err[0]
+
+
+def test_bad_input_fails_with_one_line(mini_world, tiny_spm, tmp_path, capsys):
+    for override, message in (
+        ("sampler.k=1", "sampler.k': must be >= 2"),
+        ("sampler.threshold=1.0", "must be in [0, 1)"),
+        ("sampler.threshold=-0.1", "must be in [0, 1)"),
+    ):
+        assert main(_args(mini_world, tiny_spm, tmp_path / "a", override)) == 2
+        assert message in _one_error_line(capsys)
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(_args(mini_world, tiny_spm, tmp_path / "b", f"prompts={empty}")) == 2
+    assert "no prompts" in _one_error_line(capsys)
+
+    other = tmp_path / "spm_other"
+    spm = preference_model.load(tiny_spm)
+    spm.config.trained_on = {"family": "sdxl", "resolution": 1024, "latent_channels": 4}
+    spm.save(other)
+    assert main(_args(mini_world, other, tmp_path / "c")) == 2
+    assert "trained on x0_hat of a sdxl model" in _one_error_line(capsys)
+
+    assert main(_args(mini_world, mini_world / "base_model", tmp_path / "d")) == 2
+    assert "is not a step-aware preference model checkpoint" in _one_error_line(capsys)
