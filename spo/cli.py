@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from spo import __version__
 from spo.config import (
     COMMAND_CONFIGS,
+    CompareConfig,
     ConfigError,
     DPOTrainConfig,
     SPMTrainConfig,
@@ -66,6 +67,20 @@ def _run_train_spo(cfg: SPOTrainConfig) -> int:
     return 0
 
 
+def _run_compare(cfg: CompareConfig) -> int:
+    from spo.evaluation.compare import run_compare  # heavy: torch, diffusers
+
+    results = run_compare(cfg)
+    for model, by_scorer in results["scores"].items():
+        cells = ", ".join(
+            f"{s} {v['mean']:.4g} [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}]"
+            for s, v in by_scorer.items()
+        )
+        print(f"{model}: {cells}")
+    print(f"report: {cfg.out}/report.html (and report.md, results.json)")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its one-line help, and either a runner or the issue that will add it."""
@@ -89,7 +104,9 @@ COMMANDS: dict[str, Command] = {
     "train-spo": Command(
         "fine-tune a diffusion model with SPO, scored by an SPM", run=_run_train_spo
     ),
-    "compare": Command("generate with several models, score them, and write a report", issue=6),
+    "compare": Command(
+        "generate with several models, score them, and write a report", run=_run_compare
+    ),
     "demo": Command("the whole story end to end on the toy world, on CPU", issue=7),
 }
 

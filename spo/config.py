@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 __all__ = [
     "COMMAND_CONFIGS",
+    "CompareConfig",
     "ConfigError",
     "DPOTrainConfig",
     "SPMTrainConfig",
@@ -678,10 +679,68 @@ class SPOTrainConfig:
             _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
 
 
+@dataclass
+class ModelSpec:
+    """One model of a comparison: a pipeline, optionally with a LoRA or a replacement UNet."""
+
+    name: str = "base"
+    pipeline: str = "runs/toy/world/base_model"  # diffusers pipeline folder or hub name
+    lora: str | None = None  # folder with pytorch_lora_weights.safetensors (or the file)
+    unet: str | None = None  # a full fine-tune's unet/ folder
+
+
+@dataclass
+class CompareConfig:
+    """`spo compare`: generate with several models on the same prompts and seeds, score, report."""
+
+    out: str = "runs/toy/compare"
+    seed: int = 0  # image j of prompt i uses the seed derived from (seed, i, j) for every model
+    models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
+    # a txt / json / jsonl / parquet file, a saved dataset or a hub dataset
+    prompts: str = "runs/toy/world/prompts/eval.txt"
+    prompt_column: str = "caption"
+    prompt_split: str = "train"
+    category_column: str | None = "category"  # per-category tables when the prompts have one
+    max_prompts: int | None = None  # only the first N prompts
+    images_per_prompt: int = 4
+    num_inference_steps: int = 20  # SPEC.md 4: DDIM, 20 steps, CFG 5.0
+    guidance_scale: float = 5.0
+    batch_size: int = 16  # images per generation call
+    dtype: str = "float32"  # float32 | float16 | bfloat16 for generation
+    scorers: list[str] = field(default_factory=lambda: ["oracle"])  # see spo.evaluation.scorers
+    bootstrap: int = 1000  # resamples of the prompts for the 95% intervals
+    grid_prompts: int = 8  # prompts shown in the report's image grid
+
+    def validate(self) -> None:
+        _require(bool(self.models), "models", self.models, "needs at least one model")
+        names = [m.name for m in self.models]
+        _require(len(set(names)) == len(names), "models", names, "names must be unique")
+        for m in self.models:
+            _require(
+                bool(m.name) and "/" not in m.name and " vs " not in m.name,
+                "models.name",
+                m.name,
+                "must be non-empty, without '/' or ' vs '",
+            )
+            _require(
+                m.lora is None or m.unet is None, "models.lora", m.lora, "give a LoRA or a unet"
+            )
+        for key in ("images_per_prompt", "num_inference_steps", "batch_size", "bootstrap"):
+            _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        _require(bool(self.scorers), "scorers", self.scorers, "needs at least one scorer")
+        _require(
+            self.dtype in ("float32", "float16", "bfloat16"),
+            "dtype",
+            self.dtype,
+            "must be float32, float16 or bfloat16",
+        )
+
+
 # Command name -> config schema. The CLI loads `--config`/overrides into this type.
 COMMAND_CONFIGS: dict[str, type] = {
     "toy-world": ToyWorldConfig,
     "train-preference-model": SPMTrainConfig,
     "train-dpo": DPOTrainConfig,
     "train-spo": SPOTrainConfig,
+    "compare": CompareConfig,
 }

@@ -1,0 +1,227 @@
+"""`spo compare`: the same prompts and seeds through several models, scored by several scorers.
+
+Every model, LoRA, UNet folder, prompt file and scorer is loaded and checked before the first
+image is generated, so a wrong path fails in seconds with one line. Images are written to
+OUT/images/<model>/ as PNGs and reused, so an interrupted run resumes where it stopped and
+re-scoring never regenerates. Image j of prompt i gets the same seed for every model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from spo.config import CompareConfig, ConfigError, ModelSpec
+from spo.data import load_prompts
+from spo.evaluation.scorers import build_scorer
+from spo.evaluation.stats import mean_ci, win_rate_ci
+from spo.models import DTYPES, DiffusionModel
+from spo.runs import atomic_write_bytes, prepare_run_dir
+from spo.training import made_by
+
+_UNET_KEYS = ("in_channels", "out_channels", "sample_size", "cross_attention_dim")
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The seed of image j of prompt i: the same for every compared model."""
+    return seed * 1_000_003 + prompt_index * 1000 + image_index
+
+
+def load_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> DiffusionModel:
+    """The pipeline of `spec` with its LoRA or UNet in place; one line if they do not fit."""
+    from diffusers import UNet2DConditionModel
+
+    model = DiffusionModel.from_pretrained(
+        spec.pipeline, dtype=dtype, device=device, what=f"model '{spec.name}' pipeline"
+    )
+    if spec.lora is not None:
+        path = Path(spec.lora)
+        if not path.exists():
+            raise ConfigError(f"model '{spec.name}': LoRA not found: {path}" + _hint(path))
+        try:
+            model.pipe.load_lora_weights(str(path))
+        except Exception as e:  # diffusers / peft raise many kinds on a mismatch
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"model '{spec.name}': LoRA {path} does not fit pipeline {spec.pipeline}: {first}"
+            ) from e
+        _check_lora_fits(spec, path, model)
+    if spec.unet is not None:
+        path = Path(spec.unet)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model '{spec.name}': no UNet folder at {path}" + _hint(path))
+        unet = UNet2DConditionModel.from_pretrained(str(path), torch_dtype=dtype)
+        for key in _UNET_KEYS:
+            if unet.config.get(key) != model.unet.config.get(key):
+                raise ConfigError(
+                    f"model '{spec.name}': UNet {path} has {key}={unet.config.get(key)}, "
+                    f"pipeline {spec.pipeline} has {model.unet.config.get(key)}"
+                )
+        model.pipe.unet = model.unet = unet.to(device).eval()
+    return model
+
+
+def _check_lora_fits(spec: ModelSpec, path: Path, model: DiffusionModel) -> None:
+    """diffusers loads a LoRA whose layers are partly absent with a warning only: count the
+    adapter tensors that arrived against those in the file."""
+    from safetensors import safe_open
+
+    file = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        expected = sum(1 for k in f.keys() if k.startswith("unet.") and "lora" in k)
+    loaded = sum(1 for name, _ in model.unet.named_parameters() if "lora_" in name)
+    if loaded < expected or expected == 0:
+        raise ConfigError(
+            f"model '{spec.name}': LoRA {path} does not fit pipeline {spec.pipeline} "
+            f"({loaded} of its {expected} adapter weights found a layer)"
+        )
+
+
+def _hint(path: Path) -> str:
+    command = made_by(path)
+    return f" (`{command}` writes it)" if command else ""
+
+
+@dataclass
+class Prompts:
+    texts: list[str]
+    categories: list[str] | None
+
+
+def load_prompt_set(cfg: CompareConfig) -> Prompts:
+    """The prompts and, when the source has `category_column`, their categories."""
+    texts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by(cfg.prompts))
+    categories = None
+    if cfg.category_column:
+        try:
+            categories = load_prompts(
+                cfg.prompts, cfg.category_column, cfg.prompt_split, made_by(cfg.prompts)
+            )
+        except ConfigError:
+            categories = None  # no such column / key: no per-category tables
+        if categories is not None and len(categories) != len(texts):
+            categories = None
+    if cfg.max_prompts is not None:
+        texts = texts[: cfg.max_prompts]
+        categories = categories[: cfg.max_prompts] if categories else None
+    return Prompts(texts, categories)
+
+
+def _image_path(out: Path, model: str, i: int, j: int) -> Path:
+    return out / "images" / model / f"p{i:05d}_s{j}.png"
+
+
+def generate_all(cfg: CompareConfig, prompts: Prompts, device: str) -> None:
+    """Generate every missing image of every model (models one at a time, in batches)."""
+    out = Path(cfg.out)
+    jobs = [(i, j) for i in range(len(prompts.texts)) for j in range(cfg.images_per_prompt)]
+    for spec in cfg.models:
+        todo = [(i, j) for i, j in jobs if not _image_path(out, spec.name, i, j).is_file()]
+        if not todo:
+            continue
+        model = load_model(spec, DTYPES[cfg.dtype], device)
+        bar = tqdm(total=len(todo), desc=f"generate {spec.name}")
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start : start + cfg.batch_size]
+            images = model.generate(
+                [prompts.texts[i] for i, _ in chunk],
+                [image_seed(cfg.seed, i, j) for i, j in chunk],
+                cfg.num_inference_steps,
+                cfg.guidance_scale,
+                batch_size=cfg.batch_size,
+            )
+            for (i, j), image in zip(chunk, images, strict=True):
+                path = _image_path(out, spec.name, i, j)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                tmp = path.with_suffix(".tmp.png")
+                Image.fromarray(array).save(tmp)
+                tmp.replace(path)
+            bar.update(len(chunk))
+        bar.close()
+        del model
+
+
+def _load_images(out: Path, model: str, n_prompts: int, per_prompt: int) -> torch.Tensor:
+    arrays = [
+        np.asarray(Image.open(_image_path(out, model, i, j)).convert("RGB"))
+        for i in range(n_prompts)
+        for j in range(per_prompt)
+    ]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def score_all(cfg: CompareConfig, prompts: Prompts, scorers: dict, batch: int = 64) -> dict:
+    """scores[scorer][model] = array (prompts, images per prompt)."""
+    out, n, per = Path(cfg.out), len(prompts.texts), cfg.images_per_prompt
+    texts = [t for t in prompts.texts for _ in range(per)]
+    result: dict[str, dict[str, np.ndarray]] = {name: {} for name in scorers}
+    for spec in cfg.models:
+        images = _load_images(out, spec.name, n, per)
+        for name, scorer in scorers.items():
+            values = [
+                scorer(images[s : s + batch], texts[s : s + batch]).float().numpy()
+                for s in tqdm(range(0, len(texts), batch), desc=f"score {spec.name} {name}")
+            ]
+            result[name][spec.name] = np.concatenate(values).astype(np.float64).reshape(n, per)
+    return result
+
+
+def statistics(cfg: CompareConfig, prompts: Prompts, scores: dict) -> dict:
+    """results.json's content: means with intervals, pairwise win rates, per-category means."""
+    names = [m.name for m in cfg.models]
+    results: dict = {"scores": {m: {} for m in names}, "win_rates": {}}
+    for scorer, by_model in scores.items():
+        for m in names:
+            results["scores"][m][scorer] = mean_ci(by_model[m], cfg.bootstrap, seed=cfg.seed)
+        results["win_rates"][scorer] = {
+            f"{a} vs {b}": win_rate_ci(by_model[a], by_model[b], cfg.bootstrap, seed=cfg.seed)
+            for a in names
+            for b in names
+            if a != b
+        }
+    if prompts.categories:
+        cats = np.array(prompts.categories)
+        results["by_category"] = {
+            str(c): {
+                m: {
+                    scorer: mean_ci(by_model[m][cats == c], cfg.bootstrap, seed=cfg.seed)
+                    for scorer, by_model in scores.items()
+                }
+                for m in names
+            }
+            for c in sorted(set(prompts.categories))
+        }
+    results["settings"] = {
+        "prompts": len(prompts.texts),
+        "images_per_prompt": cfg.images_per_prompt,
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "scorers": list(cfg.scorers),
+        "seed": cfg.seed,
+    }
+    return results
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """Check everything, generate what is missing, score, and write the report."""
+    from spo.evaluation.report import write_report
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = load_prompt_set(cfg)
+    scorers = {spec: build_scorer(spec, device=device) for spec in cfg.scorers}
+    for spec in cfg.models:  # every model must load (and its LoRA / UNet fit) before generating
+        load_model(spec, DTYPES[cfg.dtype], "cpu")
+    run = prepare_run_dir(cfg.out, cfg)
+    generate_all(cfg, prompts, device)
+    scores = score_all(cfg, prompts, scorers)
+    results = statistics(cfg, prompts, scores)
+    atomic_write_bytes(run.root / "results.json", json.dumps(results, indent=2).encode())
+    write_report(cfg, prompts, scores, results)
+    return results
