@@ -295,11 +295,17 @@ class BadImageCounter:
 
 
 def load_prompts(
-    source: str, column: str = "caption", split: str = "train", made_by: str | None = None
+    source: str,
+    column: str = "caption",
+    split: str = "train",
+    made_by: str | None = None,
+    strict_column: bool = False,
 ) -> list[str]:
     """Prompts from a txt file (one a line), json (a list of strings or of objects with
     `column`), jsonl, parquet, a `save_to_disk` folder or a hub dataset (`column` of `split`).
-    Blank prompts are dropped; an empty result is a one-line ConfigError."""
+    Blank prompts are dropped; an empty result is a one-line ConfigError. With
+    `strict_column` plain strings (txt lines, a json list of strings) do not count as
+    `column` (used for optional columns such as a category)."""
     import json
 
     path = Path(source)
@@ -321,6 +327,8 @@ def load_prompts(
             raise ConfigError(f"{source}: expected a list of prompts")
         prompts = []
         for item in items:
+            if strict_column and not isinstance(item, dict):
+                raise ConfigError(f"{source}: plain prompts have no {column!r} column")
             if isinstance(item, dict):
                 if column not in item:
                     raise ConfigError(f"{source}: an entry has no {column!r} key")

@@ -115,3 +115,16 @@ def test_bad_input_fails_before_generation(mini_world, tmp_path, capsys):
     assert main(args) == 2
     assert str(missing) in _one_error_line(capsys)
     assert not (tmp_path / "c" / "images").exists()
+
+
+def test_categories_only_from_a_real_column(tmp_path):
+    from spo.config import CompareConfig
+    from spo.evaluation.compare import load_prompt_set
+
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red circle\na blue square\n")
+    assert load_prompt_set(CompareConfig(prompts=str(txt))).categories is None
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"caption": "a", "category": "x"}\n{"caption": "b", "category": "y"}\n')
+    got = load_prompt_set(CompareConfig(prompts=str(jsonl), max_prompts=1))
+    assert got.texts == ["a"] and got.categories == ["x"]

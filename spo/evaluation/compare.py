@@ -101,7 +101,11 @@ def load_prompt_set(cfg: CompareConfig) -> Prompts:
     if cfg.category_column:
         try:
             categories = load_prompts(
-                cfg.prompts, cfg.category_column, cfg.prompt_split, made_by(cfg.prompts)
+                cfg.prompts,
+                cfg.category_column,
+                cfg.prompt_split,
+                made_by(cfg.prompts),
+                strict_column=True,
             )
         except ConfigError:
             categories = None  # no such column / key: no per-category tables
