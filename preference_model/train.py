@@ -33,9 +33,10 @@ from spo.runs import RunDir, atomic_dir, atomic_write_bytes, prepare_run_dir
 from spo.training import (
     Checkpointer,
     MetricLogger,
-    TrainingError,
     build_optimizer,
+    guarded_step,
     made_by,
+    make_accelerator,
     micro_batch_rows,
     require_path,
     seeded_generator,
@@ -191,7 +192,6 @@ def relabel_by_backbone(
 
 def train_preference_model(cfg: SPMTrainConfig) -> dict:
     """Run the recipe; returns the final evaluation written to OUT/eval.json."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # Everything that can fail cheaply fails here, before the run folder or any compute.
@@ -210,12 +210,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     resume_from = checkpoints.resolve(cfg.resume)
     set_seed(cfg.seed)  # the time-conditioning MLP (and a random backbone) start the same
     spm = build_spm(cfg)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=None if cfg.tracker == "none" else cfg.tracker,
-        project_dir=cfg.out,
-    )
+    accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     diffusion = DiffusionModel.from_pretrained(
         base_source, dtype=DTYPES[cfg.base_dtype], device=accelerator.device, vae=cfg.vae
@@ -282,21 +277,18 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
                         batch.labels.to(accelerator.device),
                         batch.weights.to(accelerator.device),
                     )
-                    if not torch.isfinite(loss):
-                        # The weights are still those of the last good step: keep them, then stop.
-                        checkpoints.save(
-                            accelerator, step, {"seen_pairs": bad.seen, "bad_pairs": bad.bad}
-                        )
-                        raise TrainingError(
-                            f"non-finite SPM loss at step {step}; the last good state is in "
-                            f"{checkpoints.root}/step-{step}"
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    guarded_step(
+                        accelerator,
+                        loss,
+                        model,
+                        optimizer,
+                        scheduler,
+                        cfg.optim.max_grad_norm,
+                        checkpoints,
+                        step,
+                        {"seen_pairs": bad.seen, "bad_pairs": bad.bad},
+                        "SPM",
+                    )
                 p0 = p0.detach().cpu()
                 logger.add(
                     **{

@@ -28,9 +28,10 @@ from spo.training import (
     WEIGHT_DTYPES,
     Checkpointer,
     MetricLogger,
-    TrainingError,
     build_optimizer,
+    guarded_step,
     made_by,
+    make_accelerator,
     micro_batch_rows,
     require_path,
     save_validation_grid,
@@ -97,7 +98,6 @@ def _usable_rows(cfg: DPOTrainConfig, labels: np.ndarray) -> np.ndarray:
 
 def train_dpo(cfg: DPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also written to OUT/final/train_summary.json)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # Cheap checks first: inputs, resume target, before any model is loaded.
@@ -111,12 +111,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     if cfg.relabel_with == "none":
         _usable_rows(cfg, labels)
 
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=None if cfg.tracker == "none" else cfg.tracker,
-        project_dir=cfg.out,
-    )
+    accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     model = DiffusionModel.from_pretrained(
@@ -216,18 +211,18 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                                 ref_pred = model.unet_forward(reference, x_t, t, text)
                             out = dpo_loss(pred, ref_pred, target, cfg.beta, cfg.beta_scale)
                             loss = out.loss
-                    if not torch.isfinite(loss):
-                        checkpoints.save(accelerator, step, state())
-                        raise TrainingError(
-                            f"non-finite DPO loss at step {step}; the last good state is in "
-                            f"{checkpoints.root}/step-{step}"
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    guarded_step(
+                        accelerator,
+                        loss,
+                        unet,
+                        optimizer,
+                        scheduler,
+                        cfg.optim.max_grad_norm,
+                        checkpoints,
+                        step,
+                        state(),
+                        "DPO",
+                    )
                 values = {"loss": loss.item()}
                 if out is not None:
                     values |= {

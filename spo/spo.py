@@ -29,9 +29,10 @@ from spo.training import (
     WEIGHT_DTYPES,
     Checkpointer,
     MetricLogger,
-    TrainingError,
     build_optimizer,
+    guarded_step,
     made_by,
+    make_accelerator,
     require_path,
     save_validation_grid,
     seeded_generator,
@@ -69,7 +70,6 @@ def _gather(accelerator, pairs: KeptPairs) -> KeptPairs:
 
 def train_spo(cfg: SPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also in OUT/final/train_summary.json)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     if made_by(cfg.base_model) or Path(cfg.base_model).exists():
@@ -82,12 +82,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     resume_from = checkpoints.resolve(cfg.resume)
     checkpoints.check_mode(resume_from, cfg.policy.mode)
 
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=None if cfg.tracker == "none" else cfg.tracker,
-        project_dir=cfg.out,
-    )
+    accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     model = DiffusionModel.from_pretrained(
@@ -258,18 +253,18 @@ def _training_epoch(
             loss, ratio_w, ratio_l, clipped = spo_loss(
                 logp_w, ref_w, logp_l, ref_l, cfg.beta, cfg.ratio_clip
             )
-            if not torch.isfinite(loss):
-                checkpoints.save(accelerator, step, {"epoch": epoch, "mode": cfg.policy.mode})
-                raise TrainingError(
-                    f"non-finite SPO loss at step {step}; the last good state is in "
-                    f"{checkpoints.root}/step-{step}"
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            guarded_step(
+                accelerator,
+                loss,
+                unet,
+                optimizer,
+                scheduler,
+                cfg.optim.max_grad_norm,
+                checkpoints,
+                step,
+                {"epoch": epoch, "mode": cfg.policy.mode},
+                "SPO",
+            )
         logger.add(
             loss=loss.item(),
             ratio_win=ratio_w.mean().item(),

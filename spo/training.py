@@ -267,3 +267,43 @@ def save_validation_grid(model, v, path: Path) -> None:
     images = model.generate(v.prompts, seeds, v.num_inference_steps, v.guidance_scale)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, path, nrow=len(v.prompts))
+
+
+def make_accelerator(cfg):
+    """The run's Accelerator: mixed precision, gradient accumulation, tracker, project folder."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_dir=cfg.out,
+    )
+
+
+def guarded_step(
+    accelerator,
+    loss: torch.Tensor,
+    model,
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+    checkpoints: Checkpointer,
+    step: int,
+    state: dict[str, Any],
+    what: str,
+) -> None:
+    """Backward, clip, step, inside `accelerator.accumulate`. A non-finite loss first saves the
+    weights (still those of the last good step) as a checkpoint and stops the run."""
+    if not torch.isfinite(loss):
+        checkpoints.save(accelerator, step, state)
+        raise TrainingError(
+            f"non-finite {what} loss at step {step}; the last good state is in "
+            f"{checkpoints.root}/step-{step}"
+        )
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_error_line
 
 from spo.cli import main
 from spo.evaluation.stats import mean_ci, win_rate_ci
@@ -81,13 +82,6 @@ def test_self_comparison_determinism_and_report(mini_world, tmp_path):
     assert "| a | " in (out1 / "report.md").read_text()
 
 
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("spo: error: ")
-    return err[0]
-
-
 def test_bad_input_fails_before_generation(mini_world, tmp_path, capsys):
     from tiny_pipelines import build_tiny_sdxl
 
@@ -102,18 +96,18 @@ def test_bad_input_fails_before_generation(mini_world, tmp_path, capsys):
     out = tmp_path / "a"
     capsys.readouterr()
     assert main(_args(mini_world, out, bad_lora)) == 2
-    assert "model 'x': LoRA" in _one_error_line(capsys)
+    assert "model 'x': LoRA" in one_error_line(capsys)
     assert not (out / "images").exists()
 
     base = f"{{name: a, pipeline: {mini_world / 'base_model'}}}"
     assert main(_args(mini_world, tmp_path / "b", base, extra=("scorers=[oracle, nope]",))) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "unknown scorer 'nope'" in line and "oracle" in line and "pickscore" in line
 
     missing = tmp_path / "HPS_v2.1_compressed.pt"
     args = _args(mini_world, tmp_path / "c", base, extra=(f"scorers=[hpsv2:{missing}]",))
     assert main(args) == 2
-    assert str(missing) in _one_error_line(capsys)
+    assert str(missing) in one_error_line(capsys)
     assert not (tmp_path / "c" / "images").exists()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_resume_is_exact, one_error_line
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_sdxl
 
@@ -145,39 +146,15 @@ def test_sdxl_family_trains(mini_world, tmp_path, mode):
     assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
 
 
-class _Killed(Exception):
-    pass
+def test_killed_run_resumes_to_the_same_weights(mini_world, tmp_path):
+    from spo import dpo as recipe
 
+    def run(out):
+        return main(_args(mini_world, out))
 
-def test_killed_run_resumes_to_the_same_weights(mini_world, tmp_path, monkeypatch):
-    straight = tmp_path / "straight"
-    assert main(_args(mini_world, straight)) == 0
-
-    from spo import dpo
-
-    save = dpo.Checkpointer.save
-
-    def save_then_die(self, accelerator, step, state):
-        save(self, accelerator, step, state)
-        raise _Killed
-
-    killed = tmp_path / "killed"
-    with monkeypatch.context() as m:
-        m.setattr(dpo.Checkpointer, "save", save_then_die)
-        with pytest.raises(_Killed):
-            main(_args(mini_world, killed))
-    assert not (killed / "final").joinpath("pytorch_lora_weights.safetensors").exists()
-    assert main(_args(mini_world, killed)) == 0
-    a = load_file(straight / "final/pytorch_lora_weights.safetensors")
-    b = load_file(killed / "final/pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("spo: error: ")
-    return err[0]
+    assert_resume_is_exact(
+        recipe, run, tmp_path / "straight", tmp_path / "killed", "pytorch_lora_weights.safetensors"
+    )
 
 
 def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys, monkeypatch):
@@ -186,20 +163,20 @@ def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys, monkeypatch
     table.map(lambda r: {"label_0": 0.5, "label_1": 0.5}).to_parquet(str(ties))
     capsys.readouterr()
     assert main(_args(mini_world, tmp_path / "a", f"pairs.train={ties}")) == 2
-    assert "no usable pair (48 pairs, all ties" in _one_error_line(capsys)
+    assert "no usable pair (48 pairs, all ties" in one_error_line(capsys)
 
     no_jpg = tmp_path / "no_jpg.parquet"
     table.remove_columns("jpg_1").to_parquet(str(no_jpg))
     capsys.readouterr()
     assert main(_args(mini_world, tmp_path / "b", f"pairs.train={no_jpg}")) == 2
-    assert "missing column 'jpg_1'" in _one_error_line(capsys)
+    assert "missing column 'jpg_1'" in one_error_line(capsys)
 
     full = tmp_path / "full_run"
     assert main(_args(mini_world, full, "policy.mode=full", "max_steps=3")) == 0
     capsys.readouterr()
     resume = full / "checkpoints/step-2"
     assert main(_args(mini_world, tmp_path / "c", f"resume={resume}")) == 2
-    assert "cannot resume a lora run" in _one_error_line(capsys)
+    assert "cannot resume a lora run" in one_error_line(capsys)
 
     from spo import dpo
 

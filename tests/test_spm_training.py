@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import assert_resume_is_exact, one_error_line
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
 from preference_model.losses import pairwise_accuracy, preference_loss
@@ -181,42 +181,15 @@ def test_train_writes_final_eval_and_loads_in_fresh_process(mini_world, tmp_path
     assert json.loads(res.stdout.strip().splitlines()[-1]) == here
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_killed_run_resumes_to_the_same_weights(mini_world, tmp_path, monkeypatch):
-    straight = tmp_path / "straight"
-    assert main(_args(mini_world, straight)) == 0
-
+def test_killed_run_resumes_to_the_same_weights(mini_world, tmp_path):
     from preference_model import train as recipe
 
-    save = recipe.Checkpointer.save
+    def run(out):
+        return main(_args(mini_world, out))
 
-    def save_then_die(self, accelerator, step, state):
-        save(self, accelerator, step, state)
-        raise _Killed
-
-    killed = tmp_path / "killed"
-    with monkeypatch.context() as m:
-        m.setattr(recipe.Checkpointer, "save", save_then_die)
-        with pytest.raises(_Killed):
-            main(_args(mini_world, killed))
-    assert (killed / "checkpoints/latest").read_text() == "step-2"
-    assert not (killed / "final/model.safetensors").exists()
-    assert main(_args(mini_world, killed)) == 0  # resume=latest is the default
-
-    a = load_file(straight / "final/model.safetensors")
-    b = load_file(killed / "final/model.safetensors")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("spo: error: ")
-    return err[0]
+    assert_resume_is_exact(
+        recipe, run, tmp_path / "straight", tmp_path / "killed", "model.safetensors"
+    )
 
 
 def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys):
@@ -225,13 +198,13 @@ def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys):
     table.remove_columns("caption").to_parquet(str(no_caption))
     capsys.readouterr()
     assert main(_args(mini_world, tmp_path / "a", f"pairs.train={no_caption}")) == 2
-    assert "missing column 'caption'" in _one_error_line(capsys)
+    assert "missing column 'caption'" in one_error_line(capsys)
 
     bad_labels = tmp_path / "bad_labels.parquet"
     table.map(lambda r: {"label_0": 2.0, "label_1": -1.0}).to_parquet(str(bad_labels))
     capsys.readouterr()
     assert main(_args(mini_world, tmp_path / "b", f"pairs.train={bad_labels}")) == 2
-    assert "row 0 has label_0=2.0" in _one_error_line(capsys)
+    assert "row 0 has label_0=2.0" in one_error_line(capsys)
 
     broken = tmp_path / "broken.parquet"
     table.map(
@@ -242,17 +215,17 @@ def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys):
         mini_world, tmp_path / "c", f"pairs.train={broken}", "pairs.max_bad_image_share=0.2"
     )
     assert main(args) == 2
-    assert "have an undecodable image" in _one_error_line(capsys)
+    assert "have an undecodable image" in one_error_line(capsys)
 
     other = tmp_path / "other_ckpt"
     other.mkdir()
     (other / "trainer_state.json").write_text(json.dumps({"kind": "dpo_training", "step": 3}))
     assert main(_args(mini_world, tmp_path / "d", f"resume={other}")) == 2
-    assert "checkpoint of kind 'dpo_training'" in _one_error_line(capsys)
+    assert "checkpoint of kind 'dpo_training'" in one_error_line(capsys)
 
     assert main(_args(mini_world, tmp_path / "e", "base_model=runs/toy/nowhere/base_model")) == 2
-    assert "base model" in _one_error_line(capsys)
+    assert "base model" in one_error_line(capsys)
 
     missing = tmp_path / "runs/toy/world/pairs/train.parquet"
     assert main(_args(mini_world, tmp_path / "f", f"pairs.train={missing}")) == 2
-    assert "`spo toy-world` writes it" in _one_error_line(capsys)
+    assert "`spo toy-world` writes it" in one_error_line(capsys)

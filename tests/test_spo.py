@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import assert_resume_is_exact, one_error_line
 from tiny_pipelines import build_tiny_sdxl
 
 import preference_model
@@ -170,38 +170,15 @@ def test_sdxl_multi_step_variant_runs(mini_world, tiny_spm, tmp_path):
     assert summary["family"] == "sdxl" and summary["step"] > 0
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_killed_run_resumes_to_the_same_weights(mini_world, tiny_spm, tmp_path, monkeypatch):
-    straight = tmp_path / "straight"
-    assert main(_args(mini_world, tiny_spm, straight)) == 0
-
+def test_killed_run_resumes_to_the_same_weights(mini_world, tiny_spm, tmp_path):
     from spo import spo as recipe
 
-    save = recipe.Checkpointer.save
+    def run(out):
+        return main(_args(mini_world, tiny_spm, out))
 
-    def save_then_die(self, accelerator, step, state):
-        save(self, accelerator, step, state)
-        raise _Killed
-
-    killed = tmp_path / "killed"
-    with monkeypatch.context() as m:
-        m.setattr(recipe.Checkpointer, "save", save_then_die)
-        with pytest.raises(_Killed):
-            main(_args(mini_world, tiny_spm, killed))
-    assert main(_args(mini_world, tiny_spm, killed)) == 0
-    a = load_file(straight / "final/pytorch_lora_weights.safetensors")
-    b = load_file(killed / "final/pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("spo: error: ")
-    return err[0]
+    assert_resume_is_exact(
+        recipe, run, tmp_path / "straight", tmp_path / "killed", "pytorch_lora_weights.safetensors"
+    )
 
 
 def test_bad_input_fails_with_one_line(mini_world, tiny_spm, tmp_path, capsys):
@@ -211,19 +188,19 @@ def test_bad_input_fails_with_one_line(mini_world, tiny_spm, tmp_path, capsys):
         ("sampler.threshold=-0.1", "must be in [0, 1)"),
     ):
         assert main(_args(mini_world, tiny_spm, tmp_path / "a", override)) == 2
-        assert message in _one_error_line(capsys)
+        assert message in one_error_line(capsys)
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert main(_args(mini_world, tiny_spm, tmp_path / "b", f"prompts={empty}")) == 2
-    assert "no prompts" in _one_error_line(capsys)
+    assert "no prompts" in one_error_line(capsys)
 
     other = tmp_path / "spm_other"
     spm = preference_model.load(tiny_spm)
     spm.config.trained_on = {"family": "sdxl", "resolution": 1024, "latent_channels": 4}
     spm.save(other)
     assert main(_args(mini_world, other, tmp_path / "c")) == 2
-    assert "trained on x0_hat of a sdxl model" in _one_error_line(capsys)
+    assert "trained on x0_hat of a sdxl model" in one_error_line(capsys)
 
     assert main(_args(mini_world, mini_world / "base_model", tmp_path / "d")) == 2
-    assert "is not a step-aware preference model checkpoint" in _one_error_line(capsys)
+    assert "is not a step-aware preference model checkpoint" in one_error_line(capsys)

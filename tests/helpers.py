@@ -1,0 +1,40 @@
+"""Small helpers shared by the trainer and command tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def one_error_line(capsys) -> str:
+    """The command's stderr must be exactly one `spo: error: ...` line; return it."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("spo: error: ")
+    return err[0]
+
+
+class Killed(Exception):
+    """Stands for the process being killed right after a checkpoint was written."""
+
+
+def assert_resume_is_exact(recipe, run, straight, killed, weights: str) -> None:
+    """Run `run(straight)` uninterrupted; run `run(killed)` but die after its first checkpoint,
+    then run it again (resume=latest); both must end with identical `weights` files."""
+    assert run(straight) == 0
+    save = recipe.Checkpointer.save
+
+    def save_then_die(self, accelerator, step, state):
+        save(self, accelerator, step, state)
+        raise Killed
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(recipe.Checkpointer, "save", save_then_die)
+        with pytest.raises(Killed):
+            run(killed)
+    assert not (killed / "final" / weights).exists()
+    assert run(killed) == 0
+    a = load_file(straight / "final" / weights)
+    b = load_file(killed / "final" / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
