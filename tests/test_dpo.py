@@ -199,3 +199,15 @@ def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys, monkeypatch
     assert not (bad / "final/pytorch_lora_weights.safetensors").exists()
     kept = load_file(bad / "checkpoints/step-2/pytorch_lora_weights.safetensors")
     assert kept and all(torch.isfinite(v).all() for v in kept.values())
+
+
+def test_ai_feedback_relabelling_with_the_oracle(mini_world, tmp_path):
+    """relabel_with=oracle: every pair labelled by the oracle's order (the toy's "choice
+    model"), so the ties the annotator drew disappear."""
+    table = load_pair_table(str(mini_world / "pairs/train.parquet"))
+    ties = sum(1 for x in table["label_0"] if x == 0.5)
+    assert ties > 0
+    out = tmp_path / "relabelled"
+    assert main(_args(mini_world, out, "relabel_with=oracle", "max_steps=1")) == 0
+    summary = json.loads((out / "final/train_summary.json").read_text())
+    assert summary["ties_dropped"] == 0 and summary["pairs"] == 48

@@ -10,6 +10,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import assert_resume_is_exact, one_error_line
@@ -229,3 +231,20 @@ def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys):
     missing = tmp_path / "runs/toy/world/pairs/train.parquet"
     assert main(_args(mini_world, tmp_path / "f", f"pairs.train={missing}")) == 2
     assert "`spo toy-world` writes it" in one_error_line(capsys)
+
+
+def test_prompt_sources(tmp_path):
+    from spo.data import load_prompts
+
+    (tmp_path / "p.txt").write_text("a red circle\n\n  a blue square  \n")
+    (tmp_path / "p.json").write_text('["a", {"caption": "b"}]')
+    (tmp_path / "p.jsonl").write_text('{"caption": "a"}\n{"caption": "b"}\n')
+    pq.write_table(pa.Table.from_pylist([{"text": "a"}, {"text": "b"}]), tmp_path / "p.parquet")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["a red circle", "a blue square"]
+    assert load_prompts(str(tmp_path / "p.json")) == ["a", "b"]
+    assert load_prompts(str(tmp_path / "p.jsonl")) == ["a", "b"]
+    assert load_prompts(str(tmp_path / "p.parquet"), column="text") == ["a", "b"]
+    with pytest.raises(ConfigError, match="no column 'caption'"):
+        load_prompts(str(tmp_path / "p.parquet"))
+    with pytest.raises(ConfigError, match="prompt file not found"):
+        load_prompts(str(tmp_path / "nope.txt"))
