@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,8 @@ def image_grid(out: Path, models: list[str], prompts: list[str], n_prompts: int)
             if i == 0:
                 ax.set_title(m, fontsize=9)
             if c == 0:
-                ax.set_ylabel(prompts[i][:40], fontsize=7)
+                label = textwrap.fill(prompts[i], 22, max_lines=4, placeholder=" ...")
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     data = _png_bytes(fig)
     plt.close(fig)
     return data
