@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(BIN)/spo toy-world
+	$(BIN)/spo demo
 
 test: venv
 	$(BIN)/ruff check . && $(BIN)/pytest -q

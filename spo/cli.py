@@ -21,6 +21,7 @@ from spo.config import (
     COMMAND_CONFIGS,
     CompareConfig,
     ConfigError,
+    DemoConfig,
     DPOTrainConfig,
     SPMTrainConfig,
     SPOTrainConfig,
@@ -81,6 +82,26 @@ def _run_compare(cfg: CompareConfig) -> int:
     return 0
 
 
+def _run_demo(cfg: DemoConfig) -> int:
+    from spo.demo import run_demo  # heavy: torch, diffusers
+
+    report = run_demo(cfg)
+    table = report["headline"]
+    print("\n| " + " | ".join(table[0]) + " |\n|" + " --- |" * len(table[0]))
+    for row in table[1:]:
+        print("| " + " | ".join(row) + " |")
+    seconds = ", ".join(
+        f"{s} {v['seconds']} s" + (" (done before)" if v["skipped"] else "")
+        for s, v in report["stages"].items()
+    )
+    print(f"\nstages: {seconds}")
+    print(
+        f"report: {cfg.out}/compare/report.html; reward vs compute: "
+        f"{cfg.out}/compare/reward_vs_compute.png"
+    )
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its one-line help, and either a runner or the issue that will add it."""
@@ -107,7 +128,7 @@ COMMANDS: dict[str, Command] = {
     "compare": Command(
         "generate with several models, score them, and write a report", run=_run_compare
     ),
-    "demo": Command("the whole story end to end on the toy world, on CPU", issue=7),
+    "demo": Command("the whole story end to end on the toy world, on CPU", run=_run_demo),
 }
 
 
@@ -158,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="YAML config; keys not in it keep their defaults (default: built-in defaults)",
         )
         p.add_argument("--out", metavar="DIR", default=None, help="run folder (overrides `out`)")
+        if name == "demo":
+            p.add_argument(
+                "--quick", action="store_true", help="a smoke run of every stage (minutes)"
+            )
         p.add_argument(
             "overrides",
             nargs="*",
@@ -190,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     # argparse fills a '*' positional only once: `a=1 --out X b=2` leaves `b=2` over. Keep it.
     args.overrides += [a for a in extra if not a.startswith("-")]
+    if getattr(args, "quick", False):
+        args.overrides.append("quick=true")
     extra = [a for a in extra if a.startswith("-")]
     if extra:
         hint = f"(see 'spo {args.command} --help')"

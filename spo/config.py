@@ -30,6 +30,7 @@ __all__ = [
     "COMMAND_CONFIGS",
     "CompareConfig",
     "ConfigError",
+    "DemoConfig",
     "DPOTrainConfig",
     "SPMTrainConfig",
     "SPOTrainConfig",
@@ -513,10 +514,15 @@ class ValidationImagesConfig:
     """Fixed-seed samples of the policy during training (a PNG grid per validation)."""
 
     prompts: list[str] = field(default_factory=list)  # empty: no validation images
+    prompts_file: str | None = None  # or the prompts of a txt / json / jsonl / parquet file
+    images_per_prompt: int = 1
     every: int = 0  # optimiser steps between grids (0: only at the end)
     seed: int = 0
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
+    # Score the validation images and log the mean as val/<scorer> with the elapsed time
+    # (e.g. "oracle" in the toy world: reward against compute). None: images only.
+    scorer: str | None = None
 
 
 @dataclass
@@ -548,6 +554,7 @@ class DPOTrainConfig:
     batch_size: int = 1  # pairs per process per micro-batch
     gradient_accumulation_steps: int = 1
     max_steps: int = 2000  # optimiser steps
+    max_minutes: float | None = None  # wall-clock budget of the training loop (None: no limit)
     mixed_precision: str = "no"  # no | fp16 | bf16
     num_workers: int = 0
     log_every: int = 10
@@ -649,6 +656,7 @@ class SPOTrainConfig:
     prompts: str = "runs/toy/world/prompts/train.txt"
     prompt_column: str = "caption"  # for json(l) objects, parquet and datasets
     prompt_split: str = "train"
+    max_prompts: int | None = None  # only the first N prompts (None: all)
     policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(lora_rank=4))
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     beta: float = 10.0
@@ -659,6 +667,7 @@ class SPOTrainConfig:
     batch_size: int = 10  # kept pairs per process per micro-batch
     gradient_accumulation_steps: int = 1
     max_steps: int = 10_000  # optimiser steps
+    max_minutes: float | None = None  # wall-clock budget, checked after every step
     mixed_precision: str = "no"
     num_workers: int = 0
     log_every: int = 10
@@ -738,6 +747,22 @@ class CompareConfig:
         )
 
 
+@dataclass
+class DemoConfig:
+    """`spo demo`: the toy world end to end (world, SPM, DPO, SPO, comparison) on a CPU."""
+
+    out: str = "runs/toy"  # root of the stage folders world/, spm/, dpo/, spo/, compare/
+    quick: bool = False  # a minutes-long smoke run of every stage (`spo demo --quick`)
+    # The compute budget given to DPO and to SPO alike: wall-clock minutes of training each
+    # (validation sampling excluded), so the comparison is at equal compute.
+    budget_minutes: float = 3.5
+
+    def validate(self) -> None:
+        _require(bool(str(self.out).strip()), "out", self.out, "must be a non-empty path")
+        b = self.budget_minutes
+        _require(math.isfinite(b) and b > 0, "budget_minutes", b, "must be > 0")
+
+
 # Command name -> config schema. The CLI loads `--config`/overrides into this type.
 COMMAND_CONFIGS: dict[str, type] = {
     "toy-world": ToyWorldConfig,
@@ -745,4 +770,5 @@ COMMAND_CONFIGS: dict[str, type] = {
     "train-dpo": DPOTrainConfig,
     "train-spo": SPOTrainConfig,
     "compare": CompareConfig,
+    "demo": DemoConfig,
 }

@@ -28,13 +28,14 @@ from spo.training import (
     WEIGHT_DTYPES,
     Checkpointer,
     MetricLogger,
+    Validator,
     build_optimizer,
     guarded_step,
     made_by,
     make_accelerator,
     micro_batch_rows,
+    out_of_time,
     require_path,
-    save_validation_grid,
     seeded_generator,
 )
 
@@ -108,6 +109,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     checkpoints = Checkpointer(Path(cfg.out) / "checkpoints", KIND, cfg.checkpoints_total_limit)
     resume_from = checkpoints.resolve(cfg.resume)
     checkpoints.check_mode(resume_from, cfg.policy.mode)
+    validator = Validator(cfg.validation_images, "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.relabel_with == "none":
         _usable_rows(cfg, labels)
 
@@ -165,8 +167,12 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     accum = cfg.gradient_accumulation_steps
     progress = tqdm(total=cfg.max_steps, initial=step, desc="train DPO", disable=not main)
     started = time.time()
+    if validator.scorer is not None and step == 0 and main:
+        validator.run(model, run.root / "validation", 0, logger, 0.0)
     try:
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and not out_of_time(
+            cfg.max_minutes, validator.train_seconds(started)
+        ):
             micro = step * accum
             for _ in range(accum):
                 epoch, rows = micro_batch_rows(
@@ -239,14 +245,12 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                     step,
                     lr=scheduler.get_last_lr()[0],
                     bad_pairs=bad.bad,
-                    elapsed_s=time.time() - started,
+                    elapsed_s=validator.train_seconds(started),
                 )
                 progress.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}")
-            v = cfg.validation_images
-            if v.prompts and v.every and step % v.every == 0 and step < cfg.max_steps and main:
-                save_validation_grid(
-                    model, cfg.validation_images, run.root / "validation" / f"step-{step}.png"
-                )
+            if validator.due(step) and step < cfg.max_steps and main:
+                seconds = validator.train_seconds(started)
+                validator.run(model, run.root / "validation", step, logger, seconds)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 checkpoints.save(accelerator, step, state())
     finally:
@@ -259,10 +263,9 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         with atomic_dir(run.final) as tmp:
             policy.save(tmp)
             (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if cfg.validation_images.prompts:
-            save_validation_grid(
-                model, cfg.validation_images, run.root / "validation" / f"step-{step}.png"
-            )
+        if validator.enabled:
+            seconds = validator.train_seconds(started)
+            validator.run(model, run.root / "validation", step, logger, seconds)
     if cfg.tracker != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,13 @@ from spo.training import (
     WEIGHT_DTYPES,
     Checkpointer,
     MetricLogger,
+    Validator,
     build_optimizer,
     guarded_step,
     made_by,
     make_accelerator,
+    out_of_time,
     require_path,
-    save_validation_grid,
     seeded_generator,
 )
 
@@ -77,10 +79,11 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     require_path(cfg.spm, "SPM")
     prompts = load_prompts(
         cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)
-    )
+    )[: cfg.max_prompts]
     checkpoints = Checkpointer(Path(cfg.out) / "checkpoints", KIND, cfg.checkpoints_total_limit)
     resume_from = checkpoints.resolve(cfg.resume)
     checkpoints.check_mode(resume_from, cfg.policy.mode)
+    validator = Validator(cfg.validation_images, "cuda" if torch.cuda.is_available() else "cpu")
 
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
@@ -129,28 +132,32 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     logger = MetricLogger(run, accelerator, cfg.tracker != "none")
     progress = tqdm(total=cfg.max_steps, initial=step, desc="train SPO", disable=not main)
     started = time.time()
+    loop = _Loop(
+        accelerator,
+        model,
+        sampler,
+        policy,
+        unet,
+        optimizer,
+        scheduler,
+        logger,
+        progress,
+        started,
+        checkpoints,
+        validator,
+    )
+    if validator.scorer is not None and step == 0 and main:
+        validator.run(model, run.root / "validation", 0, logger, 0.0)
     try:
-        while step < cfg.max_steps and epoch < cfg.max_epochs:
+        while (
+            step < cfg.max_steps
+            and epoch < cfg.max_epochs
+            and not out_of_time(cfg.max_minutes, validator.train_seconds(started))
+        ):
             pairs, stats = _sampling_epoch(cfg, accelerator, sampler, policy, prompts, epoch)
             pairs = _gather(accelerator, pairs)
             logger.log(step, {"epoch": epoch, "kept_pairs": len(pairs), **stats})
-            step = _training_epoch(
-                cfg,
-                accelerator,
-                model,
-                sampler,
-                policy,
-                unet,
-                optimizer,
-                scheduler,
-                pairs,
-                epoch,
-                step,
-                logger,
-                progress,
-                started,
-                checkpoints,
-            )
+            step = _training_epoch(cfg, loop, pairs, epoch, step)
             epoch += 1
             if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 checkpoints.save(accelerator, step, {"epoch": epoch, "mode": cfg.policy.mode})
@@ -163,10 +170,9 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         with atomic_dir(run.final) as tmp:
             policy.save(tmp)
             (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if cfg.validation_images.prompts:
-            save_validation_grid(
-                model, cfg.validation_images, run.root / "validation" / f"step-{step}.png"
-            )
+        if validator.enabled:
+            seconds = validator.train_seconds(started)
+            validator.run(model, run.root / "validation", step, logger, seconds)
     if cfg.tracker != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()
@@ -198,24 +204,29 @@ def _sampling_epoch(cfg, accelerator, sampler, policy, prompts, epoch):
     return KeptPairs.cat(kept), mean
 
 
-def _training_epoch(
-    cfg,
-    accelerator,
-    model,
-    sampler,
-    policy,
-    unet,
-    optimizer,
-    scheduler,
-    pairs,
-    epoch,
-    step,
-    logger,
-    progress,
-    started,
-    checkpoints,
-) -> int:
+@dataclass
+class _Loop:
+    """What the training epochs share (built once in `train_spo`)."""
+
+    accelerator: object
+    model: DiffusionModel
+    sampler: PoolSampler
+    policy: Policy
+    unet: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    logger: MetricLogger
+    progress: tqdm
+    started: float
+    checkpoints: Checkpointer
+    validator: Validator
+
+
+def _training_epoch(cfg, loop: _Loop, pairs: KeptPairs, epoch: int, step: int) -> int:
     """Train on the gathered pairs: a shuffled permutation, each process its slice."""
+    accelerator, model, policy, unet = loop.accelerator, loop.model, loop.policy, loop.unet
+    optimizer, scheduler, logger = loop.optimizer, loop.scheduler, loop.logger
+    validator, started, sampler = loop.validator, loop.started, loop.sampler
     per_step = cfg.batch_size * accelerator.num_processes
     n_batches = len(pairs) // per_step
     if n_batches == 0:
@@ -229,25 +240,16 @@ def _training_epoch(
         chains = torch.cat([batch.win, batch.lose])
         with accelerator.accumulate(unet):
             with accelerator.autocast():
-                logp = chain_log_probs(
-                    model,
-                    unet,
+                stored = (
                     both,
                     chains,
                     sampler.schedule,
                     cfg.sampler.guidance_scale,
                     cfg.sampler.eta,
                 )
+                logp = chain_log_probs(model, unet, *stored)
                 with policy.reference(unet) as reference:
-                    ref = chain_log_probs(
-                        model,
-                        reference,
-                        both,
-                        chains,
-                        sampler.schedule,
-                        cfg.sampler.guidance_scale,
-                        cfg.sampler.eta,
-                    )
+                    ref = chain_log_probs(model, reference, *stored)
             logp_w, logp_l = logp.chunk(2)
             ref_w, ref_l = ref.chunk(2)
             loss, ratio_w, ratio_l, clipped = spo_loss(
@@ -260,7 +262,7 @@ def _training_epoch(
                 optimizer,
                 scheduler,
                 cfg.optim.max_grad_norm,
-                checkpoints,
+                loop.checkpoints,
                 step,
                 {"epoch": epoch, "mode": cfg.policy.mode},
                 "SPO",
@@ -275,15 +277,15 @@ def _training_epoch(
         if (b + 1) % accum:
             continue
         step += 1
-        progress.update(1)
+        loop.progress.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             metrics = logger.flush(
-                step, lr=scheduler.get_last_lr()[0], elapsed_s=time.time() - started
+                step, lr=scheduler.get_last_lr()[0], elapsed_s=validator.train_seconds(started)
             )
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-        v = cfg.validation_images
-        if v.prompts and v.every and step % v.every == 0 and accelerator.is_main_process:
-            save_validation_grid(model, v, Path(cfg.out) / "validation" / f"step-{step}.png")
-        if step >= cfg.max_steps:
+            loop.progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if validator.due(step) and accelerator.is_main_process:
+            seconds = validator.train_seconds(started)
+            validator.run(model, Path(cfg.out) / "validation", step, logger, seconds)
+        if step >= cfg.max_steps or out_of_time(cfg.max_minutes, validator.train_seconds(started)):
             break
     return step

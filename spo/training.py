@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,15 +259,53 @@ class MetricLogger:
             self.accelerator.log(metrics, step=step)
 
 
-def save_validation_grid(model, v, path: Path) -> None:
-    """Fixed-seed samples of the current policy (`model.pipe` holds it), one per prompt of the
-    ValidationImagesConfig `v`, as one PNG row: the same seeds at every validation."""
-    from torchvision.utils import save_image
+class Validator:
+    """Fixed-seed samples of the policy during training: a PNG grid per validation and, with
+    a scorer, their mean score logged as `val/<scorer>` next to the elapsed time (the reward
+    against compute curve). Prompts and scorer are loaded when the run starts, so a bad path
+    fails before any compute."""
 
-    seeds = [v.seed + i for i in range(len(v.prompts))]
-    images = model.generate(v.prompts, seeds, v.num_inference_steps, v.guidance_scale)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=len(v.prompts))
+    def __init__(self, v, device: str | torch.device = "cpu") -> None:
+        from spo.data import load_prompts
+        from spo.evaluation.scorers import build_scorer
+
+        prompts = list(v.prompts)
+        if v.prompts_file:
+            prompts += load_prompts(v.prompts_file, made_by=made_by(v.prompts_file))
+        self.v = v
+        self.texts = [p for p in prompts for _ in range(v.images_per_prompt)]
+        self.seeds = [v.seed + i for i in range(len(self.texts))]
+        self.scorer = build_scorer(v.scorer, device=device) if v.scorer and self.texts else None
+        self.seconds = 0.0  # time spent validating: not charged to the training budget
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.texts)
+
+    def due(self, step: int) -> bool:
+        return self.enabled and bool(self.v.every) and step % self.v.every == 0
+
+    def run(self, model, folder: Path, step: int, logger, elapsed_s: float) -> None:
+        """Sample with the policy as it is now (`model.pipe` holds it); write the grid."""
+        from torchvision.utils import save_image
+
+        v, start = self.v, time.time()
+        images = model.generate(self.texts, self.seeds, v.num_inference_steps, v.guidance_scale)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(images, folder / f"step-{step}.png", nrow=max(v.images_per_prompt, 4))
+        if self.scorer is not None:
+            score = float(self.scorer(images, self.texts).mean())
+            logger.log(step, {f"val/{v.scorer}": score, "val/train_seconds": elapsed_s})
+        self.seconds += time.time() - start
+
+    def train_seconds(self, started: float) -> float:
+        """Wall-clock seconds since `started`, less the time spent validating."""
+        return time.time() - started - self.seconds
+
+
+def out_of_time(max_minutes: float | None, seconds: float) -> bool:
+    """True once a run's wall-clock budget is spent (the demo gives DPO and SPO the same)."""
+    return max_minutes is not None and seconds >= 60 * max_minutes
 
 
 def make_accelerator(cfg):

@@ -580,8 +580,26 @@ def _imagereward(source: str, device: str) -> Scorer:
     return ImageRewardScorer(model, device=device)
 
 
+def _toy_pickscore(arg: str, device: str) -> Scorer:
+    """The toy world's clean preference model: the shipped toy CLIP (the stand-in for
+    PickScore_v1 that the toy SPM starts from), without time conditioning."""
+    from preference_model import StepAwarePreferenceModel
+    from preference_model.train import TOY_BACKBONE_DIR
+
+    model = StepAwarePreferenceModel.from_open_clip(
+        TOY_BACKBONE_DIR / "open_clip_config.json",
+        TOY_BACKBONE_DIR / "open_clip_model.safetensors",
+        time_conditioning=False,
+    )
+    return CLIPPreferenceScorer(model.to(device))
+
+
+# Scorers that need no argument.
+NO_ARGUMENT = ("oracle", "toy_pickscore")
+
 SCORERS: dict[str, Callable[..., Scorer]] = {
     "oracle": lambda arg, device: OracleScorer(),
+    "toy_pickscore": _toy_pickscore,
     "spm": _spm,
     "pickscore": _pickscore,
     "hpsv2": _hpsv2,
@@ -596,7 +614,7 @@ def build_scorer(spec: str, device: str = "cpu") -> Scorer:
     name, _, arg = spec.partition(":")
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
-    if name != "oracle" and not arg:
+    if name not in NO_ARGUMENT and not arg:
         raise ConfigError(f"scorer {name!r} needs a model: {name}:<path or hub name>")
     return SCORERS[name](arg, device)
 

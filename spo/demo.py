@@ -1,0 +1,197 @@
+"""`spo demo`: the whole story on a CPU, each stage the real command with its toy config.
+
+world -> spm -> dpo, spo (the same wall-clock training budget each) -> compare. Before a stage
+runs, its equivalent command line is printed, so any stage can be rerun by hand. A finished
+stage leaves `.demo_stage.json` in its folder naming the stages it was built on; a rerun skips
+it while those are unchanged, resumes a stage that was interrupted (the trainers resume from
+their checkpoints), and reruns a stage whose folder was deleted together with every stage
+after it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from spo.config import ConfigError, DemoConfig
+from spo.runs import atomic_write_bytes
+from spo.training import TrainingError
+
+STAGES = ("world", "spm", "dpo", "spo", "compare")
+MARKER = ".demo_stage.json"
+CONFIGS = Path(__file__).parents[1] / "configs" / "toy"
+
+# Smoke-test sizes for `--quick` (CI): every stage runs its real code path in seconds.
+QUICK = {
+    "world": ["train_pairs=300", "validation_pairs=64", "grid_prompts=2",
+              "grid_images_per_prompt=1"],
+    "spm": ["max_steps=10", "batch_size=8", "validation_every=0", "checkpoint_every=5",
+            "pairs.max_validation_pairs=32"],
+    "dpo": ["max_steps=10", "batch_size=4", "checkpoint_every=5", "validation_images.every=5",
+            "validation_images.num_inference_steps=10"],
+    "spo": ["max_epochs=1", "max_prompts=8", "sample_batch_size=8", "batch_size=8",
+            "sampler.num_steps=10", "sampler.divert_step=2", "validation_images.every=2",
+            "validation_images.num_inference_steps=10"],
+    "compare": ["images_per_prompt=1", "num_inference_steps=10", "bootstrap=200"],
+}  # fmt: skip
+
+
+def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
+    """The `spo` arguments of one stage, chained through cfg.out."""
+    root = Path(cfg.out)
+    world = root / "world"
+    inputs = [f"base_model={world / 'base_model'}"]
+    validation = [
+        f"validation_images.prompts_file={world / 'prompts/eval.txt'}",
+        "validation_images.prompts=[]",
+        "validation_images.scorer=oracle",
+    ]
+    budget = [f"max_minutes={cfg.budget_minutes}", "max_steps=1000000"]
+    args = {
+        "world": ["toy-world"],
+        "spm": [
+            "train-preference-model",
+            *inputs,
+            f"pairs.train={world / 'pairs/train.parquet'}",
+            f"pairs.validation={world / 'pairs/validation.parquet'}",
+        ],
+        "dpo": [
+            "train-dpo",
+            *inputs,
+            f"pairs.train={world / 'pairs/train.parquet'}",
+            *validation,
+            "validation_images.every=50",
+            *budget,
+        ],
+        "spo": [
+            "train-spo",
+            *inputs,
+            f"spm={root / 'spm/final'}",
+            f"prompts={world / 'prompts/train.txt'}",
+            *validation,
+            "validation_images.every=15",
+            "max_epochs=1000",
+            *budget,
+        ],
+        "compare": [
+            "compare",
+            f"prompts={world / 'prompts/eval.txt'}",
+            "models=["
+            f"{{name: base, pipeline: {world / 'base_model'}}}, "
+            f"{{name: dpo, pipeline: {world / 'base_model'}, lora: {root / 'dpo/final'}}}, "
+            f"{{name: spo, pipeline: {world / 'base_model'}, lora: {root / 'spo/final'}}}]",
+            f"scorers=[oracle, 'spm:{root / 'spm/final'}', toy_pickscore]",
+        ],
+    }[stage]
+    command, rest = args[0], args[1:]
+    config = CONFIGS / f"{stage}.yaml"
+    head = [command, "--config", str(config), "--out", str(root / stage)]
+    if cfg.quick:
+        rest = rest + QUICK[stage]
+    return head + rest
+
+
+def _marker(root: Path, stage: str) -> dict | None:
+    path = root / stage / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or skip) every stage; return {stage: seconds or "skipped"} and the headline."""
+    from spo.cli import main as spo_main
+
+    if not CONFIGS.is_dir():
+        raise ConfigError(f"the toy configs are missing: {CONFIGS} (run from a source checkout)")
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    done: dict[str, str] = {}  # stage -> marker id of the current, finished stage
+    report: dict = {"stages": {}}
+    for stage in STAGES:
+        upstream = {s: done[s] for s in STAGES[: STAGES.index(stage)]}
+        marker = _marker(root, stage)
+        if marker and marker.get("upstream") == upstream and marker.get("quick") == cfg.quick:
+            print(f"[demo] {stage}: done, skipped ({root / stage})", flush=True)
+            done[stage] = marker["id"]
+            report["stages"][stage] = {"seconds": marker["seconds"], "skipped": True}
+            continue
+        if marker is not None:  # built on other inputs: start this stage afresh
+            shutil.rmtree(root / stage)
+        args = stage_args(cfg, stage)
+        print(f"[demo] {stage}: $ spo {shlex.join(args)}", flush=True)
+        start = time.time()
+        code = spo_main(args)
+        seconds = round(time.time() - start, 1)
+        if code != 0:
+            raise TrainingError(
+                f"demo stage {stage} failed (exit code {code}); `spo demo` reruns it"
+            )
+        new = {"id": uuid.uuid4().hex, "upstream": upstream, "quick": cfg.quick}
+        new |= {"seconds": seconds, "command": "spo " + shlex.join(args)}
+        atomic_write_bytes(root / stage / MARKER, json.dumps(new, indent=2).encode())
+        done[stage] = new["id"]
+        report["stages"][stage] = {"seconds": seconds, "skipped": False}
+        print(f"[demo] {stage}: finished in {seconds} s", flush=True)
+
+    plot_reward_vs_compute(root)
+    results = json.loads((root / "compare/results.json").read_text())
+    report["headline"] = headline(results)
+    atomic_write_bytes(root / "demo.json", json.dumps(report, indent=2).encode())
+    return report
+
+
+def _curve(metrics: Path, key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if row.get(key) is not None and row.get("val/train_seconds") is not None:
+            xs.append(row["val/train_seconds"])
+            ys.append(row[key])
+    return xs, ys
+
+
+def plot_reward_vs_compute(root: Path) -> Path:
+    """The oracle reward of the validation samples against training seconds, DPO and SPO."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for stage in ("dpo", "spo"):
+        xs, ys = _curve(root / stage / "metrics.jsonl", "val/oracle")
+        ax.plot(xs, ys, marker="o", label=stage.upper())
+    ax.set_xlabel("training wall-clock (s, 2 CPU cores)")
+    ax.set_ylabel("oracle reward of eval samples")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = root / "compare" / "reward_vs_compute.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def headline(results: dict) -> list[list[str]]:
+    """The demo's table: per model, each scorer's mean [95% CI], and the oracle win rate vs
+    base."""
+    models = list(results["scores"])
+    scorers = list(results["scores"][models[0]])
+    rows = [["model", *scorers, "oracle win rate vs base"]]
+    for m in models:
+        cells = []
+        for s in scorers:
+            e = results["scores"][m][s]
+            cells.append(f"{e['mean']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]")
+        win = results["win_rates"].get("oracle", {}).get(f"{m} vs base")
+        rate = f"{win['rate']:.2f} [{win['ci95'][0]:.2f}, {win['ci95'][1]:.2f}]" if win else ""
+        rows.append([m, *cells, rate])
+    return rows

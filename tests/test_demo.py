@@ -1,0 +1,64 @@
+"""`spo demo --quick`: every stage runs and writes its outputs; reruns skip finished stages;
+deleting a stage's folder reruns that stage and the ones after it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from spo.cli import main
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, float | int) and not isinstance(value, bool):
+        yield value
+
+
+def test_quick_demo_runs_skips_and_reruns(tmp_path, capsys):
+    root = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(root)]) == 0
+    first = capsys.readouterr().out
+    for stage in ("world", "spm", "dpo", "spo", "compare"):
+        assert f"[demo] {stage}: $ spo " in first  # the equivalent command line is shown
+    for path in (
+        "world/base_model/model_index.json",
+        "world/pairs/train.parquet",
+        "spm/final/model.safetensors",
+        "spm/eval.json",
+        "dpo/final/pytorch_lora_weights.safetensors",
+        "spo/final/pytorch_lora_weights.safetensors",
+        "compare/results.json",
+        "compare/report.html",
+        "compare/reward_vs_compute.png",
+        "demo.json",
+    ):
+        assert (root / path).is_file(), path
+    results = json.loads((root / "compare/results.json").read_text())
+    assert set(results["scores"]) == {"base", "dpo", "spo"}
+    assert set(results["scores"]["spo"]) >= {"oracle", "toy_pickscore"}
+    assert all(math.isfinite(x) for x in _numbers(results))
+    dpo_metrics = (root / "dpo/metrics.jsonl").read_text()
+    assert '"val/oracle"' in dpo_metrics  # the reward-vs-compute curve has points
+
+    assert main(["demo", "--quick", "--out", str(root)]) == 0
+    again = capsys.readouterr().out
+    assert again.count("done, skipped") == 5 and "$ spo" not in again
+
+    stamp = (root / "spm/final/model.safetensors").stat().st_mtime_ns
+    import shutil
+
+    shutil.rmtree(root / "dpo")
+    assert main(["demo", "--quick", "--out", str(root)]) == 0
+    third = capsys.readouterr().out
+    assert "[demo] world: done, skipped" in third and "[demo] spm: done, skipped" in third
+    for stage in ("dpo", "spo", "compare"):
+        assert f"[demo] {stage}: $ spo " in third
+    assert (root / "spm/final/model.safetensors").stat().st_mtime_ns == stamp
+    report = json.loads((root / "demo.json").read_text())
+    assert report["stages"]["spm"]["skipped"] and not report["stages"]["dpo"]["skipped"]
