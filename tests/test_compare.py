@@ -74,6 +74,10 @@ def test_self_comparison_determinism_and_report(mini_world, tmp_path):
     stamp = image.stat().st_mtime_ns
     assert main(_args(mini_world, out1, base, twin)) == 0
     assert image.stat().st_mtime_ns == stamp
+    # ... until what the images depend on changes: then they are made again.
+    assert main(_args(mini_world, out1, base, twin, extra=("num_inference_steps=2",))) == 0
+    assert image.stat().st_mtime_ns != stamp
+    assert json.loads((out1 / "images/a/fingerprint.json").read_text())["num_inference_steps"] == 2
 
     page = (out1 / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2  # the means plot and the grid

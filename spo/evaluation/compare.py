@@ -8,7 +8,9 @@ re-scoring never regenerates. Image j of prompt i gets the same seed for every m
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +123,47 @@ def _image_path(out: Path, model: str, i: int, j: int) -> Path:
     return out / "images" / model / f"p{i:05d}_s{j}.png"
 
 
+def _file_digest(path: Path) -> str:
+    """sha256 of a small file (a LoRA), size and mtime of a large one (a UNet)."""
+    if path.stat().st_size <= 512 * 2**20:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    st = path.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def fingerprint(cfg: CompareConfig, spec: ModelSpec, prompts: Prompts) -> dict:
+    """What a model's cached images depend on: when it changes, they are generated again."""
+    weights = {}
+    for key in ("lora", "unet"):
+        value = getattr(spec, key)
+        if value is not None:
+            files = [Path(value)] if Path(value).is_file() else sorted(Path(value).rglob("*"))
+            weights[key] = {str(f): _file_digest(f) for f in files if f.is_file()}
+    return {
+        "pipeline": spec.pipeline,
+        "weights": weights,
+        "prompts": hashlib.sha256("\n".join(prompts.texts).encode()).hexdigest(),
+        "seed": cfg.seed,
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "dtype": cfg.dtype,
+    }
+
+
 def generate_all(cfg: CompareConfig, prompts: Prompts, device: str) -> None:
-    """Generate every missing image of every model (models one at a time, in batches)."""
+    """Generate every missing image of every model (models one at a time, in batches).
+    A model whose weights or generation settings changed since its images were made has
+    them made again."""
     out = Path(cfg.out)
     jobs = [(i, j) for i in range(len(prompts.texts)) for j in range(cfg.images_per_prompt)]
     for spec in cfg.models:
+        folder = out / "images" / spec.name
+        stamp = folder / "fingerprint.json"
+        current = fingerprint(cfg, spec, prompts)
+        if folder.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != current):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(stamp, json.dumps(current, indent=2).encode())
         todo = [(i, j) for i, j in jobs if not _image_path(out, spec.name, i, j).is_file()]
         if not todo:
             continue
