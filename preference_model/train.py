@@ -39,6 +39,7 @@ from spo.training import (
     make_accelerator,
     micro_batch_rows,
     require_path,
+    resume,
     seeded_generator,
 )
 
@@ -233,12 +234,8 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     )
     model, optimizer, scheduler = accelerator.prepare(spm, optimizer, scheduler)
     spm_unwrapped: StepAwarePreferenceModel = accelerator.unwrap_model(model)
-    step = 0
-    if resume_from is not None:
-        state = checkpoints.read_state(resume_from)
-        accelerator.load_state(str(resume_from))
-        step, bad.seen, bad.bad = state["step"], state["seen_pairs"], state["bad_pairs"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+    state = resume(accelerator, checkpoints, resume_from)
+    step, bad.seen, bad.bad = (state.get(k, 0) for k in ("step", "seen_pairs", "bad_pairs"))
     if cfg.tracker != "none":
         accelerator.init_trackers("spm", config={"out": cfg.out, "seed": cfg.seed})
 

@@ -8,7 +8,6 @@ the noise of all 2B latents, and the loss compares their errors on winner and lo
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from spo.data import BadImageCounter, PairDataset, check_pair_table, load_pair_t
 from spo.losses import dpo_loss, sft_loss
 from spo.models import DiffusionModel, TextConditioning
 from spo.policy import Policy, register_lora_checkpoint_hooks
-from spo.runs import RunDir, atomic_dir, prepare_run_dir
+from spo.runs import RunDir, prepare_run_dir
 from spo.sampling import add_noise
 from spo.training import (
     WEIGHT_DTYPES,
@@ -30,12 +29,14 @@ from spo.training import (
     MetricLogger,
     Validator,
     build_optimizer,
+    finish_run,
     guarded_step,
     made_by,
     make_accelerator,
     micro_batch_rows,
     out_of_time,
     require_path,
+    resume,
     seeded_generator,
 )
 
@@ -145,13 +146,9 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     run = prepare_run_dir(cfg.out, cfg) if main else RunDir(Path(cfg.out))
     accelerator.wait_for_everyone()
 
-    step = 0
     bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train)
-    if resume_from is not None:
-        state = checkpoints.read_state(resume_from)
-        accelerator.load_state(str(resume_from))
-        step, bad.seen, bad.bad = state["step"], state["seen_pairs"], state["bad_pairs"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+    state = resume(accelerator, checkpoints, resume_from)
+    step, bad.seen, bad.bad = (state.get(k, 0) for k in ("step", "seen_pairs", "bad_pairs"))
     if cfg.tracker != "none":
         accelerator.init_trackers("dpo", config={"out": cfg.out, "seed": cfg.seed})
     logger = MetricLogger(run, accelerator, cfg.tracker != "none")
@@ -258,15 +255,18 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
 
     summary = {"step": step, "pairs": n_rows, "ties_dropped": int(n_rows - len(decided))}
     summary |= {"effective_lr": lr, "mode": cfg.policy.mode, "family": model.family}
-    accelerator.wait_for_everyone()
-    if main:
-        with atomic_dir(run.final) as tmp:
-            policy.save(tmp)
-            (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if validator.enabled:
-            seconds = validator.train_seconds(started)
-            validator.run(model, run.root / "validation", step, logger, seconds)
-    if cfg.tracker != "none":
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
+    finish_run(
+        accelerator,
+        run,
+        policy.save,
+        summary,
+        cfg.tracker != "none",
+        after=lambda: (
+            validator.run(
+                model, run.root / "validation", step, logger, validator.train_seconds(started)
+            )
+            if validator.enabled
+            else None
+        ),
+    )
     return summary

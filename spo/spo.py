@@ -10,7 +10,6 @@ the epochs an uninterrupted one would run.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +24,20 @@ from spo.losses import spo_loss
 from spo.models import DiffusionModel
 from spo.policy import Policy, register_lora_checkpoint_hooks
 from spo.pool_sampler import KeptPairs, PoolSampler, PoolSettings, chain_log_probs
-from spo.runs import RunDir, atomic_dir, prepare_run_dir
+from spo.runs import RunDir, prepare_run_dir
 from spo.training import (
     WEIGHT_DTYPES,
     Checkpointer,
     MetricLogger,
     Validator,
     build_optimizer,
+    finish_run,
     guarded_step,
     made_by,
     make_accelerator,
     out_of_time,
     require_path,
+    resume,
     seeded_generator,
 )
 
@@ -121,12 +122,8 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         return spm.score(images, texts, t, value_range="-1-1")
 
     sampler = PoolSampler(model, judge, settings)
-    step, epoch = 0, 0
-    if resume_from is not None:
-        state = checkpoints.read_state(resume_from)
-        accelerator.load_state(str(resume_from))
-        step, epoch = state["step"], state["epoch"]
-        accelerator.print(f"resumed from {resume_from} at step {step}, epoch {epoch}")
+    state = resume(accelerator, checkpoints, resume_from)
+    step, epoch = state.get("step", 0), state.get("epoch", 0)
     if cfg.tracker != "none":
         accelerator.init_trackers("spo", config={"out": cfg.out, "seed": cfg.seed})
     logger = MetricLogger(run, accelerator, cfg.tracker != "none")
@@ -165,17 +162,20 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         progress.close()
 
     summary = {"step": step, "epochs": epoch, "mode": cfg.policy.mode, "family": model.family}
-    accelerator.wait_for_everyone()
-    if main:
-        with atomic_dir(run.final) as tmp:
-            policy.save(tmp)
-            (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if validator.enabled:
-            seconds = validator.train_seconds(started)
-            validator.run(model, run.root / "validation", step, logger, seconds)
-    if cfg.tracker != "none":
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
+    finish_run(
+        accelerator,
+        run,
+        policy.save,
+        summary,
+        cfg.tracker != "none",
+        after=lambda: (
+            validator.run(
+                model, run.root / "validation", step, logger, validator.train_seconds(started)
+            )
+            if validator.enabled
+            else None
+        ),
+    )
     return summary
 
 

@@ -346,3 +346,31 @@ def guarded_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def resume(accelerator, checkpoints: Checkpointer, path: Path | None) -> dict[str, Any]:
+    """Load a checkpoint's accelerate state (every rank) and return its trainer state ({} when
+    starting afresh)."""
+    if path is None:
+        return {}
+    state = checkpoints.read_state(path)
+    accelerator.load_state(str(path))
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+def finish_run(accelerator, run, save, summary: dict[str, Any], tracker: bool, after=None) -> None:
+    """Write `final/` atomically on the main process (`save(folder)` plus train_summary.json),
+    run `after()` there (e.g. the last validation), and close the trackers."""
+    from spo.runs import atomic_dir
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_dir(run.final) as tmp:
+            save(tmp)
+            (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if after is not None:
+            after()
+    if tracker:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
