@@ -261,12 +261,6 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         policy.save,
         summary,
         cfg.tracker != "none",
-        after=lambda: (
-            validator.run(
-                model, run.root / "validation", step, logger, validator.train_seconds(started)
-            )
-            if validator.enabled
-            else None
-        ),
+        after=lambda: validator.final(model, run.root / "validation", step, logger, started),
     )
     return summary

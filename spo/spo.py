@@ -168,13 +168,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         policy.save,
         summary,
         cfg.tracker != "none",
-        after=lambda: (
-            validator.run(
-                model, run.root / "validation", step, logger, validator.train_seconds(started)
-            )
-            if validator.enabled
-            else None
-        ),
+        after=lambda: validator.final(model, run.root / "validation", step, logger, started),
     )
     return summary
 

@@ -298,6 +298,11 @@ class Validator:
             logger.log(step, {f"val/{v.scorer}": score, "val/train_seconds": elapsed_s})
         self.seconds += time.time() - start
 
+    def final(self, model, folder: Path, step: int, logger, started: float) -> None:
+        """The last validation of a run (nothing when no prompts are configured)."""
+        if self.enabled:
+            self.run(model, folder, step, logger, self.train_seconds(started))
+
     def train_seconds(self, started: float) -> float:
         """Wall-clock seconds since `started`, less the time spent validating."""
         return time.time() - started - self.seconds

@@ -339,20 +339,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 def check_state_dict(
     expected: dict[str, Tensor], got: dict[str, Tensor], source: str | Path
 ) -> None:
-    """One-line ConfigError naming the first missing, unexpected or mis-shaped key."""
-    for problem, keys in (
-        ("missing weight", [k for k in expected if k not in got]),
-        ("unexpected weight", [k for k in got if k not in expected]),
-    ):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise ConfigError(f"{source}: {problem} {keys[0]!r}{more}")
-    for key, value in expected.items():
-        if tuple(got[key].shape) != tuple(value.shape):
-            raise ConfigError(
-                f"{source}: weight {key!r} has shape {tuple(got[key].shape)}, "
-                f"the model expects {tuple(value.shape)}"
-            )
+    """One-line ConfigError naming the first missing, unexpected or mis-shaped key (the SPM
+    loader's check, reported as bad input)."""
+    from preference_model.model import CheckpointError, _check_state_dict
+
+    try:
+        _check_state_dict(
+            {k: tuple(v.shape) for k, v in expected.items()},
+            {k: tuple(v.shape) for k, v in got.items()},
+            str(source),
+        )
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
