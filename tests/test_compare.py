@@ -66,6 +66,11 @@ def test_self_comparison_determinism_and_report(mini_world, tmp_path):
     assert results["win_rates"]["oracle"]["a vs b"]["rate"] == 0.5
     assert results["scores"]["a"]["oracle"] == results["scores"]["b"]["oracle"]
     assert set(results["by_category"]) == {"circle", "cross"}
+    # scores.json holds every image's score (prompts x images), the numbers behind the means.
+    per_image = json.loads((out1 / "scores.json").read_text())
+    a = np.array(per_image["scores"]["oracle"]["a"])
+    assert a.shape == (len(per_image["prompts"]), 2)
+    assert a.mean() == pytest.approx(results["scores"]["a"]["oracle"]["mean"])
     assert main(_args(mini_world, out2, base, twin)) == 0
     assert (out1 / "results.json").read_bytes() == (out2 / "results.json").read_bytes()
 

@@ -265,5 +265,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     scores = score_all(cfg, prompts, scorers)
     results = statistics(cfg, prompts, scores)
     atomic_write_bytes(run.root / "results.json", json.dumps(results, indent=2).encode())
+    per_image = {"prompts": prompts.texts, "images_per_prompt": cfg.images_per_prompt}
+    per_image["scores"] = {s: {m: a.tolist() for m, a in by.items()} for s, by in scores.items()}
+    atomic_write_bytes(run.root / "scores.json", json.dumps(per_image).encode())
     write_report(cfg, prompts, scores, results)
     return results
