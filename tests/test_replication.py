@@ -1,0 +1,96 @@
+"""scripts/toy_replication.py: which runs it plans, and the statistics it draws from scores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def replication():
+    spec = importlib.util.spec_from_file_location(
+        "toy_replication", ROOT / "scripts/toy_replication.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _opts(tmp_path: Path, arms: list[str], seeds: list[int]) -> Namespace:
+    return Namespace(
+        demo=tmp_path / "demo", out=tmp_path / "out", seeds=seeds, arms=arms,
+        budget_minutes=1.5, jobs=1, threads=2, images_per_prompt=2, bootstrap=200,
+    )  # fmt: skip
+
+
+def _value(args: list[str], key: str) -> str:
+    return next(a.split("=", 1)[1] for a in args if a.startswith(key + "="))
+
+
+def test_plan_is_the_demo_command_with_seed_and_ablation(replication, tmp_path):
+    opts = _opts(tmp_path, ["dpo", "spo", "spo-no-time", "spo-k2"], [0, 1])
+    jobs = replication.train_jobs(opts, opts.out)
+    # The no-time SPM is trained first; then seed-major, every arm of seed 0 before seed 1.
+    assert list(jobs) == [
+        "spm-no-time",
+        *("dpo-s0", "spo-s0", "spo-no-time-s0", "spo-k2-s0"),
+        *("dpo-s1", "spo-s1", "spo-no-time-s1", "spo-k2-s1"),
+    ]
+    spm_args, spm_out, _ = jobs["spm-no-time"]
+    assert spm_args[0] == "train-preference-model" and "time_conditioning=false" in spm_args
+    assert spm_args[spm_args.index("--out") + 1] == str(spm_out)
+    args, out, after = jobs["spo-no-time-s1"]
+    assert after == "spm-no-time" and _value(args, "seed") == "1"
+    # The later spm= override (the no-time SPM) is the one the config loader keeps.
+    assert _value(reversed(args), "spm") == str(spm_out / "final")
+    assert args[args.index("--out") + 1] == str(out) == str(opts.out / "runs/spo-no-time-s1")
+    args, _, after = jobs["spo-k2-s0"]
+    assert after is None and _value(args, "sampler.k") == "2"
+    assert _value(args, "max_minutes") == "1.5" and args[0] == "train-spo"
+    assert jobs["dpo-s0"][0][0] == "train-dpo"
+
+
+def test_summary_pools_seeds_and_pairs_with_base(replication, tmp_path):
+    opts = _opts(tmp_path, ["dpo", "spo"], [0, 1])
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.6, size=(5, 2))
+    scores = {
+        "base": base,
+        "spo-s0": base + 0.1,
+        "spo-s1": base + 0.3,
+        "dpo-s0": base - 0.05,
+        "dpo-s1": base + 0.05,
+    }
+    out = opts.out
+    (out / "compare").mkdir(parents=True)
+    payload = {"prompts": ["p"] * 5, "images_per_prompt": 2}
+    payload["scores"] = {"oracle": {m: a.tolist() for m, a in scores.items()}}
+    (out / "compare/scores.json").write_text(json.dumps(payload))
+    for i, name in enumerate(["spo-s0", "spo-s1", "dpo-s0", "dpo-s1"]):
+        (out / "runs" / name / "final").mkdir(parents=True)
+        (out / "runs" / name / "final/train_summary.json").write_text(json.dumps({"step": 10 + i}))
+        rows = [{"step": 5, "elapsed_s": 50.0}, {"step": 10 + i, "val/train_seconds": 210.0 + i}]
+        (out / "runs" / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+
+    summary = replication.summarise(opts, out)
+    table = summary["arms"]["oracle"]
+    assert table["spo"]["mean"]["mean"] == pytest.approx(base.mean() + 0.2)
+    assert table["spo"]["seed_means"] == pytest.approx([base.mean() + 0.1, base.mean() + 0.3])
+    assert table["spo"]["minus_base"]["mean"] == pytest.approx(0.2)
+    assert table["spo"]["win_rate_vs_base"]["rate"] == 1.0  # better on every (prompt, seed)
+    assert table["dpo"]["win_rate_vs_base"]["rate"] == 0.5  # worse for seed 0, better for seed 1
+    assert table["dpo"]["minus_spo"]["mean"] == pytest.approx(-0.2)  # seed i against seed i
+    assert table["dpo"]["win_rate_vs_spo"]["rate"] == 0.0
+    assert "minus_spo" not in table["spo"]
+    assert summary["runs"]["dpo-s1"] == {"steps": 13, "train_seconds": 213.0}
+    text = replication.markdown(summary, opts.arms)
+    assert f"| spo | {base.mean() + 0.2:.3f} [" in text and "| dpo-s1 | 13 | 213 |" in text
