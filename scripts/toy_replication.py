@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from spo.config import DemoConfig
-from spo.demo import stage_args
+from spo.demo import stage_args, validation_curve
 from spo.evaluation.stats import mean_ci, win_rate_ci
 
 # arm -> (demo stage, overrides, the paper's question it answers)
@@ -125,6 +125,29 @@ def compare_args(opts, out: Path, runs: list[str]) -> list[str]:
         f"images_per_prompt={opts.images_per_prompt}",
         "grid_prompts=4",
     ]
+
+
+def plot_curves(opts, out: Path) -> Path:
+    """Oracle reward of the validation samples against training seconds, every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, arm in enumerate(opts.arms):
+        for j, seed in enumerate(opts.seeds):
+            xs, ys = validation_curve(out / "runs" / f"{arm}-s{seed}/metrics.jsonl", "val/oracle")
+            ax.plot(xs, ys, color=f"C{i}", alpha=0.7, lw=1.2, label=arm if j == 0 else None)
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("oracle reward of eval samples")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def run_facts(folder: Path) -> dict:
@@ -234,6 +257,7 @@ def main() -> int:
     summary = summarise(opts, opts.out)
     (opts.out / "replication.json").write_text(json.dumps(summary, indent=2, default=str))
     (opts.out / "replication.md").write_text(markdown(summary, opts.arms))
+    plot_curves(opts, opts.out)
     print((opts.out / "replication.md").read_text())
     return 0
 

@@ -148,7 +148,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     return report
 
 
-def _curve(metrics: Path, key: str) -> tuple[list[float], list[float]]:
+def validation_curve(metrics: Path, key: str) -> tuple[list[float], list[float]]:
+    """(training seconds, `key`) of every validation row of a run's metrics.jsonl."""
     xs, ys = [], []
     for line in metrics.read_text().splitlines():
         row = json.loads(line)
@@ -167,7 +168,7 @@ def plot_reward_vs_compute(root: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for stage in ("dpo", "spo"):
-        xs, ys = _curve(root / stage / "metrics.jsonl", "val/oracle")
+        xs, ys = validation_curve(root / stage / "metrics.jsonl", "val/oracle")
         ax.plot(xs, ys, marker="o", label=stage.upper())
     ax.set_xlabel("training wall-clock (s, 2 CPU cores)")
     ax.set_ylabel("oracle reward of eval samples")
