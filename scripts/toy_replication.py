@@ -187,6 +187,10 @@ def summarise(opts, out: Path) -> dict:
             }
             if arm != "spo" and "spo" in pooled:
                 row["minus_spo"] = mean_ci(scores - pooled["spo"], opts.bootstrap)
+                row["seed_minus_spo"] = [
+                    float(np.mean(by_model[f"{arm}-s{s}"]) - np.mean(by_model[f"spo-s{s}"]))
+                    for s in seeds
+                ]
                 row["win_rate_vs_spo"] = win_rate_ci(scores, pooled["spo"], opts.bootstrap)
             table[arm] = row
         summary["arms"][scorer] = table
@@ -203,18 +207,25 @@ def markdown(summary: dict, arms: list[str]) -> str:
         lines += [
             f"### {scorer}",
             "",
-            "| arm | mean [95% CI] | seed means | win rate vs base | minus base | minus SPO |",
-            "| --- | --- | --- | --- | --- | --- |",
-            f"| base | {_fmt(table['base']['mean'])} | | | | |",
+            "| arm | mean [95% CI] | seed means | win rate vs base | minus base | minus SPO "
+            "| each seed minus SPO | win rate vs SPO |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"| base | {_fmt(table['base']['mean'])} | | | | | | |",
         ]
         for arm in arms:
             row = table[arm]
             seed_means = " / ".join(f"{m:.3f}" for m in row["seed_means"])
-            minus_spo = _fmt(row["minus_spo"]) if "minus_spo" in row else ""
+            versus = ["", "", ""]
+            if "minus_spo" in row:
+                versus = [
+                    _fmt(row["minus_spo"]),
+                    " / ".join(f"{d:+.3f}" for d in row["seed_minus_spo"]),
+                    _fmt(row["win_rate_vs_spo"], "rate", 2),
+                ]
             win = _fmt(row["win_rate_vs_base"], "rate", 2)
             lines.append(
                 f"| {arm} | {_fmt(row['mean'])} | {seed_means} | {win} | "
-                f"{_fmt(row['minus_base'])} | {minus_spo} |"
+                f"{_fmt(row['minus_base'])} | {' | '.join(versus)} |"
             )
         lines.append("")
     lines += ["| run | steps | training seconds |", "| --- | --- | --- |"]

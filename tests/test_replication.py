@@ -91,6 +91,7 @@ def test_summary_pools_seeds_and_pairs_with_base(replication, tmp_path):
     assert table["dpo"]["win_rate_vs_base"]["rate"] == 0.5  # worse for seed 0, better for seed 1
     assert table["dpo"]["minus_spo"]["mean"] == pytest.approx(-0.2)  # seed i against seed i
     assert table["dpo"]["win_rate_vs_spo"]["rate"] == 0.0
+    assert table["dpo"]["seed_minus_spo"] == pytest.approx([-0.15, -0.25])
     assert "minus_spo" not in table["spo"]
     assert summary["runs"]["dpo-s1"] == {"steps": 13, "train_seconds": 213.0}
     text = replication.markdown(summary, opts.arms)
