@@ -164,8 +164,8 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     accum = cfg.gradient_accumulation_steps
     progress = tqdm(total=cfg.max_steps, initial=step, desc="train DPO", disable=not main)
     started = time.time()
-    if validator.scorer is not None and step == 0 and main:
-        validator.run(model, run.root / "validation", 0, logger, 0.0)
+    if step == 0 and main:
+        validator.baseline(model, run.root / "validation", logger)
     try:
         while step < cfg.max_steps and not out_of_time(
             cfg.max_minutes, validator.train_seconds(started)
@@ -245,9 +245,9 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                     elapsed_s=validator.train_seconds(started),
                 )
                 progress.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}")
-            if validator.due(step) and step < cfg.max_steps and main:
-                seconds = validator.train_seconds(started)
-                validator.run(model, run.root / "validation", step, logger, seconds)
+            if main:
+                last = step >= cfg.max_steps
+                validator.periodic(model, run.root / "validation", step, logger, started, last)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 checkpoints.save(accelerator, step, state())
     finally:

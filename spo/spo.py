@@ -143,8 +143,8 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         checkpoints,
         validator,
     )
-    if validator.scorer is not None and step == 0 and main:
-        validator.run(model, run.root / "validation", 0, logger, 0.0)
+    if step == 0 and main:
+        validator.baseline(model, run.root / "validation", logger)
     try:
         while (
             step < cfg.max_steps
@@ -277,9 +277,9 @@ def _training_epoch(cfg, loop: _Loop, pairs: KeptPairs, epoch: int, step: int) -
                 step, lr=scheduler.get_last_lr()[0], elapsed_s=validator.train_seconds(started)
             )
             loop.progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if validator.due(step) and accelerator.is_main_process:
-            seconds = validator.train_seconds(started)
-            validator.run(model, Path(cfg.out) / "validation", step, logger, seconds)
+        if accelerator.is_main_process:
+            last = step >= cfg.max_steps
+            validator.periodic(model, Path(cfg.out) / "validation", step, logger, started, last)
         if step >= cfg.max_steps or out_of_time(cfg.max_minutes, validator.train_seconds(started)):
             break
     return step

@@ -298,6 +298,16 @@ class Validator:
             logger.log(step, {f"val/{v.scorer}": score, "val/train_seconds": elapsed_s})
         self.seconds += time.time() - start
 
+    def baseline(self, model, folder: Path, logger) -> None:
+        """Step 0's point of the reward curve, the untrained policy (only with a scorer)."""
+        if self.scorer is not None:
+            self.run(model, folder, 0, logger, 0.0)
+
+    def periodic(self, model, folder: Path, step: int, logger, started: float, last: bool) -> None:
+        """The validation every `every` steps; the last step's is `final`'s, not done twice."""
+        if self.due(step) and not last:
+            self.run(model, folder, step, logger, self.train_seconds(started))
+
     def final(self, model, folder: Path, step: int, logger, started: float) -> None:
         """The last validation of a run (nothing when no prompts are configured)."""
         if self.enabled:
