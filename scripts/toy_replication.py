@@ -34,7 +34,7 @@ import numpy as np
 
 from spo.config import DemoConfig
 from spo.demo import stage_args, validation_curve
-from spo.evaluation.stats import mean_ci, win_rate_ci
+from spo.evaluation.stats import format_ci, mean_ci, win_rate_ci
 
 # arm -> (demo stage, overrides, the paper's question it answers)
 ARMS: dict[str, tuple[str, list[str], str]] = {
@@ -160,11 +160,6 @@ def run_facts(folder: Path) -> dict:
     return {"steps": summary["step"], "train_seconds": seconds}
 
 
-def _fmt(e: dict, key: str = "mean", digits: int = 3) -> str:
-    lo, hi = e["ci95"]
-    return f"{e[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
 def summarise(opts, out: Path) -> dict:
     """replication.json: per scorer and arm the pooled mean, win rate and paired differences."""
     per_image = json.loads((out / "compare/scores.json").read_text())
@@ -210,7 +205,7 @@ def markdown(summary: dict, arms: list[str]) -> str:
             "| arm | mean [95% CI] | seed means | win rate vs base | minus base | minus SPO "
             "| each seed minus SPO | win rate vs SPO |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
-            f"| base | {_fmt(table['base']['mean'])} | | | | | | |",
+            f"| base | {format_ci(table['base']['mean'], spec='.3f')} | | | | | | |",
         ]
         for arm in arms:
             row = table[arm]
@@ -218,14 +213,14 @@ def markdown(summary: dict, arms: list[str]) -> str:
             versus = ["", "", ""]
             if "minus_spo" in row:
                 versus = [
-                    _fmt(row["minus_spo"]),
+                    format_ci(row["minus_spo"], spec=".3f"),
                     " / ".join(f"{d:+.3f}" for d in row["seed_minus_spo"]),
-                    _fmt(row["win_rate_vs_spo"], "rate", 2),
+                    format_ci(row["win_rate_vs_spo"], "rate", ".2f"),
                 ]
-            win = _fmt(row["win_rate_vs_base"], "rate", 2)
+            win = format_ci(row["win_rate_vs_base"], "rate", ".2f")
             lines.append(
-                f"| {arm} | {_fmt(row['mean'])} | {seed_means} | {win} | "
-                f"{_fmt(row['minus_base'])} | {' | '.join(versus)} |"
+                f"| {arm} | {format_ci(row['mean'], spec='.3f')} | {seed_means} | {win} | "
+                f"{format_ci(row['minus_base'], spec='.3f')} | {' | '.join(versus)} |"
             )
         lines.append("")
     lines += ["| run | steps | training seconds |", "| --- | --- | --- |"]

@@ -70,13 +70,11 @@ def _run_train_spo(cfg: SPOTrainConfig) -> int:
 
 def _run_compare(cfg: CompareConfig) -> int:
     from spo.evaluation.compare import run_compare  # heavy: torch, diffusers
+    from spo.evaluation.stats import format_ci
 
     results = run_compare(cfg)
     for model, by_scorer in results["scores"].items():
-        cells = ", ".join(
-            f"{s} {v['mean']:.4g} [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}]"
-            for s, v in by_scorer.items()
-        )
+        cells = ", ".join(f"{s} {format_ci(v)}" for s, v in by_scorer.items())
         print(f"{model}: {cells}")
     print(f"report: {cfg.out}/report.html (and report.md, results.json)")
     return 0

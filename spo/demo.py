@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from spo.config import ConfigError, DemoConfig
+from spo.evaluation.stats import format_ci
 from spo.runs import atomic_write_bytes
 from spo.training import TrainingError
 
@@ -191,8 +192,8 @@ def headline(results: dict) -> list[list[str]]:
         cells = []
         for s in scorers:
             e = results["scores"][m][s]
-            cells.append(f"{e['mean']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]")
+            cells.append(format_ci(e, spec=".3f"))
         win = results["win_rates"].get("oracle", {}).get(f"{m} vs base")
-        rate = f"{win['rate']:.2f} [{win['ci95'][0]:.2f}, {win['ci95'][1]:.2f}]" if win else ""
+        rate = format_ci(win, "rate", ".2f") if win else ""
         rows.append([m, *cells, rate])
     return rows

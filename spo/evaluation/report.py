@@ -13,19 +13,15 @@ import numpy as np
 from PIL import Image
 
 from spo.config import CompareConfig
+from spo.evaluation.stats import format_ci
 from spo.runs import atomic_write_bytes
-
-
-def _fmt(entry: dict, key: str = "mean") -> str:
-    lo, hi = entry["ci95"]
-    return f"{entry[key]:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
 def score_table(results: dict, models: list[str], scorers: list[str]) -> list[list[str]]:
     """Rows: header, then one per model: mean [95% CI] per scorer."""
     rows = [["model", *scorers]]
     for m in models:
-        rows.append([m, *(_fmt(results["scores"][m][s]) for s in scorers)])
+        rows.append([m, *(format_ci(results["scores"][m][s]) for s in scorers)])
     return rows
 
 
@@ -34,7 +30,8 @@ def win_table(results: dict, models: list[str], scorer: str) -> list[list[str]]:
     rates = results["win_rates"][scorer]
     rows = [["A \\ B", *models]]
     for a in models:
-        rows.append([a, *("—" if a == b else _fmt(rates[f"{a} vs {b}"], "rate") for b in models)])
+        cells = ("—" if a == b else format_ci(rates[f"{a} vs {b}"], "rate") for b in models)
+        rows.append([a, *cells])
     return rows
 
 
@@ -138,7 +135,7 @@ def write_report(cfg: CompareConfig, prompts, scores: dict, results: dict) -> No
         md += ["", f"![{scorer}](means_{i}.png)"]
     for cat, by_model in results.get("by_category", {}).items():
         rows = [["model", *scorers]] + [
-            [m, *(_fmt(by_model[m][sc]) for sc in scorers)] for m in models
+            [m, *(format_ci(by_model[m][sc]) for sc in scorers)] for m in models
         ]
         md += ["", f"## Category: {cat}", "", _markdown(rows)]
     md += ["", "## Samples (first seed of each prompt)", "", "![grid](grid.png)", ""]
@@ -162,7 +159,7 @@ def write_report(cfg: CompareConfig, prompts, scores: dict, results: dict) -> No
         parts += [_html_table(win_table(results, models, scorer)), img(f"means_{i}.png")]
     for cat, by_model in results.get("by_category", {}).items():
         rows = [["model", *scorers]] + [
-            [m, *(_fmt(by_model[m][sc]) for sc in scorers)] for m in models
+            [m, *(format_ci(by_model[m][sc]) for sc in scorers)] for m in models
         ]
         parts += [f"<h2>Category: {html.escape(cat)}</h2>", _html_table(rows)]
     parts += ["<h2>Samples (first seed of each prompt)</h2>", img("grid.png"), "</body></html>"]

@@ -44,3 +44,9 @@ def win_rate_ci(
     idx = _prompt_resamples(len(per_prompt), n_boot, seed)
     boot = per_prompt[idx].mean(axis=1)
     return {"rate": float(outcome.mean()), "ci95": _percentile_ci(boot, level), "n": int(a.size)}
+
+
+def format_ci(entry: dict, key: str = "mean", spec: str = ".4g") -> str:
+    """"value [lo, hi]" of a `mean_ci` / `win_rate_ci` entry, each number formatted with `spec`."""
+    lo, hi = entry["ci95"]
+    return f"{entry[key]:{spec}} [{lo:{spec}}, {hi:{spec}}]"
