@@ -1,21 +1,42 @@
-"""The step-aware preference model (SPM): a timestep-conditioned CLIP scorer (SPEC.md section 2)."""
+"""The step-aware preference model (SPM): a timestep-conditioned CLIP scorer (SPEC.md section 2).
 
-from preference_model.model import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    SPMConfig,
-    StepAwarePreferenceModel,
-    load,
-    pickscore_clip_config,
-    timestep_embedding,
-)
+A standalone model library: the model, its loss, loading and saving, scoring, the noisy-image
+maker that makes its training inputs, and the image transform shared with CLIP-style scorers.
+It imports nothing from `spo`. Names are resolved on first use, so `preference_model.errors`
+(what the `spo` CLI catches) loads without torch.
+"""
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "SPMConfig",
-    "StepAwarePreferenceModel",
-    "load",
-    "pickscore_clip_config",
-    "timestep_embedding",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "preference_model.errors",
+    "CheckpointNotFoundError": "preference_model.errors",
+    "SPMConfig": "preference_model.model",
+    "StepAwarePreferenceModel": "preference_model.model",
+    "TOY_BACKBONE_DIR": "preference_model.model",
+    "check_state_dict": "preference_model.model",
+    "load": "preference_model.model",
+    "pickscore_clip_config": "preference_model.model",
+    "timestep_embedding": "preference_model.model",
+    "toy_spm": "preference_model.model",
+    "NoisyImageMaker": "preference_model.noisy",
+    "pairwise_accuracy": "preference_model.losses",
+    "preference_loss": "preference_model.losses",
+    "ImageTransform": "preference_model.transforms",
+    "preprocess_images": "preference_model.transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'preference_model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

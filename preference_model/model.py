@@ -41,25 +41,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
+from preference_model.errors import CheckpointError, CheckpointNotFoundError
+from preference_model.transforms import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageTransform,
+    preprocess_images,
+)
+
 KIND = "step_aware_preference_model"
 FORMAT_VERSION = 1
 CONFIG_NAME = "spm_config.json"
 WEIGHTS_NAME = "model.safetensors"
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TOY_BACKBONE_DIR = Path(__file__).parent / "toy_backbone"
 
 Family = Literal["open_clip", "hf_clip"]
 ValueRange = Literal["0-1", "-1-1"]
 Timesteps = int | float | Sequence[int | float] | Tensor
 Images = Tensor | Sequence[Image.Image]
-
-
-class CheckpointError(ValueError):
-    """A folder or state dict that is not a loadable SPM checkpoint; the message is one line."""
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """An SPM checkpoint folder or its weights file does not exist; the message is one line."""
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000) -> Tensor:
@@ -326,7 +325,7 @@ def _tokenizer_for(config: SPMConfig, folder: Path | None) -> Callable[[list[str
     return open_clip.SimpleTokenizer(context_length=length)
 
 
-def _check_state_dict(
+def check_state_dict(
     expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], source: str
 ) -> None:
     """Raise CheckpointError naming the first missing, unexpected or mis-shaped key."""
@@ -527,7 +526,7 @@ class StepAwarePreferenceModel(nn.Module):
             for k, v in state_dict.items()
             if k in expected or not k.endswith("embeddings.position_ids")
         }
-        _check_state_dict(
+        check_state_dict(
             {k: tuple(v.shape) for k, v in expected.items()},
             {k: tuple(v.shape) for k, v in state_dict.items()},
             "backbone state dict",
@@ -585,30 +584,24 @@ class StepAwarePreferenceModel(nn.Module):
                 raise ValueError(f"value_range must be '0-1' or '-1-1', got {value_range!r}")
             elif images.detach().amin() < -0.5:
                 raise ValueError("images go below -0.5 with value_range='0-1'; pass '-1-1'")
-            pixels = self._resize_crop(images.to(self.device, torch.float32))
+            pixels = preprocess_images(images.to(self.device, torch.float32), self.transform)
         else:
-            pixels = torch.cat([self._resize_crop(self._pil_to_tensor(im)) for im in images])
+            pixels = torch.cat(
+                [preprocess_images(self._pil_to_tensor(im), self.transform) for im in images]
+            )
         # Normalised in float32 whatever the model's dtype, as the libraries' processors do.
-        mean = torch.tensor(self.config.image_mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.image_std, device=self.device).view(1, 3, 1, 1)
-        return ((pixels.clamp(0, 1) - mean) / std).to(self._tower.dtype)
+        return pixels.to(self._tower.dtype)
+
+    @property
+    def transform(self) -> ImageTransform:
+        """Shorter side to the backbone's input size (bicubic, antialiased), centre crop,
+        the backbone's mean and std."""
+        c = self.config
+        return ImageTransform(c.image_size, tuple(c.image_mean), tuple(c.image_std))
 
     def _pil_to_tensor(self, image: Image.Image) -> Tensor:
         array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
         return torch.from_numpy(array).permute(2, 0, 1)[None].to(self.device, torch.float32) / 255
-
-    def _resize_crop(self, images: Tensor) -> Tensor:
-        size = self.config.image_size
-        height, width = images.shape[-2:]
-        if (height, width) == (size, size):
-            return images
-        scale = size / min(height, width)
-        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-        images = F.interpolate(
-            images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
-        )
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        return images[..., top : top + size, left : left + size]
 
     def _timesteps(self, timesteps: Timesteps, n: int) -> Tensor:
         t = torch.as_tensor(timesteps, device=self.device).flatten()
@@ -707,10 +700,23 @@ def load(
         model = StepAwarePreferenceModel(config, tokenizer_folder=folder)
     with safe_open(weights, framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    _check_state_dict(
+    check_state_dict(
         {k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, str(weights)
     )
     model.load_state_dict(load_file(weights, device=str(device)), strict=True)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def toy_spm(time_conditioning: bool = True) -> StepAwarePreferenceModel:
+    """The shipped toy CLIP (the toy world's stand-in for PickScore_v1) as an SPM: equal to
+    that CLIP at every t until trained."""
+    config = TOY_BACKBONE_DIR / "open_clip_config.json"
+    if not config.is_file():
+        raise CheckpointNotFoundError(f"the shipped toy backbone is missing: {config}")
+    return StepAwarePreferenceModel.from_open_clip(
+        config,
+        TOY_BACKBONE_DIR / "open_clip_model.safetensors",
+        time_conditioning=time_conditioning,
+    )

@@ -9,11 +9,26 @@ image itself, as SPO scores its final samples.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import Tensor
 
-from spo.models import DiffusionModel
-from spo.sampling import add_noise, cfg_combine, predict_x0
+
+class DiffusionBackend(Protocol):
+    """The diffusion calls the maker needs (`spo.models.DiffusionModel` has them): the frozen
+    UNet, VAE encode / decode, text conditioning, and the noise schedule's math."""
+
+    unet: torch.nn.Module
+    device: torch.device
+
+    def encode_images(self, pixels: Tensor) -> Tensor: ...
+    def decode_latents(self, latents: Tensor) -> Tensor: ...
+    def encode_text(self, prompts: list[str]) -> Any: ...
+    def empty_text(self, n: int) -> Any: ...
+    def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor: ...
+    def guided_output(self, unet, x: Tensor, t: Tensor, cond: Any, scale: float) -> Tensor: ...
+    def predict_x0(self, x_t: Tensor, output: Tensor, timesteps: Tensor) -> Tensor: ...
 
 
 class NoisyImageMaker:
@@ -24,7 +39,7 @@ class NoisyImageMaker:
     """
 
     def __init__(
-        self, model: DiffusionModel, guidance_scale: float = 5.0, max_pairs: int = 64
+        self, model: DiffusionBackend, guidance_scale: float = 5.0, max_pairs: int = 64
     ) -> None:
         self.model = model
         self.guidance_scale = guidance_scale
@@ -61,15 +76,9 @@ class NoisyImageMaker:
         noise = torch.randn((b, *latents.shape[1:]), generator=generator, device=generator.device)
         noise = noise.to(latents).repeat_interleave(2, dim=0)
         t = timesteps.to(model.device).long().repeat_interleave(2)
-        alpha_bar = model.alpha_bar(t)
-        x_t = add_noise(latents, noise, alpha_bar)
+        x_t = model.add_noise(latents, noise, t)
         text = model.encode_text(captions).repeat_interleave(2)
         both = type(text).cat([text, model.empty_text(2 * b)])
-        unet_dtype = model.unet.dtype
-        eps = model.unet_forward(
-            model.unet, torch.cat([x_t, x_t]).to(unet_dtype), torch.cat([t, t]), both
-        ).float()
-        cond, uncond = eps.chunk(2)
-        guided = cfg_combine(uncond, cond, self.guidance_scale)
-        x0 = predict_x0(x_t.float(), guided, alpha_bar, model.prediction_type)
+        guided = model.guided_output(model.unet, x_t, t, both, self.guidance_scale)
+        x0 = model.predict_x0(x_t.float(), guided, t)
         return model.decode_latents(x0).unflatten(0, (b, 2))

@@ -38,7 +38,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from preference_model.model import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, StepAwarePreferenceModel
+from preference_model.model import StepAwarePreferenceModel
+from preference_model.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from spo.toy.annotator import labelled_pairs
 from spo.toy.render import Prompt, all_prompts, render, split_prompts
 

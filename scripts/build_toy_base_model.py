@@ -25,10 +25,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from spo.toy.base_model import vae_round_trip
 from spo.toy.oracle import evaluate, recognition_rates
 from spo.toy.render import SIZE, Prompt, render, split_prompts
 from spo.toy.text import VOCAB_SIZE, build_tokenizer
-from spo.toy.world import vae_round_trip
 
 MAX_TOKENS = 16  # toy prompts are 9 CLIP tokens with <bos>/<eos>; 16 keeps cross-attention cheap
 

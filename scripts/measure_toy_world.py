@@ -15,9 +15,9 @@ import torch
 from diffusers import AutoencoderKL
 from scipy.stats import spearmanr
 
+from spo.toy.base_model import BASE_MODEL_DIR, vae_round_trip
 from spo.toy.oracle import evaluate, recognition_rates
 from spo.toy.render import all_prompts, render
-from spo.toy.world import BASE_MODEL_DIR, vae_round_trip
 
 
 def main() -> None:

@@ -4,9 +4,9 @@ Usage (after `spo demo`, whose world and SPM it reuses):
     python scripts/toy_replication.py --demo runs/toy --out runs/replication [--seeds 0 1 2]
         [--budget-minutes 3.5] [--jobs 1] [--images-per-prompt 16] [--arms dpo,spo,...]
 
-Every arm is the demo's own training command (`spo.demo.stage_args`) with the same wall-clock
-budget per run, plus its seed and the ablated setting. Runs go one after another with 2 CPU
-threads like the demo (`--jobs`/`--threads` can change that, but on 2 cores two 1-thread runs
+Every arm is the demo's own training command (`spo.commands.demo.stage_args`) with the same
+wall-clock budget per run, plus its seed and the ablated setting. Runs go one after another with 2
+CPU threads like the demo (`--jobs`/`--threads` can change that, but on 2 cores two 1-thread runs
 side by side each got less than half the work done, so the default is sequential). The
 SPM without time conditioning is trained once, with the demo's SPM command and
 `time_conditioning=false`. Then one `spo compare` generates `--images-per-prompt` images per
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spo.commands.demo import stage_args, validation_curve
 from spo.config import DemoConfig
-from spo.demo import stage_args, validation_curve
 from spo.evaluation.stats import format_ci, mean_ci, win_rate_ci
 
 # arm -> (demo stage, overrides, the paper's question it answers)

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from spo.config import ConfigError
+from spo.errors import ConfigError
 from spo.models import is_local_path
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")

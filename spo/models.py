@@ -19,10 +19,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from spo.config import ConfigError
+from spo.ddim import add_noise, cfg_combine, predict_x0
+from spo.errors import ConfigError
 
 Family = Literal["sd", "sdxl"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PRECISIONS = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen weights are loaded in for accelerate's `mixed_precision` (no / fp16 /
+    bf16)."""
+    return DTYPES[_PRECISIONS[mixed_precision]]
 
 
 @dataclass
@@ -220,6 +228,32 @@ class DiffusionModel:
         hidden = text.hidden.to(latents.dtype)
         return unet(latents, timesteps, encoder_hidden_states=hidden, **kwargs).sample
 
+    def guided_output(
+        self, unet, x: Tensor, t: int | Tensor, cond: TextConditioning, scale: float
+    ) -> Tensor:
+        """The classifier-free-guided model output for every row of x, conditional and
+        unconditional rows in ONE UNet call. `t` is one timestep or one per row; `cond` holds
+        the conditional rows followed by the unconditional ones (2N). float32."""
+        timesteps = torch.as_tensor(t, device=x.device).long().expand(x.shape[0]).repeat(2)
+        dtype = next(unet.parameters()).dtype
+        out = self.unet_forward(unet, torch.cat([x, x]).to(dtype), timesteps, cond).float()
+        e_c, e_u = out.chunk(2)
+        return cfg_combine(e_u, e_c, scale)
+
+    # ------------------------------------------------------------------------------ schedule
+
+    def alpha_bar(self, timesteps: Tensor) -> Tensor:
+        """Cumulative alpha of each timestep, float32 on the timesteps' device."""
+        return self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+
+    def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """Forward diffusion q(x_t | x_0) at one timestep per row."""
+        return add_noise(latents, noise, self.alpha_bar(timesteps))
+
+    def predict_x0(self, x_t: Tensor, output: Tensor, timesteps: Tensor) -> Tensor:
+        """The one-step clean-latent estimate from the model output (epsilon or v)."""
+        return predict_x0(x_t, output, self.alpha_bar(timesteps), self.prediction_type)
+
     # ------------------------------------------------------------------------------ VAE
 
     @torch.no_grad()
@@ -266,7 +300,3 @@ class DiffusionModel:
             ).images
             out.append(images.float().clamp(0, 1).cpu())
         return torch.cat(out)
-
-    def alpha_bar(self, timesteps: Tensor) -> Tensor:
-        """Cumulative alpha of each timestep, float32 on the model's device."""
-        return self.alphas_cumprod.to(timesteps.device)[timesteps.long()]

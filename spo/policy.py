@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from spo.config import ConfigError, PolicyConfig
+from spo.config.schemas import PolicyConfig
+from spo.errors import ConfigError
 from spo.models import DiffusionModel
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

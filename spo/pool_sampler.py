@@ -19,25 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from spo.config.schemas import SamplerConfig
+from spo.ddim import ddim_step_with_logprob, predict_x0
 from spo.models import DiffusionModel, TextConditioning
-from spo.sampling import cfg_combine, ddim_step_with_logprob, predict_x0
 
 
-@dataclass
-class PoolSettings:
-    """The sampler's knobs (SPEC.md 3; SD1.5 defaults)."""
-
-    num_steps: int = 20
-    eta: float = 1.0
-    guidance_scale: float = 5.0
-    k: int = 4  # candidates per trained step
-    divert_step: int = 4  # ordinary steps before the first trained one (t <= 750 trained)
-    threshold: float = 0.3  # keep a pair when softmax([s_w, s_l]) differ by more than this
-    continuation: str = "random"  # random | win | lose: which candidate the chain follows
-    inner_steps: int = 0  # SDXL variant: ordinary steps each candidate takes before scoring
-
-
-@dataclass
+@dataclass(kw_only=True)
 class KeptPairs:
     """Kept (win, lose) segments, on the CPU. A segment starts at `start` (x_t) and takes
     L transitions; `timesteps` holds t_0 (of x_t) and the L timesteps reached."""
@@ -55,12 +42,12 @@ class KeptPairs:
     def index(self, idx: Tensor | list[int]) -> KeptPairs:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return KeptPairs(
-            self.start[idx],
-            self.win[idx],
-            self.lose[idx],
-            self.timesteps[idx],
-            [self.prompt[i] for i in idx.tolist()],
-            self.score_gap[idx],
+            start=self.start[idx],
+            win=self.win[idx],
+            lose=self.lose[idx],
+            timesteps=self.timesteps[idx],
+            prompt=[self.prompt[i] for i in idx.tolist()],
+            score_gap=self.score_gap[idx],
         )
 
     @staticmethod
@@ -69,18 +56,19 @@ class KeptPairs:
         if not parts:
             return KeptPairs.empty()
         return KeptPairs(
-            torch.cat([p.start for p in parts]),
-            torch.cat([p.win for p in parts]),
-            torch.cat([p.lose for p in parts]),
-            torch.cat([p.timesteps for p in parts]),
-            [x for p in parts for x in p.prompt],
-            torch.cat([p.score_gap for p in parts]),
+            start=torch.cat([p.start for p in parts]),
+            win=torch.cat([p.win for p in parts]),
+            lose=torch.cat([p.lose for p in parts]),
+            timesteps=torch.cat([p.timesteps for p in parts]),
+            prompt=[x for p in parts for x in p.prompt],
+            score_gap=torch.cat([p.score_gap for p in parts]),
         )
 
     @staticmethod
     def empty() -> KeptPairs:
         z = torch.empty(0)
-        return KeptPairs(z, z, z, torch.empty(0, 0, dtype=torch.long), [], z)
+        no_steps = torch.empty(0, 0, dtype=torch.long)
+        return KeptPairs(start=z, win=z, lose=z, timesteps=no_steps, prompt=[], score_gap=z)
 
 
 class Schedule:
@@ -107,26 +95,13 @@ class Schedule:
         return torch.where(t < 0, torch.tensor(self.final_alpha), alphas).to(device)
 
 
-def guided_eps(
-    model: DiffusionModel, unet, x: Tensor, t: int | Tensor, cond: TextConditioning, scale: float
-) -> Tensor:
-    """CFG noise estimate for every row of x: conditional and unconditional in ONE UNet call.
-    `t` is one timestep or one per row; `cond` holds the conditional rows followed by the
-    unconditional ones (2N)."""
-    timesteps = torch.as_tensor(t, device=x.device).long().expand(x.shape[0]).repeat(2)
-    dtype = next(unet.parameters()).dtype
-    out = model.unet_forward(unet, torch.cat([x, x]).to(dtype), timesteps, cond).float()
-    e_c, e_u = out.chunk(2)
-    return cfg_combine(e_u, e_c, scale)
-
-
-Scorer = Callable[[Tensor, list[str], int], Tensor]  # (images in [-1, 1], prompts, t) -> (N,)
+StepJudge = Callable[[Tensor, list[str], int], Tensor]  # (images in [-1, 1], prompts, t) -> (N,)
 
 
 class PoolSampler:
     """Runs SPO's sampling pass with a given (policy) UNet and an SPM scorer."""
 
-    def __init__(self, model: DiffusionModel, score: Scorer, settings: PoolSettings) -> None:
+    def __init__(self, model: DiffusionModel, score: StepJudge, settings: SamplerConfig) -> None:
         self.model, self.score, self.s = model, score, settings
         self.schedule = Schedule(model, settings.num_steps)
 
@@ -149,7 +124,7 @@ class PoolSampler:
         while i < n:
             t = ts[i]
             if eps is None:
-                eps = guided_eps(model, unet, x, t, cond1, s.guidance_scale)
+                eps = model.guided_output(unet, x, t, cond1, s.guidance_scale)
             if i < s.divert_step:
                 x, _ = self._step(x, eps, t, generator)
                 eps, i = None, i + 1
@@ -166,7 +141,7 @@ class PoolSampler:
                 eps_c = (
                     None
                     if last
-                    else guided_eps(model, unet, cand, ts[i + j + 1], condk, s.guidance_scale)
+                    else model.guided_output(unet, cand, ts[i + j + 1], condk, s.guidance_scale)
                 )
             t_end = reached[-1]
             if eps_c is None:  # clean samples: the SPM judges them at t = 0
@@ -235,6 +210,7 @@ def chain_log_probs(
     unet,
     pairs: KeptPairs,
     chains: Tensor,
+    *,
     schedule: Schedule,
     guidance_scale: float,
     eta: float,
@@ -250,7 +226,7 @@ def chain_log_probs(
     total = torch.zeros(m, device=device)
     for j in range(length):
         t, t_next = pairs.timesteps[:, j], pairs.timesteps[:, j + 1]
-        eps = guided_eps(model, unet, state, t.to(device), cond, guidance_scale)
+        eps = model.guided_output(unet, state, t.to(device), cond, guidance_scale)
         nxt = chains[:, j].to(device)
         _, logp = ddim_step_with_logprob(
             state,

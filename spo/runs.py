@@ -21,9 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spo.config import ConfigError, save_config
+from spo.config.loader import dump_config
+from spo.errors import ConfigError
 
-__all__ = ["RunDir", "atomic_dir", "atomic_write_bytes", "prepare_run_dir"]
+__all__ = [
+    "RunDir",
+    "atomic_dir",
+    "atomic_write_bytes",
+    "made_by",
+    "prepare_run_dir",
+    "require_path",
+]
+
+# Toy run folders -> the command that makes them, for "input missing" messages.
+_MADE_BY = {
+    "world": "spo toy-world",
+    "spm": "spo train-preference-model --config configs/toy/spm.yaml",
+    "dpo": "spo train-dpo --config configs/toy/dpo.yaml",
+    "spo": "spo train-spo --config configs/toy/spo.yaml",
+}
 
 
 def _umask() -> int:
@@ -190,7 +206,26 @@ def prepare_run_dir(out: str | Path, cfg: Any) -> RunDir:
         run.checkpoints.mkdir(exist_ok=True)
         run.final.mkdir(exist_ok=True)
         run.metrics_path.touch(exist_ok=True)
-        save_config(cfg, run.config_path)
+        atomic_write_bytes(run.config_path, dump_config(cfg).encode("utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot write to output folder {out}: {e.strerror or e}") from e
     return run
+
+
+def made_by(path: str | Path) -> str | None:
+    """The command that writes `path` when it lies in a toy run folder (runs/toy/<stage>/...)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts[:-1]):
+        if part == "toy" and parts[i + 1] in _MADE_BY:
+            return _MADE_BY[parts[i + 1]]
+    return None
+
+
+def require_path(path: str | Path, what: str) -> Path:
+    """`path` if it exists, else a one-line ConfigError saying which command makes it."""
+    path = Path(path)
+    if not path.exists():
+        command = made_by(path)
+        hint = f"; `{command}` writes it" if command else ""
+        raise ConfigError(f"{what} not found: {path}{hint}")
+    return path

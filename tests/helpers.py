@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spo.training.checkpoints import Checkpointer
+
 
 def one_error_line(capsys) -> str:
     """The command's stderr must be exactly one `spo: error: ...` line; return it."""
@@ -19,18 +21,18 @@ class Killed(Exception):
     """Stands for the process being killed right after a checkpoint was written."""
 
 
-def assert_resume_is_exact(recipe, run, straight, killed, weights: str) -> None:
+def assert_resume_is_exact(run, straight, killed, weights: str) -> None:
     """Run `run(straight)` uninterrupted; run `run(killed)` but die after its first checkpoint,
     then run it again (resume=latest); both must end with identical `weights` files."""
     assert run(straight) == 0
-    save = recipe.Checkpointer.save
+    save = Checkpointer.save
 
     def save_then_die(self, accelerator, step, state):
         save(self, accelerator, step, state)
         raise Killed
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(recipe.Checkpointer, "save", save_then_die)
+        m.setattr(Checkpointer, "save", save_then_die)
         with pytest.raises(Killed):
             run(killed)
     assert not (killed / "final" / weights).exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -118,9 +117,9 @@ def test_help_lists_every_command(capsys):
 def test_toy_world_happy_path_calls_build_world(tmp_path, monkeypatch, capsys):
     """Stand-in build_world: checks the wiring without the real (heavy) toy world."""
     calls: list[tuple[ToyWorldConfig, RunDir]] = []
-    fake = types.ModuleType("spo.toy.world")
-    fake.build_world = lambda cfg, run: calls.append((cfg, run))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "spo.toy.world", fake)
+    from spo.commands import toy_world
+
+    monkeypatch.setattr(toy_world, "build_world", lambda cfg, run: calls.append((cfg, run)))
 
     (tmp_path / "w.yaml").write_text("train_pairs: 9\nseed: 4\n")
     argv = ["toy-world", "--config", "w.yaml", "seed=5", "--out", "myrun", "grid_prompts=2"]

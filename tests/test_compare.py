@@ -121,8 +121,8 @@ def test_bad_input_fails_before_generation(mini_world, tmp_path, capsys):
 
 
 def test_categories_only_from_a_real_column(tmp_path):
+    from spo.commands.compare import load_prompt_set
     from spo.config import CompareConfig
-    from spo.evaluation.compare import load_prompt_set
 
     txt = tmp_path / "p.txt"
     txt.write_text("a red circle\na blue square\n")

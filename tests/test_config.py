@@ -10,14 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from spo.config import (
-    COMMAND_CONFIGS,
-    ConfigError,
-    ToyWorldConfig,
-    dump_config,
-    load_config,
-    save_config,
-)
+from spo.config import COMMAND_CONFIGS, ToyWorldConfig, dump_config, load_config
+from spo.errors import ConfigError
 from spo.runs import RunDir, atomic_dir, atomic_write_bytes, prepare_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,10 +203,10 @@ def test_registry():
     assert COMMAND_CONFIGS["toy-world"] is ToyWorldConfig
 
 
-def test_dump_and_save_round_trip(tmp_path):
+def test_dump_and_load_round_trip(tmp_path):
     cfg = load_config(NestedCfg, None, ["optim.lr=0.25", "steps=4"])
     assert "lr: 0.25" in dump_config(cfg)
-    save_config(cfg, tmp_path / "sub" / "c.yaml")
+    atomic_write_bytes(tmp_path / "sub" / "c.yaml", dump_config(cfg).encode())
     assert load_config(NestedCfg, tmp_path / "sub" / "c.yaml") == cfg
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["c.yaml"]  # no temp file left
 

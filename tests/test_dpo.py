@@ -19,7 +19,7 @@ from tiny_pipelines import build_tiny_sdxl
 from spo.cli import main
 from spo.data import load_pair_table
 from spo.losses import dpo_loss, per_sample_mse, sft_loss, spo_loss
-from spo.toy.world import BASE_MODEL_DIR
+from spo.toy.base_model import BASE_MODEL_DIR
 
 ROOT = Path(__file__).parents[1]
 
@@ -147,13 +147,11 @@ def test_sdxl_family_trains(mini_world, tmp_path, mode):
 
 
 def test_killed_run_resumes_to_the_same_weights(mini_world, tmp_path):
-    from spo import dpo as recipe
-
     def run(out):
         return main(_args(mini_world, out))
 
     assert_resume_is_exact(
-        recipe, run, tmp_path / "straight", tmp_path / "killed", "pytorch_lora_weights.safetensors"
+        run, tmp_path / "straight", tmp_path / "killed", "pytorch_lora_weights.safetensors"
     )
 
 
@@ -178,7 +176,7 @@ def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys, monkeypatch
     assert main(_args(mini_world, tmp_path / "c", f"resume={resume}")) == 2
     assert "cannot resume a lora run" in one_error_line(capsys)
 
-    from spo import dpo
+    from spo.commands import train_dpo as dpo
 
     real = dpo.dpo_loss
 

@@ -7,7 +7,7 @@ import math
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from spo.sampling import (
+from spo.ddim import (
     add_noise,
     cfg_combine,
     ddim_step_with_logprob,

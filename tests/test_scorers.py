@@ -1,4 +1,4 @@
-"""The evaluation scorers (spo/evaluation/scorers.py): key layouts of the real checkpoints,
+"""The evaluation scorers (spo/evaluation/scorers/): key layouts of the real checkpoints,
 score formulas on hand-made cases, and one-line errors. Random tiny models only, no network."""
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from spo.config import ConfigError
-from spo.evaluation import scorers
-from spo.evaluation.scorers import (
-    AestheticMLP,
-    AestheticScorer,
-    CLIPCosineScorer,
+from preference_model.transforms import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     ImageTransform,
-    build_scorer,
-    check_state_dict,
     preprocess_images,
-    unwrap_state_dict,
 )
+from spo.errors import ConfigError
+from spo.evaluation.scorers import aesthetic, build_scorer, imagereward
+from spo.evaluation.scorers import clip as clip_family
+from spo.evaluation.scorers.aesthetic import AestheticMLP, AestheticScorer
+from spo.evaluation.scorers.base import check_state_dict, unwrap_state_dict
+from spo.evaluation.scorers.clip import CLIPCosineScorer
 
 PROMPTS = ["a red cube", "a blue ball on grass", "two cats", "an empty street at night"]
 
@@ -67,7 +67,7 @@ def images(n: int = 4, height: int = 48, width: int = 40) -> torch.Tensor:
 
 def meta_open_clip(arch: str, quick_gelu: bool = False) -> nn.Module:
     """The real architecture, with no memory behind its weights (keys and shapes only)."""
-    return scorers.open_clip_model(arch, "meta", quick_gelu=quick_gelu).model
+    return clip_family.open_clip_model(arch, "meta", quick_gelu=quick_gelu).model
 
 
 class StubClip(nn.Module):
@@ -107,7 +107,7 @@ def test_hps_checkpoint_layout_matches_open_clip_vit_h14():
     state.pop("visual.proj")
     with pytest.raises(ConfigError, match="missing weight 'visual.proj'"):
         check_state_dict(expected, state, "HPS_v2.1_compressed.pt")
-    clip = scorers.open_clip_model("ViT-H-14", "meta")
+    clip = clip_family.open_clip_model("ViT-H-14", "meta")
     assert clip.transform == ImageTransform(224)  # OpenAI mean / std, bicubic
     assert clip.tokenizer(["a cat"]).shape == (1, 77)
 
@@ -140,8 +140,8 @@ def test_preprocess_crop_and_pad():
     crop = preprocess_images(white, ImageTransform(20))
     pad = preprocess_images(white, ImageTransform(20, resize_mode="longest"))
     assert crop.shape == pad.shape == (2, 3, 20, 20)
-    mean = torch.tensor(scorers.OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(scorers.OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(crop, ((1 - mean) / std).expand_as(crop))
     # 40x80 -> 10x20, padded with 5 black rows above and below.
     torch.testing.assert_close(pad[:, :, 5:15], ((1 - mean) / std).expand(2, 3, 10, 20))
@@ -155,7 +155,7 @@ def test_preprocess_crop_and_pad():
 @pytest.mark.parametrize("layout", ["hps_checkpoint", "plain"])
 def test_hpsv2_scores_are_cosines(tmp_path, monkeypatch, layout):
     config, model = tiny_clip(tmp_path)
-    monkeypatch.setattr(scorers, "HPS_ARCH", str(config))
+    monkeypatch.setattr(clip_family, "HPS_ARCH", str(config))
     state = {k: v.half() for k, v in model.state_dict().items()}  # "compressed": fp16
     if layout == "hps_checkpoint":
         state = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
@@ -180,7 +180,7 @@ def test_hpsv2_scores_are_cosines(tmp_path, monkeypatch, layout):
 
 def test_hpsv2_rejects_a_wrong_checkpoint(tmp_path, monkeypatch):
     config, model = tiny_clip(tmp_path)
-    monkeypatch.setattr(scorers, "HPS_ARCH", str(config))
+    monkeypatch.setattr(clip_family, "HPS_ARCH", str(config))
     state = model.state_dict()
     state["visual.extra"] = torch.zeros(1)
     torch.save({"state_dict": state}, tmp_path / "hps.pt")
@@ -259,12 +259,12 @@ def test_aesthetic_mlp_equals_hand_computation():
 
 def test_aesthetic_scorer_loads_real_layout(tmp_path, monkeypatch):
     config, model = tiny_clip(tmp_path, embed_dim=768, quick_gelu=True)
-    monkeypatch.setattr(scorers, "AESTHETIC_ARCH", str(config))
+    monkeypatch.setattr(aesthetic, "AESTHETIC_ARCH", str(config))
     mlp = fixed_mlp()
-    torch.save(mlp.state_dict(), tmp_path / scorers.AESTHETIC_FILENAME)
+    torch.save(mlp.state_dict(), tmp_path / aesthetic.AESTHETIC_FILENAME)
     torch.save(model.state_dict(), tmp_path / "clip_l14.pt")
     scorer = build_scorer(
-        f"aesthetic:{tmp_path / scorers.AESTHETIC_FILENAME},{tmp_path}/clip_l14.pt"
+        f"aesthetic:{tmp_path / aesthetic.AESTHETIC_FILENAME},{tmp_path}/clip_l14.pt"
     )
     x = images()
     scores = scorer(x, PROMPTS)
@@ -287,15 +287,16 @@ def _no_model_building(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the weights were checked")
 
-    monkeypatch.setattr(scorers, "open_clip_model", refuse)
-    monkeypatch.setattr(scorers, "_import_imagereward", refuse)
+    for family in (clip_family, aesthetic):
+        monkeypatch.setattr(family, "open_clip_model", refuse)
+    monkeypatch.setattr(imagereward, "import_imagereward", refuse)
 
 
 @pytest.mark.parametrize(
     "spec, named",
     [
         ("hpsv2:{tmp}/nothing/HPS_v2.1_compressed.pt", "nothing/HPS_v2.1_compressed.pt"),
-        ("hpsv2:{tmp}/empty_folder", f"empty_folder/{scorers.HPS_FILENAME}"),
+        ("hpsv2:{tmp}/empty_folder", f"empty_folder/{clip_family.HPS_FILENAME}"),
         ("aesthetic:{tmp}/missing_mlp.pth", "missing_mlp.pth"),
         ("aesthetic:{tmp}/mlp.pth,{tmp}/missing_clip.pt", "missing_clip.pt"),
         ("clip:ViT-B-32@{tmp}/missing_clip.pt", "missing_clip.pt"),
@@ -334,7 +335,7 @@ def test_imagereward_import_failure_gives_first_line(monkeypatch):
     def broken(name):
         raise ImportError("cannot import name 'apply_chunking_to_forward'\nlong traceback")
 
-    monkeypatch.setattr(scorers.importlib, "import_module", broken)
+    monkeypatch.setattr(imagereward.importlib, "import_module", broken)
     with pytest.raises(ConfigError) as err:
         build_scorer("imagereward:ImageReward-v1.0")
     message = str(err.value)

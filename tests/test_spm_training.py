@@ -20,8 +20,9 @@ from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 from preference_model.losses import pairwise_accuracy, preference_loss
 from preference_model.noisy import NoisyImageMaker
 from spo.cli import main
-from spo.config import ConfigError, SPMTrainConfig, load_config
+from spo.config import SPMTrainConfig, load_config
 from spo.data import BadImageCounter, PairDataset, check_pair_table, load_pair_table
+from spo.errors import ConfigError
 from spo.models import DiffusionModel
 
 ROOT = Path(__file__).parents[1]
@@ -184,14 +185,10 @@ def test_train_writes_final_eval_and_loads_in_fresh_process(mini_world, tmp_path
 
 
 def test_killed_run_resumes_to_the_same_weights(mini_world, tmp_path):
-    from preference_model import train as recipe
-
     def run(out):
         return main(_args(mini_world, out))
 
-    assert_resume_is_exact(
-        recipe, run, tmp_path / "straight", tmp_path / "killed", "model.safetensors"
-    )
+    assert_resume_is_exact(run, tmp_path / "straight", tmp_path / "killed", "model.safetensors")
 
 
 def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys):

@@ -17,11 +17,11 @@ from tiny_pipelines import build_tiny_sdxl
 
 import preference_model
 from spo.cli import main
-from spo.config import PolicyConfig
+from spo.config import PolicyConfig, SamplerConfig
 from spo.losses import spo_loss
 from spo.models import DiffusionModel
 from spo.policy import Policy
-from spo.pool_sampler import PoolSampler, PoolSettings, chain_log_probs
+from spo.pool_sampler import PoolSampler, chain_log_probs
 
 ROOT = Path(__file__).parents[1]
 
@@ -85,7 +85,7 @@ def test_one_unet_call_per_step_for_all_candidates(mini_world):
     model = DiffusionModel.from_pretrained(str(mini_world / "base_model"))
     calls = []
     model.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
-    settings = PoolSettings(num_steps=20, k=4, divert_step=4, threshold=0.0)
+    settings = SamplerConfig(num_steps=20, k=4, divert_step=4, threshold=0.0)
     sampler = PoolSampler(model, _judge, settings)
     pairs, stats = sampler.sample(model.unet, ["a red circle"], torch.Generator().manual_seed(0))
     # 20 steps, 20 UNet calls: 4 ordinary + 1 for x_751 (each 2 rows: cond + uncond), then
@@ -102,19 +102,19 @@ def test_one_unet_call_per_step_for_all_candidates(mini_world):
 def test_fresh_lora_gives_ln2_and_unit_ratios(mini_world):
     model = DiffusionModel.from_pretrained(str(mini_world / "base_model"))
     policy = Policy(model, PolicyConfig(mode="lora", lora_rank=4))
-    settings = PoolSettings(num_steps=6, k=2, divert_step=2, threshold=0.0)
+    settings = SamplerConfig(num_steps=6, k=2, divert_step=2, threshold=0.0)
     sampler = PoolSampler(model, _judge, settings)
     pairs, _ = sampler.sample(
         model.unet, ["a red circle", "a cat"], torch.Generator().manual_seed(1)
     )
     assert len(pairs) > 0
-    args = (sampler.schedule, 5.0, 1.0)
+    args = {"schedule": sampler.schedule, "guidance_scale": 5.0, "eta": 1.0}
     with torch.no_grad():
-        logp_w = chain_log_probs(model, policy.unet, pairs, pairs.win, *args)
-        logp_l = chain_log_probs(model, policy.unet, pairs, pairs.lose, *args)
+        logp_w = chain_log_probs(model, policy.unet, pairs, pairs.win, **args)
+        logp_l = chain_log_probs(model, policy.unet, pairs, pairs.lose, **args)
         with policy.reference() as ref:
-            ref_w = chain_log_probs(model, ref, pairs, pairs.win, *args)
-            ref_l = chain_log_probs(model, ref, pairs, pairs.lose, *args)
+            ref_w = chain_log_probs(model, ref, pairs, pairs.win, **args)
+            ref_l = chain_log_probs(model, ref, pairs, pairs.lose, **args)
     loss, ratio_w, ratio_l, clipped = spo_loss(logp_w, ref_w, logp_l, ref_l)
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
     assert torch.allclose(ratio_w, torch.ones_like(ratio_w))
@@ -171,13 +171,11 @@ def test_sdxl_multi_step_variant_runs(mini_world, tiny_spm, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights(mini_world, tiny_spm, tmp_path):
-    from spo import spo as recipe
-
     def run(out):
         return main(_args(mini_world, tiny_spm, out))
 
     assert_resume_is_exact(
-        recipe, run, tmp_path / "straight", tmp_path / "killed", "pytorch_lora_weights.safetensors"
+        run, tmp_path / "straight", tmp_path / "killed", "pytorch_lora_weights.safetensors"
     )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from spo.cli import main
-from spo.toy.world import BASE_MODEL_DIR, vae_round_trip
+from spo.toy.base_model import BASE_MODEL_DIR, vae_round_trip
 
 pytestmark = pytest.mark.skipif(
     not (BASE_MODEL_DIR / "model_index.json").exists(), reason="toy base model not built"

@@ -47,6 +47,6 @@ def win_rate_ci(
 
 
 def format_ci(entry: dict, key: str = "mean", spec: str = ".4g") -> str:
-    """"value [lo, hi]" of a `mean_ci` / `win_rate_ci` entry, each number formatted with `spec`."""
+    """ "value [lo, hi]" of a `mean_ci` / `win_rate_ci` entry, each number formatted with `spec`."""
     lo, hi = entry["ci95"]
     return f"{entry[key]:{spec}} [{lo:{spec}}, {hi:{spec}}]"

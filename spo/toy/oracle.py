@@ -45,7 +45,7 @@ _HUES = {c: colorsys.rgb_to_hsv(*(np.array(v) / 255.0))[0] * 360.0 for c, v in C
 _SATS = {c: colorsys.rgb_to_hsv(*(np.array(v) / 255.0))[1] for c, v in COLOURS.items()}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OracleReport:
     """Every term of R for one image, plus what the oracle recognised in it."""
 
@@ -126,16 +126,16 @@ def evaluate(image, prompt: Prompt | str) -> OracleReport:
     labels, n = ndimage.label(diff > OBJECT_THRESHOLD)
     if n == 0:
         return OracleReport(
-            0.0,
-            0.0,
-            background,
-            0.0,
-            _clean(diff, np.zeros_like(diff, bool)),
-            0.0,
-            0.0,
-            None,
-            None,
-            seen_background,
+            colour=0.0,
+            shape=0.0,
+            background=background,
+            sharpness=0.0,
+            clean=_clean(diff, np.zeros_like(diff, bool)),
+            framing=0.0,
+            contrast=0.0,
+            seen_colour=None,
+            seen_shape=None,
+            seen_background=seen_background,
         )
     sizes = ndimage.sum_labels(np.ones_like(diff), labels, index=np.arange(1, n + 1))
     mask = labels == (1 + int(np.argmax(sizes)))
@@ -186,16 +186,16 @@ def evaluate(image, prompt: Prompt | str) -> OracleReport:
     framing *= 0.5 if touches else 1.0
 
     return OracleReport(
-        colour,
-        shape,
-        background,
-        sharpness,
-        _clean(diff, mask),
-        framing,
-        contrast,
-        seen_colour,
-        seen_shape,
-        seen_background,
+        colour=colour,
+        shape=shape,
+        background=background,
+        sharpness=sharpness,
+        clean=_clean(diff, mask),
+        framing=framing,
+        contrast=contrast,
+        seen_colour=seen_colour,
+        seen_shape=seen_shape,
+        seen_background=seen_background,
     )
 
 

@@ -19,13 +19,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from spo.config import CompareConfig, ConfigError, ModelSpec
+from spo.config import CompareConfig, ModelSpec
 from spo.data import load_prompts
+from spo.errors import ConfigError
+from spo.evaluation.report import write_report
 from spo.evaluation.scorers import build_scorer
-from spo.evaluation.stats import mean_ci, win_rate_ci
+from spo.evaluation.stats import format_ci, mean_ci, win_rate_ci
 from spo.models import DTYPES, DiffusionModel
-from spo.runs import atomic_write_bytes, prepare_run_dir
-from spo.training import made_by
+from spo.runs import atomic_write_bytes, made_by, prepare_run_dir
 
 _UNET_KEYS = ("in_channels", "out_channels", "sample_size", "cross_attention_dim")
 
@@ -251,10 +252,18 @@ def statistics(cfg: CompareConfig, prompts: Prompts, scores: dict) -> dict:
     return results
 
 
+def run(cfg: CompareConfig) -> int:
+    """`spo compare`: compare, print each model's means."""
+    results = run_compare(cfg)
+    for model, by_scorer in results["scores"].items():
+        cells = ", ".join(f"{s} {format_ci(v)}" for s, v in by_scorer.items())
+        print(f"{model}: {cells}")
+    print(f"report: {cfg.out}/report.html (and report.md, results.json)")
+    return 0
+
+
 def run_compare(cfg: CompareConfig) -> dict:
     """Check everything, generate what is missing, score, and write the report."""
-    from spo.evaluation.report import write_report
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = load_prompt_set(cfg)
     scorers = {spec: build_scorer(spec, device=device) for spec in cfg.scorers}

@@ -21,40 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 from spo.config import ToyWorldConfig
-from spo.runs import RunDir, atomic_dir, atomic_write_bytes
+from spo.runs import RunDir, atomic_dir, atomic_write_bytes, prepare_run_dir
 from spo.toy.annotator import labelled_pairs
+from spo.toy.base_model import BASE_MODEL_DIR, load_base_pipeline
 from spo.toy.oracle import WEIGHTS, OracleReport, evaluate, recognition_rates
 from spo.toy.render import Prompt, render, split_prompts
 
-BASE_MODEL_DIR = Path(__file__).parent / "base_model"
 AESTHETIC_TERMS = ("sharpness", "clean", "framing", "contrast")
 
 
 def aesthetic_score(report: OracleReport) -> float:
     """The aesthetic part of R rescaled to [0, 1] (alignment terms left out)."""
     return report.aesthetic / sum(WEIGHTS[k] for k in AESTHETIC_TERMS)
-
-
-@torch.no_grad()
-def vae_round_trip(vae, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Encode (posterior mode) and decode uint8 images (N, H, W, 3) with a diffusers VAE."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
-
-
-def load_base_pipeline(path: str | Path, device: str = "cpu"):
-    """The toy base model as a plain diffusers pipeline with a DDIM scheduler, in float32
-    (its weights are stored in fp16 to keep the repository small)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 @torch.no_grad()
@@ -151,6 +129,12 @@ def save_grid(path: Path, images: np.ndarray, texts: list[str], cols: int) -> No
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+
+
+def run(cfg: ToyWorldConfig) -> int:
+    """`spo toy-world`: the run folder first (fails fast), then the world."""
+    build_world(cfg, prepare_run_dir(cfg.out, cfg))
+    return 0
 
 
 def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:

@@ -9,7 +9,6 @@ by (seed, micro-step, rank), so a killed and resumed run sees the same data and 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +16,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from preference_model.losses import pairwise_accuracy, preference_loss
-from preference_model.model import StepAwarePreferenceModel
-from preference_model.noisy import NoisyImageMaker
-from spo.config import ConfigError, SPMTrainConfig
+from preference_model import (
+    NoisyImageMaker,
+    StepAwarePreferenceModel,
+    pairwise_accuracy,
+    preference_loss,
+    toy_spm,
+)
+from spo.config import SPMTrainConfig
 from spo.data import (
     BadImageCounter,
     PairDataset,
@@ -28,23 +31,12 @@ from spo.data import (
     examples_per_prompt,
     load_pair_table,
 )
+from spo.errors import ConfigError
 from spo.models import DTYPES, DiffusionModel
-from spo.runs import RunDir, atomic_dir, atomic_write_bytes, prepare_run_dir
-from spo.training import (
-    Checkpointer,
-    MetricLogger,
-    build_optimizer,
-    guarded_step,
-    made_by,
-    make_accelerator,
-    micro_batch_rows,
-    require_path,
-    resume,
-    seeded_generator,
-)
+from spo.runs import atomic_write_bytes, made_by, require_path
+from spo.training.loop import TrainLoop, build_optimizer, micro_batch_rows, seeded_generator
 
 KIND = "spm_training"
-TOY_BACKBONE_DIR = Path(__file__).parent / "toy_backbone"
 
 
 def build_spm(cfg: SPMTrainConfig) -> StepAwarePreferenceModel:
@@ -56,12 +48,7 @@ def build_spm(cfg: SPMTrainConfig) -> StepAwarePreferenceModel:
                 b.model, tokenizer=b.tokenizer, time_conditioning=cfg.time_conditioning
             )
         if b.model == "toy":
-            config = require_path(TOY_BACKBONE_DIR / "open_clip_config.json", "toy backbone")
-            return StepAwarePreferenceModel.from_open_clip(
-                config,
-                TOY_BACKBONE_DIR / "open_clip_model.safetensors",
-                time_conditioning=cfg.time_conditioning,
-            )
+            return toy_spm(cfg.time_conditioning)
         model: str | Path = Path(b.model) if b.model.endswith(".json") else b.model
         return StepAwarePreferenceModel.from_open_clip(
             model, b.pretrained, time_conditioning=cfg.time_conditioning
@@ -114,6 +101,7 @@ def score_pairs(
     maker: NoisyImageMaker,
     dataset: PairDataset,
     indices: list[int],
+    *,
     timestep: int,
     batch_size: int,
     generator: torch.Generator,
@@ -142,6 +130,7 @@ def validate(
     spm: StepAwarePreferenceModel,
     maker: NoisyImageMaker,
     split: PairSplit,
+    *,
     timesteps: list[int],
     batch_size: int,
     seed: int,
@@ -158,7 +147,9 @@ def validate(
     result = {}
     for t in timesteps:
         gen = seeded_generator(seed, 7919, t, accelerator.process_index)
-        s0, s1, labels = score_pairs(spm, maker, split.dataset, mine, t, batch_size, gen)
+        s0, s1, labels = score_pairs(
+            spm, maker, split.dataset, mine, timestep=t, batch_size=batch_size, generator=gen
+        )
         s0, s1, labels = (
             accelerator.gather_for_metrics(x.to(accelerator.device)).cpu() for x in (s0, s1, labels)
         )
@@ -191,6 +182,14 @@ def relabel_by_backbone(
     return labels
 
 
+def run(cfg: SPMTrainConfig) -> int:
+    """`spo train-preference-model`: train, print the final evaluation."""
+    result = train_preference_model(cfg)
+    print(json.dumps(result, indent=2))
+    print(f"SPM written to {cfg.out}/final (evaluation: {cfg.out}/eval.json)")
+    return 0
+
+
 def train_preference_model(cfg: SPMTrainConfig) -> dict:
     """Run the recipe; returns the final evaluation written to OUT/eval.json."""
     from accelerate.utils import set_seed
@@ -206,20 +205,15 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     bad = BadImageCounter(cfg.pairs.max_bad_image_share, train.source)
     bad.probe(train.table)
     BadImageCounter(cfg.pairs.max_bad_image_share, val.source).probe(val.table)
-    run_root = Path(cfg.out)
-    checkpoints = Checkpointer(run_root / "checkpoints", KIND, cfg.checkpoints_total_limit)
-    resume_from = checkpoints.resolve(cfg.resume)
+    loop = TrainLoop(cfg, kind=KIND, name="spm")
     set_seed(cfg.seed)  # the time-conditioning MLP (and a random backbone) start the same
     spm = build_spm(cfg)
-    accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
+    accelerator = loop.make_accelerator()
     diffusion = DiffusionModel.from_pretrained(
         base_source, dtype=DTYPES[cfg.base_dtype], device=accelerator.device, vae=cfg.vae
     )
     train.dataset.resolution = val.dataset.resolution = diffusion.resolution
     spm = spm.to(accelerator.device)
-    run = prepare_run_dir(cfg.out, cfg) if main else RunDir(run_root)
-    accelerator.wait_for_everyone()
 
     if cfg.pairs.relabel_tie_gap is not None:
         spm.eval()
@@ -229,26 +223,32 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
     maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
 
-    optimizer, scheduler = build_optimizer(
-        "adamw", cfg.optim, cfg.max_steps, spm.parameters(), cfg.optim.lr
-    )
+    optimizer, scheduler = build_optimizer("adamw", cfg.optim, cfg.max_steps, spm.parameters())
     model, optimizer, scheduler = accelerator.prepare(spm, optimizer, scheduler)
     spm_unwrapped: StepAwarePreferenceModel = accelerator.unwrap_model(model)
-    state = resume(accelerator, checkpoints, resume_from)
-    step, bad.seen, bad.bad = (state.get(k, 0) for k in ("step", "seen_pairs", "bad_pairs"))
-    if cfg.tracker != "none":
-        accelerator.init_trackers("spm", config={"out": cfg.out, "seed": cfg.seed})
+    resumed = loop.begin(model=model, optimizer=optimizer, scheduler=scheduler, desc="train SPM")
+    bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
+
+    def state() -> dict:
+        return {"seen_pairs": bad.seen, "bad_pairs": bad.bad}
+
+    def accuracy(limit: int | None = None) -> dict[str, float]:
+        return validate(
+            accelerator,
+            spm_unwrapped,
+            maker,
+            val,
+            timesteps=cfg.validation_timesteps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            limit=limit,
+        )
 
     accum = cfg.gradient_accumulation_steps
-    progress = tqdm(
-        total=cfg.max_steps, initial=step, desc="train SPM", disable=not main, dynamic_ncols=True
-    )
-    logger = MetricLogger(run, accelerator, cfg.tracker != "none")
     model.train()
-    started = time.time()
-    try:
-        while step < cfg.max_steps:
-            micro = step * accum
+    with loop:
+        while loop.running():
+            micro = loop.step * accum
             for _ in range(accum):
                 _, rows = micro_batch_rows(
                     len(train.dataset), cfg.batch_size, micro, accelerator, cfg.seed
@@ -274,69 +274,39 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
                         batch.labels.to(accelerator.device),
                         batch.weights.to(accelerator.device),
                     )
-                    guarded_step(
-                        accelerator,
-                        loss,
-                        model,
-                        optimizer,
-                        scheduler,
-                        cfg.optim.max_grad_norm,
-                        checkpoints,
-                        step,
-                        {"seen_pairs": bad.seen, "bad_pairs": bad.bad},
-                        "SPM",
-                    )
+                    loop.optimizer_step(loss, state())
                 p0 = p0.detach().cpu()
-                logger.add(
+                loop.logger.add(
                     **{
                         "train/loss": loss.item(),
                         "train/accuracy": pairwise_accuracy(p0, 1 - p0, batch.labels)[0],
                     }
                 )
                 micro += 1
-            step += 1
-            progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics = logger.flush(
-                    step,
-                    lr=scheduler.get_last_lr()[0],
-                    bad_pairs=bad.bad,
-                    elapsed_s=time.time() - started,
-                )
-                progress.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-            if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.max_steps:
-                acc = validate(
-                    accelerator,
-                    spm_unwrapped,
-                    maker,
-                    val,
-                    cfg.validation_timesteps,
-                    cfg.batch_size,
-                    cfg.seed,
-                    cfg.validation_pairs_periodic,
-                )
-                logger.log(step, {f"val/accuracy_t{t}": a for t, a in acc.items()})
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                checkpoints.save(accelerator, step, {"seen_pairs": bad.seen, "bad_pairs": bad.bad})
-    finally:
-        progress.close()  # ends the bar's line, also before an error message
+            loop.end_step("train/loss", bad_pairs=bad.bad)
+            if loop.due(cfg.validation_every):
+                acc = accuracy(cfg.validation_pairs_periodic)
+                loop.logger.log(loop.step, {f"val/accuracy_t{t}": a for t, a in acc.items()})
+            if loop.due(cfg.checkpoint_every):
+                loop.checkpoints.save(accelerator, loop.step, state())
 
-    accuracy = validate(
-        accelerator, spm_unwrapped, maker, val, cfg.validation_timesteps, cfg.batch_size, cfg.seed
-    )
-    result: dict = {"accuracy_by_timestep": accuracy, "step": step}
+    final_accuracy = accuracy()
+    result: dict = {"accuracy_by_timestep": final_accuracy, "step": loop.step}
     ceiling = oracle_ceiling(val)
     if ceiling is not None:
         result["oracle_ceiling"] = ceiling
     result["validation_pairs"] = int((val.labels[:, 0] != 0.5).sum())
     result["time_conditioning"] = cfg.time_conditioning
-    if main:
+
+    def save(folder: Path) -> None:
         spm_unwrapped.config.trained_on = diffusion.describe()
-        with atomic_dir(run.final) as tmp:
-            spm_unwrapped.save(tmp)
-        atomic_write_bytes(run.root / "eval.json", json.dumps(result, indent=2).encode())
-        run.log_metrics(step, **{f"val/accuracy_t{t}": a for t, a in accuracy.items()})
-    if cfg.tracker != "none":
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
+        spm_unwrapped.save(folder)
+
+    def write_evaluation() -> None:
+        atomic_write_bytes(loop.run.root / "eval.json", json.dumps(result, indent=2).encode())
+        loop.run.log_metrics(
+            loop.step, **{f"val/accuracy_t{t}": a for t, a in final_accuracy.items()}
+        )
+
+    loop.finish(save, after=write_evaluation)
     return result

@@ -10,44 +10,30 @@ the epochs an uninterrupted one would run.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from spo.config import ConfigError, SPOTrainConfig
+import preference_model
+from spo.config import SPOTrainConfig
 from spo.data import load_prompts
+from spo.errors import ConfigError
 from spo.losses import spo_loss
-from spo.models import DiffusionModel
+from spo.models import DiffusionModel, weight_dtype
 from spo.policy import Policy, register_lora_checkpoint_hooks
-from spo.pool_sampler import KeptPairs, PoolSampler, PoolSettings, chain_log_probs
-from spo.runs import RunDir, prepare_run_dir
-from spo.training import (
-    WEIGHT_DTYPES,
-    Checkpointer,
-    MetricLogger,
-    Validator,
-    build_optimizer,
-    finish_run,
-    guarded_step,
-    made_by,
-    make_accelerator,
-    out_of_time,
-    require_path,
-    resume,
-    seeded_generator,
-)
+from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
+from spo.runs import made_by, require_path
+from spo.training.loop import TrainLoop, build_optimizer, seeded_generator
+from spo.training.validation import Validator
 
 KIND = "spo_training"
 
 
 def load_spm(cfg: SPOTrainConfig, model: DiffusionModel):
     """The SPM, refused with one line when it was trained on another model family."""
-    import preference_model
-
     spm = preference_model.load(cfg.spm, device=model.device)
     trained_on = spm.config.trained_on
     if trained_on is not None:
@@ -71,6 +57,14 @@ def _gather(accelerator, pairs: KeptPairs) -> KeptPairs:
     return KeptPairs.cat(gather_object([pairs]))
 
 
+def run(cfg: SPOTrainConfig) -> int:
+    """`spo train-spo`: train, print the summary."""
+    summary = train_spo(cfg)
+    print(json.dumps(summary, indent=2))
+    print(f"SPO result written to {cfg.out}/final")
+    return 0
+
+
 def train_spo(cfg: SPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also in OUT/final/train_summary.json)."""
     from accelerate.utils import set_seed
@@ -81,95 +75,53 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     prompts = load_prompts(
         cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)
     )[: cfg.max_prompts]
-    checkpoints = Checkpointer(Path(cfg.out) / "checkpoints", KIND, cfg.checkpoints_total_limit)
-    resume_from = checkpoints.resolve(cfg.resume)
-    checkpoints.check_mode(resume_from, cfg.policy.mode)
-    validator = Validator(cfg.validation_images, "cuda" if torch.cuda.is_available() else "cpu")
+    loop = TrainLoop(
+        cfg,
+        kind=KIND,
+        name="spo",
+        mode=cfg.policy.mode,
+        validator=Validator(cfg.validation_images, "cuda" if torch.cuda.is_available() else "cpu"),
+        max_minutes=cfg.max_minutes,
+    )
 
-    accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
+    accelerator = loop.make_accelerator()
     set_seed(cfg.seed)
     model = DiffusionModel.from_pretrained(
         cfg.base_model,
-        dtype=WEIGHT_DTYPES[cfg.mixed_precision],
+        dtype=weight_dtype(cfg.mixed_precision),
         device=accelerator.device,
         vae=cfg.vae,
     )
     spm = load_spm(cfg, model)
     policy = Policy(model, cfg.policy)
     optimizer, scheduler = build_optimizer(
-        "adamw", cfg.optim, cfg.max_steps, policy.trainable_parameters(), cfg.optim.lr
+        "adamw", cfg.optim, cfg.max_steps, policy.trainable_parameters()
     )
     if cfg.policy.mode == "lora":
         register_lora_checkpoint_hooks(accelerator, policy)
     unet, optimizer, scheduler = accelerator.prepare(policy.unet, optimizer, scheduler)
-    run = prepare_run_dir(cfg.out, cfg) if main else RunDir(Path(cfg.out))
-    accelerator.wait_for_everyone()
-
-    s = cfg.sampler
-    settings = PoolSettings(
-        s.num_steps,
-        s.eta,
-        s.guidance_scale,
-        s.k,
-        s.divert_step,
-        s.threshold,
-        s.continuation,
-        s.inner_steps,
-    )
 
     def judge(images: torch.Tensor, texts: list[str], t: int) -> torch.Tensor:
         return spm.score(images, texts, t, value_range="-1-1")
 
-    sampler = PoolSampler(model, judge, settings)
-    state = resume(accelerator, checkpoints, resume_from)
-    step, epoch = state.get("step", 0), state.get("epoch", 0)
-    if cfg.tracker != "none":
-        accelerator.init_trackers("spo", config={"out": cfg.out, "seed": cfg.seed})
-    logger = MetricLogger(run, accelerator, cfg.tracker != "none")
-    progress = tqdm(total=cfg.max_steps, initial=step, desc="train SPO", disable=not main)
-    started = time.time()
-    loop = _Loop(
-        accelerator,
-        model,
-        sampler,
-        policy,
-        unet,
-        optimizer,
-        scheduler,
-        logger,
-        progress,
-        started,
-        checkpoints,
-        validator,
-    )
-    if step == 0 and main:
-        validator.baseline(model, run.root / "validation", logger)
-    try:
-        while (
-            step < cfg.max_steps
-            and epoch < cfg.max_epochs
-            and not out_of_time(cfg.max_minutes, validator.train_seconds(started))
-        ):
+    sampler = PoolSampler(model, judge, cfg.sampler)
+    resumed = loop.begin(model=unet, optimizer=optimizer, scheduler=scheduler, desc="train SPO")
+    epoch = resumed.get("epoch", 0)
+    loop.baseline_images(model)
+    with loop:
+        while loop.running() and epoch < cfg.max_epochs:
             pairs, stats = _sampling_epoch(cfg, accelerator, sampler, policy, prompts, epoch)
             pairs = _gather(accelerator, pairs)
-            logger.log(step, {"epoch": epoch, "kept_pairs": len(pairs), **stats})
-            step = _training_epoch(cfg, loop, pairs, epoch, step)
+            loop.logger.log(loop.step, {"epoch": epoch, "kept_pairs": len(pairs), **stats})
+            _training_epoch(cfg, loop, model, sampler, policy, pairs, epoch)
             epoch += 1
-            if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                checkpoints.save(accelerator, step, {"epoch": epoch, "mode": cfg.policy.mode})
-    finally:
-        progress.close()
+            if loop.due(cfg.checkpoint_every, epoch):
+                loop.checkpoints.save(
+                    accelerator, loop.step, {"epoch": epoch, "mode": cfg.policy.mode}
+                )
 
-    summary = {"step": step, "epochs": epoch, "mode": cfg.policy.mode, "family": model.family}
-    finish_run(
-        accelerator,
-        run,
-        policy.save,
-        summary,
-        cfg.tracker != "none",
-        after=lambda: validator.final(model, run.root / "validation", step, logger, started),
-    )
+    summary = {"step": loop.step, "epochs": epoch, "mode": cfg.policy.mode, "family": model.family}
+    loop.finish(policy.save, summary, images_of=model)
     return summary
 
 
@@ -198,33 +150,21 @@ def _sampling_epoch(cfg, accelerator, sampler, policy, prompts, epoch):
     return KeptPairs.cat(kept), mean
 
 
-@dataclass
-class _Loop:
-    """What the training epochs share (built once in `train_spo`)."""
-
-    accelerator: object
-    model: DiffusionModel
-    sampler: PoolSampler
-    policy: Policy
-    unet: torch.nn.Module
-    optimizer: object
-    scheduler: object
-    logger: MetricLogger
-    progress: tqdm
-    started: float
-    checkpoints: Checkpointer
-    validator: Validator
-
-
-def _training_epoch(cfg, loop: _Loop, pairs: KeptPairs, epoch: int, step: int) -> int:
+def _training_epoch(
+    cfg: SPOTrainConfig,
+    loop: TrainLoop,
+    model: DiffusionModel,
+    sampler: PoolSampler,
+    policy: Policy,
+    pairs: KeptPairs,
+    epoch: int,
+) -> None:
     """Train on the gathered pairs: a shuffled permutation, each process its slice."""
-    accelerator, model, policy, unet = loop.accelerator, loop.model, loop.policy, loop.unet
-    optimizer, scheduler, logger = loop.optimizer, loop.scheduler, loop.logger
-    validator, started, sampler = loop.validator, loop.started, loop.sampler
+    accelerator, unet = loop.accelerator, loop.model
     per_step = cfg.batch_size * accelerator.num_processes
     n_batches = len(pairs) // per_step
     if n_batches == 0:
-        return step
+        return
     order = torch.randperm(len(pairs), generator=seeded_generator(cfg.seed, epoch, 1)).tolist()
     accum = cfg.gradient_accumulation_steps
     for b in range(n_batches):
@@ -234,34 +174,21 @@ def _training_epoch(cfg, loop: _Loop, pairs: KeptPairs, epoch: int, step: int) -
         chains = torch.cat([batch.win, batch.lose])
         with accelerator.accumulate(unet):
             with accelerator.autocast():
-                stored = (
-                    both,
-                    chains,
-                    sampler.schedule,
-                    cfg.sampler.guidance_scale,
-                    cfg.sampler.eta,
-                )
-                logp = chain_log_probs(model, unet, *stored)
+                settings = {
+                    "schedule": sampler.schedule,
+                    "guidance_scale": cfg.sampler.guidance_scale,
+                    "eta": cfg.sampler.eta,
+                }
+                logp = chain_log_probs(model, unet, both, chains, **settings)
                 with policy.reference(unet) as reference:
-                    ref = chain_log_probs(model, reference, *stored)
+                    ref = chain_log_probs(model, reference, both, chains, **settings)
             logp_w, logp_l = logp.chunk(2)
             ref_w, ref_l = ref.chunk(2)
             loss, ratio_w, ratio_l, clipped = spo_loss(
                 logp_w, ref_w, logp_l, ref_l, cfg.beta, cfg.ratio_clip
             )
-            guarded_step(
-                accelerator,
-                loss,
-                unet,
-                optimizer,
-                scheduler,
-                cfg.optim.max_grad_norm,
-                loop.checkpoints,
-                step,
-                {"epoch": epoch, "mode": cfg.policy.mode},
-                "SPO",
-            )
-        logger.add(
+            loop.optimizer_step(loss, {"epoch": epoch, "mode": cfg.policy.mode})
+        loop.logger.add(
             loss=loss.item(),
             ratio_win=ratio_w.mean().item(),
             ratio_lose=ratio_l.mean().item(),
@@ -270,16 +197,7 @@ def _training_epoch(cfg, loop: _Loop, pairs: KeptPairs, epoch: int, step: int) -
         )
         if (b + 1) % accum:
             continue
-        step += 1
-        loop.progress.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            metrics = logger.flush(
-                step, lr=scheduler.get_last_lr()[0], elapsed_s=validator.train_seconds(started)
-            )
-            loop.progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if accelerator.is_main_process:
-            last = step >= cfg.max_steps
-            validator.periodic(model, Path(cfg.out) / "validation", step, logger, started, last)
-        if step >= cfg.max_steps or out_of_time(cfg.max_minutes, validator.train_seconds(started)):
+        loop.end_step()
+        loop.periodic_images(model)
+        if not loop.running():
             break
-    return step

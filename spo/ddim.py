@@ -1,4 +1,4 @@
-"""Sampling math as pure tensor functions (SPEC.md sections 2 and 3).
+"""DDIM and diffusion math as pure tensor functions (SPEC.md sections 2 and 3).
 
 Why here and pure: the SPM's noisy training images, the SPO pool sampler and the evaluation
 all need the same classifier-free guidance and one-step clean-image prediction; keeping them as
@@ -65,18 +65,6 @@ def add_noise(x0: Tensor, noise: Tensor, alpha_bar_t: Tensor) -> Tensor:
     """Forward diffusion q(x_t | x_0): sqrt(a_t) * x0 + sqrt(1 - a_t) * noise."""
     a = _broadcast(alpha_bar_t, x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def shared_pair_noise(
-    num_pairs: int, shape: tuple[int, ...], generator: torch.Generator, device: torch.device
-) -> Tensor:
-    """One Gaussian noise per pair, repeated for its two images: (2 * num_pairs, *shape).
-
-    Pairs are laid out image 0, image 1, image 0, image 1, ... (repeat_interleave order), so both
-    images of a pair are judged at the same t with the same noise (SPEC.md 1 and 2).
-    """
-    noise = torch.randn((num_pairs, *shape), generator=generator, device=generator.device)
-    return noise.to(device).repeat_interleave(2, dim=0)
 
 
 def ddim_step_with_logprob(

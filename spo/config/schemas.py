@@ -1,270 +1,17 @@
-"""Typed run configs: dataclass defaults <- YAML file <- dotted command-line overrides.
+"""The config schema of every command: plain dataclasses, every field commented.
 
-Why this module exists: every command must reject a bad config (unknown key, wrong type, missing
-file, malformed override) with one clear line *before* spending compute, and every run folder
-must record the exact, fully resolved config it ran with. The schema of each command is a plain
-dataclass (every field commented), so the defaults live in code, YAML files only say what
-differs, and the object handed to a recipe is a real, typed dataclass instance.
+The defaults live here, YAML files only say what differs, and `validate()` rejects nonsensical
+values with one line before any work starts. `COMMAND_CONFIGS` maps each command to its schema.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib.util
 import math
-import types
-import typing
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-T = TypeVar("T")
-
-__all__ = [
-    "COMMAND_CONFIGS",
-    "CompareConfig",
-    "ConfigError",
-    "DemoConfig",
-    "DPOTrainConfig",
-    "SPMTrainConfig",
-    "SPOTrainConfig",
-    "ToyWorldConfig",
-    "dump_config",
-    "load_config",
-    "save_config",
-]
-
-
-class ConfigError(ValueError):
-    """A bad config or bad input. Its message is always one line: the CLI prints it as-is."""
-
-    def __init__(self, message: str) -> None:
-        # Collapse newlines so that no caller can break the one-line contract by accident.
-        super().__init__(" ".join(str(message).split()))
-
-
-# --------------------------------------------------------------------------------------------
-# Schema introspection (what keys and types a dataclass schema accepts)
-# --------------------------------------------------------------------------------------------
-
-
-def _field_types(schema: type) -> dict[str, Any]:
-    """Field name -> resolved type hint (works with `from __future__ import annotations`)."""
-    try:
-        hints = typing.get_type_hints(schema)
-    except Exception:  # unresolvable forward reference: fall back to the raw annotations
-        hints = {}
-    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(schema)}
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    """`X | None` -> X, so that optional nested sections are still checked key by key."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _is_section(tp: Any) -> bool:
-    """A nested dataclass: its keys are checked like the top level's."""
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _is_free_mapping(tp: Any) -> bool:
-    """A `dict[str, X]` field: any sub-key is allowed, so key checking stops there."""
-    return tp is dict or typing.get_origin(tp) in (dict, Mapping)
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _unknown_key(key: str, valid: Sequence[str], source: str) -> ConfigError:
-    """The one-line error for a key the schema does not have, with the closest valid key."""
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    if close:
-        hint = f"did you mean '{close[0]}'?"
-    elif valid:
-        hint = "valid keys: " + ", ".join(valid)
-    else:
-        hint = "this section has no keys"
-    return ConfigError(f"unknown config key '{key}' in {source}; {hint}")
-
-
-def _check_mapping_keys(data: Mapping, schema: type, prefix: str, source: str) -> None:
-    """Reject unknown keys of a YAML mapping at every nesting level."""
-    fields = _field_types(schema)
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            raise _unknown_key(dotted, [f"{prefix}{k}" for k in fields], source)
-        tp = _unwrap_optional(fields[key])
-        if _is_section(tp) and isinstance(value, Mapping):
-            _check_mapping_keys(value, tp, dotted + ".", source)
-
-
-def _check_dotted_key(key: str, schema: type, source: str) -> Any:
-    """Reject an unknown dotted key; return the expected type of the field it names."""
-    parts = key.split(".")
-    current, prefix = schema, ""
-    tp: Any = Any
-    for i, part in enumerate(parts):
-        fields = _field_types(current)
-        if part not in fields:
-            raise _unknown_key(prefix + part, [prefix + k for k in fields], source)
-        tp = _unwrap_optional(fields[part])
-        if i == len(parts) - 1:
-            return fields[part]
-        if _is_free_mapping(tp):
-            return Any
-        if not _is_section(tp):
-            raise ConfigError(
-                f"unknown config key '{key}' in {source}; "
-                f"'{prefix + part}' is a value of type {_type_name(tp)}, not a section"
-            )
-        current, prefix = tp, prefix + part + "."
-    return tp
-
-
-def _expected_type(schema: type, dotted: str) -> Any | None:
-    """Best-effort type of a dotted key, for error messages only."""
-    try:
-        return _check_dotted_key(dotted, schema, "")
-    except ConfigError:
-        return None
-
-
-def _lookup(data: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(data, Mapping) or part not in data:
-            return "?"
-        data = data[part]
-    return data
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def _load_yaml(path: Path) -> DictConfig:
-    """Read a YAML file that must be a mapping; every failure is one line naming the file."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        loaded = OmegaConf.load(path)
-        # OmegaConf reads a bare scalar file ("hello") as {"hello": None}: check the raw shape.
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as e:
-        where = ""
-        if e.problem_mark is not None:
-            where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}"
-        raise ConfigError(f"cannot parse config file {path}: {e.problem or e}{where}") from e
-    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"cannot parse config file {path}: {e}") from e
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
-    if not isinstance(loaded, DictConfig) or not (raw is None or isinstance(raw, dict)):
-        kind = "list" if isinstance(loaded, ListConfig) else type(raw).__name__
-        raise ConfigError(f"config file {path} must be a YAML mapping of key: value, got a {kind}")
-    return loaded
-
-
-def _invalid_value(key: str, value: Any, schema: type, source: str) -> ConfigError:
-    expected = _expected_type(schema, key)
-    want = f": expected {_type_name(expected)}" if expected is not None else ""
-    return ConfigError(f"invalid value {value!r} for config key '{key}' in {source}{want}")
-
-
-def _parse_override(token: str) -> tuple[str, str]:
-    key, sep, value = token.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"malformed override '{token}': expected key=value")
-    return key, value
-
-
-def load_config(
-    schema: type[T],
-    path: str | Path | None,
-    overrides: Sequence[str] = (),
-    out: str | None = None,
-) -> T:
-    """Build a `schema` instance: dataclass defaults <- YAML `path` <- `overrides` <- `out`.
-
-    `overrides` are dotted `key=value` tokens (`model.lr=1e-5`); values are parsed as YAML
-    scalars and type-checked against the schema. `out`, when given, replaces the `out` field
-    (the CLI's `--out`). Any problem raises a one-line ConfigError naming the file or override,
-    the key, and for unknown keys the closest valid one.
-    """
-    if not _is_section(schema):
-        raise TypeError(f"schema must be a dataclass type, got {schema!r}")
-    cfg = OmegaConf.structured(schema)
-
-    if path is not None:
-        path = Path(path)
-        loaded = _load_yaml(path)
-        data = OmegaConf.to_container(loaded, resolve=False)
-        assert isinstance(data, dict)
-        _check_mapping_keys(data, schema, "", str(path))
-        try:
-            cfg = OmegaConf.merge(cfg, loaded)
-        except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", None)
-            if key:
-                raise _invalid_value(str(key), _lookup(data, str(key)), schema, str(path)) from e
-            raise ConfigError(f"invalid config file {path}: {e}") from e
-
-    for token in overrides:
-        key, value = _parse_override(token)
-        source = f"override '{token}'"
-        _check_dotted_key(key, schema, source)
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([token]))
-        except OmegaConfBaseException as e:
-            raise _invalid_value(key, value, schema, source) from e
-
-    if out is not None:
-        if "out" not in _field_types(schema):
-            raise TypeError(f"{schema.__name__} has no 'out' field, so --out cannot be applied")
-        try:
-            cfg.out = out
-        except OmegaConfBaseException as e:
-            raise _invalid_value("out", out, schema, "--out") from e
-
-    try:
-        result = OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as e:
-        raise ConfigError(f"missing required config key '{getattr(e, 'full_key', e)}'") from e
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid config: {e}") from e
-    assert isinstance(result, schema)
-    return result
-
-
-def dump_config(cfg: Any) -> str:
-    """YAML text of a resolved config (a dataclass instance); `load_config` reads it back."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write `dump_config(cfg)` atomically, so a killed run never leaves half a config.yaml."""
-    from spo.runs import atomic_write_bytes  # spo.runs imports this module
-
-    atomic_write_bytes(path, dump_config(cfg).encode("utf-8"))
-
-
-# --------------------------------------------------------------------------------------------
-# Command configs
-# --------------------------------------------------------------------------------------------
+from spo.errors import ConfigError
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -392,9 +139,12 @@ def _validate_loop(cfg: Any) -> None:
     for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
         value = getattr(cfg, key)
         _require(value > 0, key, value, "must be > 0")
-    for key in ("checkpoint_every", "validation_every"):
-        value = getattr(cfg, key)
-        _require(value >= 0, key, value, "must be >= 0 (0: only at the end)")
+    _require(
+        cfg.checkpoint_every >= 0,
+        "checkpoint_every",
+        cfg.checkpoint_every,
+        "must be >= 0 (0: none)",
+    )
     _require(
         cfg.mixed_precision in MIXED_PRECISION,
         "mixed_precision",
@@ -409,7 +159,6 @@ def _validate_loop(cfg: Any) -> None:
             f"tracker '{cfg.tracker}' needs the {cfg.tracker} package: pip install {cfg.tracker} "
             "(or tracker=none; metrics.jsonl is always written)"
         )
-    _require(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be >= 0")
     _require(
         cfg.checkpoints_total_limit > 0,
         "checkpoints_total_limit",
@@ -438,7 +187,6 @@ class SPMTrainConfig:
     gradient_accumulation_steps: int = 1
     max_steps: int = 400  # optimiser steps
     mixed_precision: str = "no"  # no | fp16 | bf16
-    num_workers: int = 0  # data-loader workers per process
     log_every: int = 10  # optimiser steps between metrics.jsonl lines
     tracker: str = "none"  # none | tensorboard | wandb (metrics.jsonl is always written)
     validation_every: int = 0  # optimiser steps between validations (0: only at the end)
@@ -453,6 +201,12 @@ class SPMTrainConfig:
         """Reject nonsensical values before any work starts (one-line ConfigError)."""
         _validate_loop(self)
         self.pairs.validate()
+        _require(
+            self.validation_every >= 0,
+            "validation_every",
+            self.validation_every,
+            "must be >= 0 (0: only at the end)",
+        )
         _require(
             self.backbone.family in ("open_clip", "hf_clip"),
             "backbone.family",
@@ -556,10 +310,8 @@ class DPOTrainConfig:
     max_steps: int = 2000  # optimiser steps
     max_minutes: float | None = None  # wall-clock budget of the training loop (None: no limit)
     mixed_precision: str = "no"  # no | fp16 | bf16
-    num_workers: int = 0
     log_every: int = 10
     tracker: str = "none"
-    validation_every: int = 0  # kept for the shared loop checks; images: validation_images
     validation_images: ValidationImagesConfig = field(default_factory=ValidationImagesConfig)
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 2
@@ -669,10 +421,8 @@ class SPOTrainConfig:
     max_steps: int = 10_000  # optimiser steps
     max_minutes: float | None = None  # wall-clock budget, checked after every step
     mixed_precision: str = "no"
-    num_workers: int = 0
     log_every: int = 10
     tracker: str = "none"
-    validation_every: int = 0  # unused by SPO (see validation_images); kept for the loop checks
     validation_images: ValidationImagesConfig = field(default_factory=ValidationImagesConfig)
     checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
     checkpoints_total_limit: int = 2

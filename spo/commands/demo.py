@@ -17,14 +17,22 @@ import time
 import uuid
 from pathlib import Path
 
-from spo.config import ConfigError, DemoConfig
+from spo.commands import compare, toy_world, train_dpo, train_preference_model, train_spo
+from spo.config import DemoConfig, command_config
+from spo.errors import INPUT_ERRORS, ConfigError, TrainingError
 from spo.evaluation.stats import format_ci
 from spo.runs import atomic_write_bytes
-from spo.training import TrainingError
 
 STAGES = ("world", "spm", "dpo", "spo", "compare")
 MARKER = ".demo_stage.json"
-CONFIGS = Path(__file__).parents[1] / "configs" / "toy"
+CONFIGS = Path(__file__).parents[2] / "configs" / "toy"
+RUNNERS = {
+    "world": toy_world.run,
+    "spm": train_preference_model.run,
+    "dpo": train_dpo.run,
+    "spo": train_spo.run,
+    "compare": compare.run,
+}
 
 # Smoke-test sizes for `--quick` (CI): every stage runs its real code path in seconds.
 QUICK = {
@@ -106,10 +114,27 @@ def _marker(root: Path, stage: str) -> dict | None:
         return None
 
 
+def run(cfg: DemoConfig) -> int:
+    """`spo demo`: run it, print the headline table and where the report is."""
+    report = run_demo(cfg)
+    table = report["headline"]
+    print("\n| " + " | ".join(table[0]) + " |\n|" + " --- |" * len(table[0]))
+    for row in table[1:]:
+        print("| " + " | ".join(row) + " |")
+    seconds = ", ".join(
+        f"{s} {v['seconds']} s" + (" (done before)" if v["skipped"] else "")
+        for s, v in report["stages"].items()
+    )
+    print(f"\nstages: {seconds}")
+    print(
+        f"report: {cfg.out}/compare/report.html; reward vs compute: "
+        f"{cfg.out}/compare/reward_vs_compute.png"
+    )
+    return 0
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run (or skip) every stage; return {stage: seconds or "skipped"} and the headline."""
-    from spo.cli import main as spo_main
-
     if not CONFIGS.is_dir():
         raise ConfigError(f"the toy configs are missing: {CONFIGS} (run from a source checkout)")
     root = Path(cfg.out)
@@ -129,12 +154,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         args = stage_args(cfg, stage)
         print(f"[demo] {stage}: $ spo {shlex.join(args)}", flush=True)
         start = time.time()
-        code = spo_main(args)
+        command, _, config, _, out, *overrides = args
+        try:
+            RUNNERS[stage](command_config(command, config, overrides, out))
+        except INPUT_ERRORS as e:
+            raise TrainingError(f"demo stage {stage} failed: {e}; `spo demo` reruns it") from e
         seconds = round(time.time() - start, 1)
-        if code != 0:
-            raise TrainingError(
-                f"demo stage {stage} failed (exit code {code}); `spo demo` reruns it"
-            )
         new = {"id": uuid.uuid4().hex, "upstream": upstream, "quick": cfg.quick}
         new |= {"seconds": seconds, "command": "spo " + shlex.join(args)}
         atomic_write_bytes(root / stage / MARKER, json.dumps(new, indent=2).encode())

@@ -8,37 +8,30 @@ the noise of all 2B latents, and the loss compares their errors on winner and lo
 
 from __future__ import annotations
 
-import math
-import time
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from spo.config import ConfigError, DPOTrainConfig
-from spo.data import BadImageCounter, PairDataset, check_pair_table, load_pair_table
-from spo.losses import dpo_loss, sft_loss
-from spo.models import DiffusionModel, TextConditioning
-from spo.policy import Policy, register_lora_checkpoint_hooks
-from spo.runs import RunDir, prepare_run_dir
-from spo.sampling import add_noise
-from spo.training import (
-    WEIGHT_DTYPES,
-    Checkpointer,
-    MetricLogger,
-    Validator,
-    build_optimizer,
-    finish_run,
-    guarded_step,
-    made_by,
-    make_accelerator,
-    micro_batch_rows,
-    out_of_time,
-    require_path,
-    resume,
-    seeded_generator,
+from spo.config import DPOTrainConfig
+from spo.data import (
+    BadImageCounter,
+    PairDataset,
+    check_pair_table,
+    decode_image,
+    load_pair_table,
+    to_pixels,
 )
+from spo.errors import ConfigError
+from spo.evaluation.scorers import build_scorer, prefer_by_scorer
+from spo.losses import dpo_loss, sft_loss
+from spo.models import DiffusionModel, TextConditioning, weight_dtype
+from spo.policy import Policy, register_lora_checkpoint_hooks
+from spo.runs import made_by, require_path
+from spo.training.loop import TrainLoop, build_optimizer, micro_batch_rows, seeded_generator
+from spo.training.validation import Validator
 
 KIND = "dpo_training"
 
@@ -65,8 +58,6 @@ def load_dpo_pairs(cfg: DPOTrainConfig) -> tuple[object, np.ndarray, int]:
 
 def relabel(cfg: DPOTrainConfig, table, device: str, resolution: int) -> np.ndarray:
     """AI feedback (the released code's "choice model"): every pair relabelled by a scorer."""
-    from spo.data import decode_image, to_pixels
-    from spo.evaluation.scorers import build_scorer, prefer_by_scorer
 
     scorer = build_scorer(cfg.relabel_with, device=device)
     scores = {0: [], 1: []}
@@ -98,6 +89,14 @@ def _usable_rows(cfg: DPOTrainConfig, labels: np.ndarray) -> np.ndarray:
     return decided
 
 
+def run(cfg: DPOTrainConfig) -> int:
+    """`spo train-dpo`: train, print the summary."""
+    summary = train_dpo(cfg)
+    print(json.dumps(summary, indent=2))
+    print(f"Diffusion-DPO result written to {cfg.out}/final")
+    return 0
+
+
 def train_dpo(cfg: DPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also written to OUT/final/train_summary.json)."""
     from accelerate.utils import set_seed
@@ -107,19 +106,23 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         require_path(cfg.base_model, "base model")
     table, labels, n_rows = load_dpo_pairs(cfg)
     BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train).probe(table)
-    checkpoints = Checkpointer(Path(cfg.out) / "checkpoints", KIND, cfg.checkpoints_total_limit)
-    resume_from = checkpoints.resolve(cfg.resume)
-    checkpoints.check_mode(resume_from, cfg.policy.mode)
     validator = Validator(cfg.validation_images, "cuda" if torch.cuda.is_available() else "cpu")
+    loop = TrainLoop(
+        cfg,
+        kind=KIND,
+        name="dpo",
+        mode=cfg.policy.mode,
+        validator=validator,
+        max_minutes=cfg.max_minutes,
+    )
     if cfg.relabel_with == "none":
         _usable_rows(cfg, labels)
 
-    accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
+    accelerator = loop.make_accelerator()
     set_seed(cfg.seed)
     model = DiffusionModel.from_pretrained(
         cfg.base_model,
-        dtype=WEIGHT_DTYPES[cfg.mixed_precision],
+        dtype=weight_dtype(cfg.mixed_precision),
         device=accelerator.device,
         vae=cfg.vae,
     )
@@ -143,18 +146,12 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     if cfg.policy.mode == "lora":
         register_lora_checkpoint_hooks(accelerator, policy)
     unet, optimizer, scheduler = accelerator.prepare(policy.unet, optimizer, scheduler)
-    run = prepare_run_dir(cfg.out, cfg) if main else RunDir(Path(cfg.out))
-    accelerator.wait_for_everyone()
-
     bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train)
-    state = resume(accelerator, checkpoints, resume_from)
-    step, bad.seen, bad.bad = (state.get(k, 0) for k in ("step", "seen_pairs", "bad_pairs"))
-    if cfg.tracker != "none":
-        accelerator.init_trackers("dpo", config={"out": cfg.out, "seed": cfg.seed})
-    logger = MetricLogger(run, accelerator, cfg.tracker != "none")
-    if main:
-        run.log_metrics(
-            step, pairs=n_rows, ties_dropped=int(n_rows - len(decided)), effective_lr=lr
+    resumed = loop.begin(model=unet, optimizer=optimizer, scheduler=scheduler, desc="train DPO")
+    bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
+    if loop.main:
+        loop.run.log_metrics(
+            loop.step, pairs=n_rows, ties_dropped=int(n_rows - len(decided)), effective_lr=lr
         )
 
     def state() -> dict:
@@ -162,15 +159,10 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
 
     empty = model.empty_text(1)
     accum = cfg.gradient_accumulation_steps
-    progress = tqdm(total=cfg.max_steps, initial=step, desc="train DPO", disable=not main)
-    started = time.time()
-    if step == 0 and main:
-        validator.baseline(model, run.root / "validation", logger)
-    try:
-        while step < cfg.max_steps and not out_of_time(
-            cfg.max_minutes, validator.train_seconds(started)
-        ):
-            micro = step * accum
+    loop.baseline_images(model)
+    with loop:
+        while loop.running():
+            micro = loop.step * accum
             for _ in range(accum):
                 epoch, rows = micro_batch_rows(
                     len(dataset), cfg.batch_size, micro, accelerator, cfg.seed
@@ -192,7 +184,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                 )
                 t = torch.randint(0, model.num_train_timesteps, (b,), generator=gen)
                 t = t.to(latents.device).repeat(2)
-                x_t = add_noise(latents, noise, model.alpha_bar(t))
+                x_t = model.add_noise(latents, noise, t)
                 target = noise
                 if model.prediction_type == "v_prediction":
                     a = model.alpha_bar(t).view(-1, 1, 1, 1)
@@ -214,18 +206,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                                 ref_pred = model.unet_forward(reference, x_t, t, text)
                             out = dpo_loss(pred, ref_pred, target, cfg.beta, cfg.beta_scale)
                             loss = out.loss
-                    guarded_step(
-                        accelerator,
-                        loss,
-                        unet,
-                        optimizer,
-                        scheduler,
-                        cfg.optim.max_grad_norm,
-                        checkpoints,
-                        step,
-                        state(),
-                        "DPO",
-                    )
+                    loop.optimizer_step(loss, state())
                 values = {"loss": loss.item()}
                 if out is not None:
                     values |= {
@@ -234,33 +215,13 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                         "ref_mse": out.ref_mse.item(),
                         "margin": out.margin.item(),
                     }
-                logger.add(**values)
-            step += 1
-            progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics = logger.flush(
-                    step,
-                    lr=scheduler.get_last_lr()[0],
-                    bad_pairs=bad.bad,
-                    elapsed_s=validator.train_seconds(started),
-                )
-                progress.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}")
-            if main:
-                last = step >= cfg.max_steps
-                validator.periodic(model, run.root / "validation", step, logger, started, last)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                checkpoints.save(accelerator, step, state())
-    finally:
-        progress.close()  # ends the bar's line, also before an error message
+                loop.logger.add(**values)
+            loop.end_step(bad_pairs=bad.bad)
+            loop.periodic_images(model)
+            if loop.due(cfg.checkpoint_every):
+                loop.checkpoints.save(accelerator, loop.step, state())
 
-    summary = {"step": step, "pairs": n_rows, "ties_dropped": int(n_rows - len(decided))}
+    summary = {"step": loop.step, "pairs": n_rows, "ties_dropped": int(n_rows - len(decided))}
     summary |= {"effective_lr": lr, "mode": cfg.policy.mode, "family": model.family}
-    finish_run(
-        accelerator,
-        run,
-        policy.save,
-        summary,
-        cfg.tracker != "none",
-        after=lambda: validator.final(model, run.root / "validation", step, logger, started),
-    )
+    loop.finish(policy.save, summary, images_of=model)
     return summary

@@ -1,0 +1,1 @@
+"""One module per `spo` command, named after it, each with `run(cfg) -> exit code`."""

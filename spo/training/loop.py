@@ -1,0 +1,323 @@
+"""The training loop every trainer shares: one small object, the recipes keep their math.
+
+Why: the SPM, DPO and SPO trainers open and close a run the same way (resume target checked
+before any model loads, accelerator, run folder, resume, tracker, progress bar, metrics,
+periodic validation and checkpoints, a non-finite guard, `final/` written atomically) and differ
+only in how they load their models and compute a loss. A recipe reads top to bottom:
+
+    loop = TrainLoop(cfg, kind=KIND, name="dpo", mode=..., validator=...)  # cheap checks
+    accelerator = loop.make_accelerator()
+    ... load models, build the optimiser, accelerator.prepare(...) ...
+    state = loop.begin(model=unet, optimizer=optimizer, scheduler=scheduler, desc="train DPO")
+    with loop:                         # closes the progress bar, also on an error
+        while loop.running():
+            ... loss ...
+            loop.optimizer_step(loss, state())   # inside accelerator.accumulate(model)
+            loop.end_step()                      # step + 1, progress, metrics every log_every
+            if loop.due(cfg.checkpoint_every):
+                loop.checkpoints.save(accelerator, loop.step, state())
+    loop.finish(save=policy.save, summary=summary)
+
+Randomness derives from (seed, step, rank) through `seeded_generator`, so a killed and resumed
+run takes the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from spo.config.schemas import OptimConfig
+from spo.errors import TrainingError
+from spo.runs import RunDir, atomic_dir, prepare_run_dir
+from spo.training.checkpoints import Checkpointer
+from spo.training.validation import Validator
+
+
+def seeded_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator whose state depends only on `keys` (e.g. seed, step, rank): resumable."""
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    """Multiplier of the peak lr at optimiser step s: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant_with_warmup":
+            return 1.0
+        span = max(1, max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(name: str, o: OptimConfig, max_steps: int, params, lr: float | None = None):
+    """AdamW, Adafactor (the released SDXL full fine-tune) or 8-bit AdamW, with the schedule.
+    `lr` defaults to `o.lr`."""
+    lr = o.lr if lr is None else lr
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(
+            params,
+            lr=lr,
+            weight_decay=o.weight_decay,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+            clip_threshold=1.0,
+        )
+    else:
+        if name == "adamw8bit":
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        optimizer = cls(
+            params,
+            lr=lr,
+            betas=(o.adam_beta1, o.adam_beta2),
+            eps=o.adam_epsilon,
+            weight_decay=o.weight_decay,
+        )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, max_steps))
+
+
+def micro_batch_rows(
+    n_rows: int, batch_size: int, micro_step: int, accelerator, seed: int
+) -> tuple[int, list[int]]:
+    """(epoch, rows) of one process's micro-batch number `micro_step`.
+
+    Each epoch is a permutation seeded by (seed, epoch); every process takes its own slice of
+    each global batch, and a partial last batch is dropped. A pure function of its arguments,
+    so a resumed run continues with exactly the rows it would have seen.
+    """
+    per_step = batch_size * accelerator.num_processes
+    batches_per_epoch = max(1, n_rows // per_step)
+    epoch, offset = divmod(micro_step, batches_per_epoch)
+    order = torch.randperm(n_rows, generator=seeded_generator(seed, epoch)).tolist()
+    start = offset * per_step + accelerator.process_index * batch_size
+    return epoch, order[start : start + batch_size]
+
+
+class MetricLogger:
+    """Averages metrics over the steps between two log lines and writes them to
+    `metrics.jsonl` (main process) and to the accelerate tracker, if any."""
+
+    def __init__(self, run, accelerator, tracker: bool) -> None:
+        self.run, self.accelerator, self.tracker = run, accelerator, tracker
+        self.window: dict[str, list[float]] = {}
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.window.setdefault(key, []).append(float(value))
+
+    def flush(self, step: int, **extra: float) -> dict[str, float]:
+        """Log the window's means plus `extra` at `step`; return what was logged."""
+        metrics = {
+            k: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")
+            for k, v in self.window.items()
+        }
+        metrics.update(extra)
+        self.window = {}
+        self.log(step, metrics)
+        return metrics
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            self.run.log_metrics(step, **metrics)
+        if self.tracker:
+            self.accelerator.log(metrics, step=step)
+
+
+def out_of_time(max_minutes: float | None, seconds: float) -> bool:
+    """True once a run's wall-clock budget is spent (the demo gives DPO and SPO the same)."""
+    return max_minutes is not None and seconds >= 60 * max_minutes
+
+
+def make_accelerator(cfg):
+    """The run's Accelerator: mixed precision, gradient accumulation, tracker, project folder."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_dir=cfg.out,
+    )
+
+
+class TrainLoop:
+    """The opening, the per-step bookkeeping and the closing of a training run (see the module
+    docstring for how a recipe uses it). `step` counts optimiser steps."""
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        kind: str,
+        name: str,
+        mode: str | None = None,
+        validator: Validator | None = None,
+        max_minutes: float | None = None,
+    ) -> None:
+        """Cheap checks only, before any model loads: the resume target exists and is a
+        checkpoint of this `kind` (and, for the diffusion trainers, of this policy `mode`)."""
+        self.cfg, self.name, self.mode = cfg, name, mode
+        self.validator, self.max_minutes = validator, max_minutes
+        self.tracker = cfg.tracker != "none"
+        self.checkpoints = Checkpointer(
+            Path(cfg.out) / "checkpoints", kind, cfg.checkpoints_total_limit
+        )
+        self.resume_from = self.checkpoints.resolve(cfg.resume)
+        if mode is not None:
+            self.checkpoints.check_mode(self.resume_from, mode)
+        self.step = 0
+        self.accelerator = None
+
+    def make_accelerator(self):
+        self.accelerator = make_accelerator(self.cfg)
+        return self.accelerator
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def begin(self, *, model, optimizer, scheduler, desc: str) -> dict[str, Any]:
+        """After `accelerator.prepare`: the run folder (written by the main process), the
+        resumed state (every rank; {} when starting afresh), tracker, logger, progress bar.
+        Returns the checkpoint's trainer state."""
+        accelerator, cfg = self.accelerator, self.cfg
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.run = prepare_run_dir(cfg.out, cfg) if self.main else RunDir(Path(cfg.out))
+        accelerator.wait_for_everyone()
+        state = self.checkpoints.load(accelerator, self.resume_from)
+        self.step = state.get("step", 0)
+        if self.tracker:
+            accelerator.init_trackers(self.name, config={"out": cfg.out, "seed": cfg.seed})
+        self.logger = MetricLogger(self.run, accelerator, self.tracker)
+        self.progress = tqdm(
+            total=cfg.max_steps, initial=self.step, desc=desc, disable=not self.main
+        )
+        self.started = time.time()
+        return state
+
+    def __enter__(self) -> TrainLoop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.close()  # ends the bar's line, also before an error message
+
+    # ------------------------------------------------------------------------------ per step
+
+    def train_seconds(self) -> float:
+        """Wall-clock seconds since `begin`, less the time spent on validation images."""
+        spent = self.validator.seconds if self.validator is not None else 0.0
+        return time.time() - self.started - spent
+
+    def running(self) -> bool:
+        """Steps left and time left (`max_minutes`)."""
+        return self.step < self.cfg.max_steps and not out_of_time(
+            self.max_minutes, self.train_seconds()
+        )
+
+    def optimizer_step(self, loss: torch.Tensor, state: dict[str, Any]) -> None:
+        """Backward, clip, step, inside `accelerator.accumulate`. A non-finite loss first saves
+        the weights (still those of the last good step) as a checkpoint and stops the run."""
+        accelerator, cfg = self.accelerator, self.cfg
+        if not torch.isfinite(loss):
+            self.checkpoints.save(accelerator, self.step, state)
+            raise TrainingError(
+                f"non-finite {self.name.upper()} loss at step {self.step}; the last good state "
+                f"is in {self.checkpoints.root}/step-{self.step}"
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end_step(self, loss_key: str = "loss", **extra: float) -> None:
+        """One optimiser step done: the progress bar, and every `log_every` steps (and at the
+        last) the averaged metrics with the lr, `extra` and the training seconds."""
+        self.step += 1
+        self.progress.update(1)
+        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
+            metrics = self.logger.flush(
+                self.step,
+                lr=self.scheduler.get_last_lr()[0],
+                **extra,
+                elapsed_s=self.train_seconds(),
+            )
+            self.progress.set_postfix(loss=f"{metrics.get(loss_key, math.nan):.4f}")
+
+    def due(self, every: int, count: int | None = None) -> bool:
+        """Every `every`-th `count` (default: the step), except once the run is at its last
+        step, which `final/` covers."""
+        count = self.step if count is None else count
+        return bool(every) and count % every == 0 and self.step < self.cfg.max_steps
+
+    # ------------------------------------------------------------------------------ images
+
+    @property
+    def _image_folder(self) -> Path:
+        return self.run.root / "validation"
+
+    def baseline_images(self, model) -> None:
+        """Step 0's point of the reward curve, the untrained policy (with a scorer only)."""
+        v = self.validator
+        if self.step == 0 and self.main and v is not None and v.scored:
+            v.run(model, self._image_folder, 0, self.logger, 0.0)
+
+    def periodic_images(self, model) -> None:
+        """The validation every `every` steps; the last step's is `finish`'s, not done twice."""
+        v = self.validator
+        if self.main and v is not None and v.due(self.step) and self.step < self.cfg.max_steps:
+            v.run(model, self._image_folder, self.step, self.logger, self.train_seconds())
+
+    # ------------------------------------------------------------------------------ closing
+
+    def finish(
+        self,
+        save: Callable[[Path], None],
+        summary: dict[str, Any] | None = None,
+        *,
+        images_of=None,
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        """Write `final/` atomically on the main process (`save(folder)`, plus
+        train_summary.json with a `summary`), then the last validation images of `images_of`
+        (a DiffusionModel) and `after()` there, and close the tracker."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if self.main:
+            with atomic_dir(self.run.final) as tmp:
+                save(tmp)
+                if summary is not None:
+                    (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            v = self.validator
+            if images_of is not None and v is not None and v.enabled:
+                v.run(images_of, self._image_folder, self.step, self.logger, self.train_seconds())
+            if after is not None:
+                after()
+        if self.tracker:
+            accelerator.end_training()
+        accelerator.wait_for_everyone()
