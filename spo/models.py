@@ -154,6 +154,13 @@ class DiffusionModel:
                 module.requires_grad_(False).eval()
         return cls(pipe)
 
+    @classmethod
+    def for_training(cls, cfg, device: str | torch.device) -> DiffusionModel:
+        """The base pipeline of a DPO / SPO config (`base_model`, `vae`) with its frozen
+        weights in the dtype of `mixed_precision`."""
+        dtype = weight_dtype(cfg.mixed_precision)
+        return cls.from_pretrained(cfg.base_model, dtype=dtype, device=device, vae=cfg.vae)
+
     @property
     def device(self) -> torch.device:
         return self.unet.device

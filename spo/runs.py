@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_bytes",
     "made_by",
     "prepare_run_dir",
+    "require_model",
     "require_path",
 ]
 
@@ -229,3 +230,10 @@ def require_path(path: str | Path, what: str) -> Path:
         hint = f"; `{command}` writes it" if command else ""
         raise ConfigError(f"{what} not found: {path}{hint}")
     return path
+
+
+def require_model(source: str, what: str = "base model") -> None:
+    """A model in a toy run folder must exist (one line naming its command); other local
+    paths and hub names are checked by the loader."""
+    if made_by(source) or Path(source).exists():
+        require_path(source, what)

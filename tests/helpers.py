@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -40,3 +45,28 @@ def assert_resume_is_exact(run, straight, killed, weights: str) -> None:
     a = load_file(straight / "final" / weights)
     b = load_file(killed / "final" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def stock_lora_change(pipeline: Path, lora: Path, prompt: str, steps: int) -> float:
+    """In a fresh process without `spo`: plain diffusers loads `pipeline`, samples `prompt`
+    with DDIM, loads the LoRA folder `lora` with `load_lora_weights` and samples again with the
+    same seed; returns the largest pixel change."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained({str(pipeline)!r},
+                                                       torch_dtype=torch.float32)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        def sample():
+            g = torch.Generator().manual_seed(0)
+            return pipe([{prompt!r}], num_inference_steps={steps}, generator=g,
+                        output_type="np").images
+        before = sample()
+        pipe.load_lora_weights({str(lora)!r})
+        after = sample()
+        assert "spo" not in sys.modules
+        print(float(abs(after - before).max()))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return float(res.stdout.strip().splitlines()[-1])

@@ -1,1 +1,12 @@
 """One module per `spo` command, named after it, each with `run(cfg) -> exit code`."""
+
+from __future__ import annotations
+
+import json
+
+
+def report(result: dict, message: str) -> int:
+    """A command's closing words: its result as JSON, then where it was written; exit code 0."""
+    print(json.dumps(result, indent=2))
+    print(message)
+    return 0

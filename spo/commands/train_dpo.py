@@ -8,13 +8,12 @@ the noise of all 2B latents, and the loss compares their errors on winner and lo
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from spo.commands import report
 from spo.config import DPOTrainConfig
 from spo.data import (
     BadImageCounter,
@@ -27,11 +26,10 @@ from spo.data import (
 from spo.errors import ConfigError
 from spo.evaluation.scorers import build_scorer, prefer_by_scorer
 from spo.losses import dpo_loss, sft_loss
-from spo.models import DiffusionModel, TextConditioning, weight_dtype
+from spo.models import DiffusionModel, TextConditioning
 from spo.policy import Policy, register_lora_checkpoint_hooks
-from spo.runs import made_by, require_path
-from spo.training.loop import TrainLoop, build_optimizer, micro_batch_rows, seeded_generator
-from spo.training.validation import Validator
+from spo.runs import made_by, require_model
+from spo.training.loop import TrainLoop, micro_batch_rows, seeded_generator
 
 KIND = "dpo_training"
 
@@ -92,40 +90,22 @@ def _usable_rows(cfg: DPOTrainConfig, labels: np.ndarray) -> np.ndarray:
 def run(cfg: DPOTrainConfig) -> int:
     """`spo train-dpo`: train, print the summary."""
     summary = train_dpo(cfg)
-    print(json.dumps(summary, indent=2))
-    print(f"Diffusion-DPO result written to {cfg.out}/final")
-    return 0
+    return report(summary, f"Diffusion-DPO result written to {cfg.out}/final")
 
 
 def train_dpo(cfg: DPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also written to OUT/final/train_summary.json)."""
-    from accelerate.utils import set_seed
-
     # Cheap checks first: inputs, resume target, before any model is loaded.
-    if made_by(cfg.base_model) or Path(cfg.base_model).exists():
-        require_path(cfg.base_model, "base model")
+    require_model(cfg.base_model)
     table, labels, n_rows = load_dpo_pairs(cfg)
     BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train).probe(table)
-    validator = Validator(cfg.validation_images, "cuda" if torch.cuda.is_available() else "cpu")
-    loop = TrainLoop(
-        cfg,
-        kind=KIND,
-        name="dpo",
-        mode=cfg.policy.mode,
-        validator=validator,
-        max_minutes=cfg.max_minutes,
-    )
+    loop = TrainLoop.for_diffusion(cfg, kind=KIND, name="dpo")
     if cfg.relabel_with == "none":
         _usable_rows(cfg, labels)
 
     accelerator = loop.make_accelerator()
     set_seed(cfg.seed)
-    model = DiffusionModel.from_pretrained(
-        cfg.base_model,
-        dtype=weight_dtype(cfg.mixed_precision),
-        device=accelerator.device,
-        vae=cfg.vae,
-    )
+    model = DiffusionModel.for_training(cfg, accelerator.device)
     if cfg.relabel_with != "none":
         labels = relabel(cfg, table, accelerator.device, model.resolution)
     decided = _usable_rows(cfg, labels)
@@ -140,14 +120,12 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     )
     policy = Policy(model, cfg.policy)
     lr = effective_lr(cfg, accelerator.num_processes)
-    optimizer, scheduler = build_optimizer(
-        cfg.optimizer, cfg.optim, cfg.max_steps, policy.trainable_parameters(), lr
-    )
     if cfg.policy.mode == "lora":
         register_lora_checkpoint_hooks(accelerator, policy)
-    unet, optimizer, scheduler = accelerator.prepare(policy.unet, optimizer, scheduler)
+    unet, resumed = loop.begin(
+        policy.unet, policy.trainable_parameters(), desc="train DPO", optimizer=cfg.optimizer, lr=lr
+    )
     bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train)
-    resumed = loop.begin(model=unet, optimizer=optimizer, scheduler=scheduler, desc="train DPO")
     bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
     if loop.main:
         loop.run.log_metrics(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from preference_model import (
@@ -23,6 +24,7 @@ from preference_model import (
     preference_loss,
     toy_spm,
 )
+from spo.commands import report
 from spo.config import SPMTrainConfig
 from spo.data import (
     BadImageCounter,
@@ -33,8 +35,8 @@ from spo.data import (
 )
 from spo.errors import ConfigError
 from spo.models import DTYPES, DiffusionModel
-from spo.runs import atomic_write_bytes, made_by, require_path
-from spo.training.loop import TrainLoop, build_optimizer, micro_batch_rows, seeded_generator
+from spo.runs import atomic_write_bytes, made_by, require_model
+from spo.training.loop import TrainLoop, micro_batch_rows, seeded_generator
 
 KIND = "spm_training"
 
@@ -185,19 +187,13 @@ def relabel_by_backbone(
 def run(cfg: SPMTrainConfig) -> int:
     """`spo train-preference-model`: train, print the final evaluation."""
     result = train_preference_model(cfg)
-    print(json.dumps(result, indent=2))
-    print(f"SPM written to {cfg.out}/final (evaluation: {cfg.out}/eval.json)")
-    return 0
+    return report(result, f"SPM written to {cfg.out}/final (evaluation: {cfg.out}/eval.json)")
 
 
 def train_preference_model(cfg: SPMTrainConfig) -> dict:
     """Run the recipe; returns the final evaluation written to OUT/eval.json."""
-    from accelerate.utils import set_seed
-
     # Everything that can fail cheaply fails here, before the run folder or any compute.
-    base_source = cfg.base_model
-    if made_by(base_source) or Path(base_source).exists():
-        require_path(base_source, "base model")
+    require_model(cfg.base_model)
     train = load_split(cfg.pairs.train, cfg.pairs.train_split, cfg.pairs.max_train_pairs)
     val = load_split(
         cfg.pairs.validation, cfg.pairs.validation_split, cfg.pairs.max_validation_pairs
@@ -210,7 +206,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     spm = build_spm(cfg)
     accelerator = loop.make_accelerator()
     diffusion = DiffusionModel.from_pretrained(
-        base_source, dtype=DTYPES[cfg.base_dtype], device=accelerator.device, vae=cfg.vae
+        cfg.base_model, dtype=DTYPES[cfg.base_dtype], device=accelerator.device, vae=cfg.vae
     )
     train.dataset.resolution = val.dataset.resolution = diffusion.resolution
     spm = spm.to(accelerator.device)
@@ -223,10 +219,8 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
     maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
 
-    optimizer, scheduler = build_optimizer("adamw", cfg.optim, cfg.max_steps, spm.parameters())
-    model, optimizer, scheduler = accelerator.prepare(spm, optimizer, scheduler)
+    model, resumed = loop.begin(spm, spm.parameters(), desc="train SPM")
     spm_unwrapped: StepAwarePreferenceModel = accelerator.unwrap_model(model)
-    resumed = loop.begin(model=model, optimizer=optimizer, scheduler=scheduler, desc="train SPM")
     bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
 
     def state() -> dict:

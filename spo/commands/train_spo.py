@@ -10,24 +10,22 @@ the epochs an uninterrupted one would run.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import preference_model
+from spo.commands import report
 from spo.config import SPOTrainConfig
 from spo.data import load_prompts
 from spo.errors import ConfigError
 from spo.losses import spo_loss
-from spo.models import DiffusionModel, weight_dtype
+from spo.models import DiffusionModel
 from spo.policy import Policy, register_lora_checkpoint_hooks
 from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
-from spo.runs import made_by, require_path
-from spo.training.loop import TrainLoop, build_optimizer, seeded_generator
-from spo.training.validation import Validator
+from spo.runs import made_by, require_model, require_path
+from spo.training.loop import TrainLoop, seeded_generator
 
 KIND = "spo_training"
 
@@ -60,52 +58,31 @@ def _gather(accelerator, pairs: KeptPairs) -> KeptPairs:
 def run(cfg: SPOTrainConfig) -> int:
     """`spo train-spo`: train, print the summary."""
     summary = train_spo(cfg)
-    print(json.dumps(summary, indent=2))
-    print(f"SPO result written to {cfg.out}/final")
-    return 0
+    return report(summary, f"SPO result written to {cfg.out}/final")
 
 
 def train_spo(cfg: SPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also in OUT/final/train_summary.json)."""
-    from accelerate.utils import set_seed
-
-    if made_by(cfg.base_model) or Path(cfg.base_model).exists():
-        require_path(cfg.base_model, "base model")
+    require_model(cfg.base_model)
     require_path(cfg.spm, "SPM")
     prompts = load_prompts(
         cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)
     )[: cfg.max_prompts]
-    loop = TrainLoop(
-        cfg,
-        kind=KIND,
-        name="spo",
-        mode=cfg.policy.mode,
-        validator=Validator(cfg.validation_images, "cuda" if torch.cuda.is_available() else "cpu"),
-        max_minutes=cfg.max_minutes,
-    )
+    loop = TrainLoop.for_diffusion(cfg, kind=KIND, name="spo")
 
     accelerator = loop.make_accelerator()
     set_seed(cfg.seed)
-    model = DiffusionModel.from_pretrained(
-        cfg.base_model,
-        dtype=weight_dtype(cfg.mixed_precision),
-        device=accelerator.device,
-        vae=cfg.vae,
-    )
+    model = DiffusionModel.for_training(cfg, accelerator.device)
     spm = load_spm(cfg, model)
     policy = Policy(model, cfg.policy)
-    optimizer, scheduler = build_optimizer(
-        "adamw", cfg.optim, cfg.max_steps, policy.trainable_parameters()
-    )
     if cfg.policy.mode == "lora":
         register_lora_checkpoint_hooks(accelerator, policy)
-    unet, optimizer, scheduler = accelerator.prepare(policy.unet, optimizer, scheduler)
+    unet, resumed = loop.begin(policy.unet, policy.trainable_parameters(), desc="train SPO")
 
     def judge(images: torch.Tensor, texts: list[str], t: int) -> torch.Tensor:
         return spm.score(images, texts, t, value_range="-1-1")
 
     sampler = PoolSampler(model, judge, cfg.sampler)
-    resumed = loop.begin(model=unet, optimizer=optimizer, scheduler=scheduler, desc="train SPO")
     epoch = resumed.get("epoch", 0)
     loop.baseline_images(model)
     with loop:

@@ -7,8 +7,8 @@ only in how they load their models and compute a loss. A recipe reads top to bot
 
     loop = TrainLoop(cfg, kind=KIND, name="dpo", mode=..., validator=...)  # cheap checks
     accelerator = loop.make_accelerator()
-    ... load models, build the optimiser, accelerator.prepare(...) ...
-    state = loop.begin(model=unet, optimizer=optimizer, scheduler=scheduler, desc="train DPO")
+    ... load models ...
+    unet, state = loop.begin(policy.unet, policy.trainable_parameters(), desc="train DPO")
     with loop:                         # closes the progress bar, also on an error
         while loop.running():
             ... loss ...
@@ -192,6 +192,21 @@ class TrainLoop:
         self.step = 0
         self.accelerator = None
 
+    @classmethod
+    def for_diffusion(cls, cfg, *, kind: str, name: str) -> TrainLoop:
+        """The loop of a diffusion trainer (DPO, SPO): its policy mode, validation images and
+        wall-clock budget."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        validator = Validator(cfg.validation_images, device)
+        return cls(
+            cfg,
+            kind=kind,
+            name=name,
+            mode=cfg.policy.mode,
+            validator=validator,
+            max_minutes=cfg.max_minutes,
+        )
+
     def make_accelerator(self):
         self.accelerator = make_accelerator(self.cfg)
         return self.accelerator
@@ -200,12 +215,16 @@ class TrainLoop:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def begin(self, *, model, optimizer, scheduler, desc: str) -> dict[str, Any]:
-        """After `accelerator.prepare`: the run folder (written by the main process), the
-        resumed state (every rank; {} when starting afresh), tracker, logger, progress bar.
-        Returns the checkpoint's trainer state."""
+    def begin(
+        self, model: torch.nn.Module, params, *, desc: str, optimizer: str = "adamw", lr=None
+    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The optimiser (`build_optimizer(optimizer, cfg.optim, ..., params, lr)`) and
+        `accelerator.prepare`, then the run folder (written by the main process), the resumed
+        state (every rank; {} when starting afresh), tracker, logger, progress bar. Returns the
+        prepared model and the checkpoint's trainer state."""
         accelerator, cfg = self.accelerator, self.cfg
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        opt, schedule = build_optimizer(optimizer, cfg.optim, cfg.max_steps, params, lr)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, opt, schedule)
         self.run = prepare_run_dir(cfg.out, cfg) if self.main else RunDir(Path(cfg.out))
         accelerator.wait_for_everyone()
         state = self.checkpoints.load(accelerator, self.resume_from)
@@ -217,7 +236,7 @@ class TrainLoop:
             total=cfg.max_steps, initial=self.step, desc=desc, disable=not self.main
         )
         self.started = time.time()
-        return state
+        return self.model, state
 
     def __enter__(self) -> TrainLoop:
         return self
