@@ -49,6 +49,10 @@ COMMANDS: dict[str, Command] = {
         "generate with several models, score them, and write a report", "spo.commands.compare"
     ),
     "demo": Command("the whole story end to end on the toy world, on CPU", "spo.commands.demo"),
+    "benchmark": Command(
+        "time SPO's and DPO's pieces on random models of a real architecture",
+        "spo.commands.benchmark",
+    ),
 }
 
 
@@ -95,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--quick", action="store_true", help="a smoke run of every stage (minutes)"
             )
+        if name == "benchmark":
+            p.add_argument("--preset", help="tiny | sd15 | sdxl (the config key `preset`)")
+            p.add_argument("--baseline", help="none | released (the config key `baseline`)")
         p.add_argument(
             "overrides",
             nargs="*",
@@ -120,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides += [a for a in extra if not a.startswith("-")]
     if getattr(args, "quick", False):
         args.overrides.append("quick=true")
+    for key in ("preset", "baseline"):
+        if getattr(args, key, None) is not None:
+            args.overrides.append(f"{key}={getattr(args, key)}")
     extra = [a for a in extra if a.startswith("-")]
     if extra:
         hint = f"(see 'spo {args.command} --help')"

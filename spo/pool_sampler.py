@@ -157,14 +157,16 @@ class PoolSampler:
             keep = (pair[:, 0] - pair[:, 1]) > s.threshold
             tried += p
             gaps.append(scores[rows, win] - scores[rows, lose])
-            chains = torch.stack(chain, dim=1).view(p, k, length, *latent).cpu()
-            if keep.any():
+            if keep.any():  # only the kept pairs' latents leave the device
                 idx = rows[keep]
+                on_device = idx.to(device)
+                chains = torch.stack(chain, dim=1).view(p, k, length, *latent)[on_device]
+                picked = torch.arange(len(idx), device=device)
                 kept.append(
                     KeptPairs(
-                        start=x.cpu()[idx],
-                        win=chains[idx, win[idx]],
-                        lose=chains[idx, lose[idx]],
+                        start=x[on_device].cpu(),
+                        win=chains[picked, win[idx].to(device)].cpu(),
+                        lose=chains[picked, lose[idx].to(device)].cpu(),
                         timesteps=torch.tensor(reached).expand(len(idx), -1).clone(),
                         prompt=[prompts[r] for r in idx.tolist()],
                         score_gap=(scores[idx, win[idx]] - scores[idx, lose[idx]]),
@@ -209,33 +211,46 @@ def chain_log_probs(
     model: DiffusionModel,
     unet,
     pairs: KeptPairs,
-    chains: Tensor,
     *,
     schedule: Schedule,
     guidance_scale: float,
     eta: float,
-) -> Tensor:
-    """Summed log-probability of each stored chain (M,) under `unet`: for every transition
-    s_j -> s_{j+1} (s_0 = start), the guided noise at s_j and the DDIM Gaussian's density.
-    Differentiable with respect to the UNet when called with gradients enabled."""
+    share_start: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Summed log-probability of each kept pair's win and lose chains under `unet`, (M,) each:
+    for every transition s_j -> s_{j+1} (s_0 = the shared start x_t), the guided model output
+    at s_j and the DDIM Gaussian's density. Differentiable with respect to the UNet when called
+    with gradients enabled.
+
+    `share_start`: a pair's win and lose transitions leave the same x_t, so its first UNet call
+    is made once and used for both (half the UNet rows of the first transition; the same math).
+    False runs it twice, as the released code does."""
     device = model.device
-    m, length = chains.shape[:2]
+    m, length = pairs.win.shape[:2]
     text = model.encode_text(pairs.prompt)
-    cond = TextConditioning.cat([text, model.empty_text(m)])
-    state = pairs.start.to(device)
-    total = torch.zeros(m, device=device)
+    cond = TextConditioning.cat([text, text, model.empty_text(2 * m)])
+    state = pairs.start.to(device).repeat(2, *([1] * (pairs.start.ndim - 1)))
+    chains = torch.cat([pairs.win, pairs.lose]).to(device)
+    timesteps = pairs.timesteps.repeat(2, 1)
+    total = torch.zeros(2 * m, device=device)
     for j in range(length):
-        t, t_next = pairs.timesteps[:, j], pairs.timesteps[:, j + 1]
-        eps = model.guided_output(unet, state, t.to(device), cond, guidance_scale)
-        nxt = chains[:, j].to(device)
+        t, t_next = timesteps[:, j], timesteps[:, j + 1]
+        if j == 0 and share_start:
+            once = TextConditioning.cat([text, model.empty_text(m)])
+            eps = model.guided_output(unet, state[:m], t[:m].to(device), once, guidance_scale)
+            eps = torch.cat([eps, eps])
+        else:
+            eps = model.guided_output(unet, state, t.to(device), cond, guidance_scale)
+        nxt = chains[:, j]
         _, logp = ddim_step_with_logprob(
             state,
             eps,
-            schedule.alpha(t, m, device),
-            schedule.alpha(t_next, m, device),
+            schedule.alpha(t, 2 * m, device),
+            schedule.alpha(t_next, 2 * m, device),
             eta,
             prev_sample=nxt,
         )
         total = total + logp
         state = nxt
-    return total
+    logp_win, logp_lose = total.chunk(2)
+    return logp_win, logp_lose

@@ -107,16 +107,58 @@ def test_fresh_lora_gives_ln2_and_unit_ratios(mini_world):
     assert len(pairs) > 0
     args = {"schedule": sampler.schedule, "guidance_scale": 5.0, "eta": 1.0}
     with torch.no_grad():
-        logp_w = chain_log_probs(model, policy.unet, pairs, pairs.win, **args)
-        logp_l = chain_log_probs(model, policy.unet, pairs, pairs.lose, **args)
+        logp_w, logp_l = chain_log_probs(model, policy.unet, pairs, **args)
         with policy.reference() as ref:
-            ref_w = chain_log_probs(model, ref, pairs, pairs.win, **args)
-            ref_l = chain_log_probs(model, ref, pairs, pairs.lose, **args)
+            ref_w, ref_l = chain_log_probs(model, ref, pairs, **args)
     loss, ratio_w, ratio_l, clipped = spo_loss(logp_w, ref_w, logp_l, ref_l)
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
     assert torch.allclose(ratio_w, torch.ones_like(ratio_w))
     assert torch.allclose(ratio_l, torch.ones_like(ratio_l))
     assert clipped.item() == 0
+
+
+@pytest.mark.parametrize("inner_steps", [0, 1])
+def test_shared_start_gives_the_released_log_probs_and_gradients(mini_world, inner_steps):
+    """One UNet call on a pair's shared x_t (speed.share_start) against the released two:
+    equal log-probabilities and gradients, and half the UNet rows in the first transition."""
+    model = DiffusionModel.from_pretrained(str(mini_world / "base_model"))
+    policy = Policy(model, PolicyConfig(mode="lora", lora_rank=4))
+    with torch.no_grad():  # move the adapters off zero so that gradients are not trivial
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    settings = SamplerConfig(
+        num_steps=6, k=2, divert_step=2, threshold=0.0, inner_steps=inner_steps
+    )
+    sampler = PoolSampler(model, _judge, settings)
+    pairs, _ = sampler.sample(
+        model.unet, ["a red circle", "a cat", "a blue cross"], torch.Generator().manual_seed(2)
+    )
+    m, length = pairs.win.shape[:2]
+    assert m > 0 and length == 1 + inner_steps
+    rows = []
+    model.unet.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    results = {}
+    for share in (False, True):
+        rows.clear()
+        policy.unet.zero_grad()
+        logp_w, logp_l = chain_log_probs(
+            model,
+            policy.unet,
+            pairs,
+            schedule=sampler.schedule,
+            guidance_scale=5.0,
+            eta=1.0,
+            share_start=share,
+        )
+        (logp_w.sum() - 2 * logp_l.sum()).backward()
+        grads = [p.grad.clone() for p in policy.trainable_parameters()]
+        results[share] = (logp_w.detach(), logp_l.detach(), grads, list(rows))
+    (w0, l0, g0, rows0), (w1, l1, g1, rows1) = results[False], results[True]
+    assert torch.allclose(w0, w1, atol=1e-6, rtol=0) and torch.allclose(l0, l1, atol=1e-6, rtol=0)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert rows0 == [4 * m] * length  # cond + uncond of win and lose chains
+    assert rows1 == [2 * m] + [4 * m] * inner_steps  # the shared x_t once
 
 
 def test_result_loads_in_stock_diffusers(mini_world, tiny_spm, tmp_path):

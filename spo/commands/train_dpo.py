@@ -8,6 +8,8 @@ the noise of all 2B latents, and the loss compares their errors on winner and lo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from accelerate.utils import set_seed
@@ -25,7 +27,7 @@ from spo.data import (
 )
 from spo.errors import ConfigError
 from spo.evaluation.scorers import build_scorer, prefer_by_scorer
-from spo.losses import dpo_loss, sft_loss
+from spo.losses import DPOOutput, dpo_loss, sft_loss
 from spo.models import DiffusionModel, TextConditioning
 from spo.policy import Policy, register_lora_checkpoint_hooks
 from spo.runs import made_by, require_model
@@ -85,6 +87,62 @@ def _usable_rows(cfg: DPOTrainConfig, labels: np.ndarray) -> np.ndarray:
             f"{cfg.pairs.train}: no usable pair ({len(labels)} pairs, all ties; DPO drops ties)"
         )
     return decided
+
+
+@dataclass(kw_only=True)
+class DPOInputs:
+    """One micro-batch made ready for the UNet: winners' rows first, then the losers'."""
+
+    x_t: torch.Tensor  # (2B, C, h, w) noisy latents
+    t: torch.Tensor  # (2B,) the pair's timestep, twice
+    text: TextConditioning  # (2B) the caption, or the empty prompt when dropped
+    target: torch.Tensor  # (2B, C, h, w) what the UNet should predict (noise, or v)
+
+
+def dpo_inputs(
+    model: DiffusionModel,
+    pixels: torch.Tensor,
+    captions: list[str],
+    *,
+    generator: torch.Generator,
+    prompt_dropout: float,
+    empty: TextConditioning,
+) -> DPOInputs:
+    """`pixels` (B, 2, 3, H, W), winner first: both images VAE-encoded (posterior sampled), one
+    timestep and one noise per pair, the caption dropped with probability `prompt_dropout`.
+    Everything random comes from `generator`, in a fixed order (resumable)."""
+    b = len(captions)
+    gen = generator
+    both = torch.cat([pixels[:, 0], pixels[:, 1]])  # winners, then losers
+    latents = model.encode_images(both, generator=gen).float()
+    noise = torch.randn((b, *latents.shape[1:]), generator=gen).to(latents).repeat(2, 1, 1, 1)
+    t = torch.randint(0, model.num_train_timesteps, (b,), generator=gen)
+    t = t.to(latents.device).repeat(2)
+    x_t = model.add_noise(latents, noise, t)
+    target = noise
+    if model.prediction_type == "v_prediction":
+        a = model.alpha_bar(t).view(-1, 1, 1, 1)
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents
+    drop = torch.rand(b, generator=gen) < prompt_dropout
+    text = model.encode_text(captions)
+    text = TextConditioning.cat(
+        [empty if d else text.index([i]) for i, d in enumerate(drop.tolist())]
+    )
+    return DPOInputs(x_t=x_t, t=t, text=TextConditioning.cat([text, text]), target=target)
+
+
+def dpo_objective(
+    model: DiffusionModel, unet, policy: Policy, inputs: DPOInputs, cfg: DPOTrainConfig
+) -> tuple[torch.Tensor, DPOOutput | None]:
+    """The loss of one micro-batch (DPO against the reference, or SFT on the winners) and, for
+    DPO, its diagnostics. Call it under the run's autocast."""
+    pred = model.unet_forward(unet, inputs.x_t, inputs.t, inputs.text)
+    if cfg.loss == "sft":
+        return sft_loss(pred, inputs.target), None
+    with policy.reference(unet) as reference:
+        ref_pred = model.unet_forward(reference, inputs.x_t, inputs.t, inputs.text)
+    out = dpo_loss(pred, ref_pred, inputs.target, cfg.beta, cfg.beta_scale)
+    return out.loss, out
 
 
 def run(cfg: DPOTrainConfig) -> int:
@@ -149,41 +207,20 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                 batch = PairDataset.collate([dataset[i] for i in rows])
                 bad.update(len(rows), batch.bad)
                 micro += 1
-                b = len(batch.captions)
-                if b == 0:
+                if not batch.captions:
                     continue
                 gen = seeded_generator(cfg.seed, micro, accelerator.process_index)
-                pixels = torch.cat([batch.pixels[:, 0], batch.pixels[:, 1]])  # winners, then losers
-                latents = model.encode_images(pixels, generator=gen).float()
-                noise = (
-                    torch.randn((b, *latents.shape[1:]), generator=gen)
-                    .to(latents)
-                    .repeat(2, 1, 1, 1)
+                inputs = dpo_inputs(
+                    model,
+                    batch.pixels,
+                    batch.captions,
+                    generator=gen,
+                    prompt_dropout=cfg.prompt_dropout,
+                    empty=empty,
                 )
-                t = torch.randint(0, model.num_train_timesteps, (b,), generator=gen)
-                t = t.to(latents.device).repeat(2)
-                x_t = model.add_noise(latents, noise, t)
-                target = noise
-                if model.prediction_type == "v_prediction":
-                    a = model.alpha_bar(t).view(-1, 1, 1, 1)
-                    target = a.sqrt() * noise - (1 - a).sqrt() * latents
-                drop = torch.rand(b, generator=gen) < cfg.prompt_dropout
-                text = model.encode_text(batch.captions)
-                text = TextConditioning.cat(
-                    [empty if d else text.index([i]) for i, d in enumerate(drop.tolist())]
-                )
-                text = TextConditioning.cat([text, text])
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
-                        pred = model.unet_forward(unet, x_t, t, text)
-                        if cfg.loss == "sft":
-                            loss = sft_loss(pred, target)
-                            out = None
-                        else:
-                            with policy.reference(unet) as reference:
-                                ref_pred = model.unet_forward(reference, x_t, t, text)
-                            out = dpo_loss(pred, ref_pred, target, cfg.beta, cfg.beta_scale)
-                            loss = out.loss
+                        loss, out = dpo_objective(model, unet, policy, inputs, cfg)
                     loop.optimizer_step(loss, state())
                 values = {"loss": loss.item()}
                 if out is not None:

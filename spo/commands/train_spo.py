@@ -21,7 +21,7 @@ from spo.config import SPOTrainConfig
 from spo.data import load_prompts
 from spo.errors import ConfigError
 from spo.losses import spo_loss
-from spo.models import DiffusionModel
+from spo.models import DTYPES, DiffusionModel
 from spo.policy import Policy, register_lora_checkpoint_hooks
 from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
 from spo.runs import made_by, require_model, require_path
@@ -31,8 +31,9 @@ KIND = "spo_training"
 
 
 def load_spm(cfg: SPOTrainConfig, model: DiffusionModel):
-    """The SPM, refused with one line when it was trained on another model family."""
-    spm = preference_model.load(cfg.spm, device=model.device)
+    """The SPM (in `speed.judge_dtype`), refused with one line when it was trained on another
+    model family."""
+    spm = preference_model.load(cfg.spm, device=model.device, dtype=DTYPES[cfg.speed.judge_dtype])
     trained_on = spm.config.trained_on
     if trained_on is not None:
         ours = model.describe()
@@ -74,6 +75,8 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     set_seed(cfg.seed)
     model = DiffusionModel.for_training(cfg, accelerator.device)
     spm = load_spm(cfg, model)
+    if cfg.speed.fast_decode:
+        model.fast_decode(compile_decoder=cfg.speed.compile_vae)
     policy = Policy(model, cfg.policy)
     if cfg.policy.mode == "lora":
         register_lora_checkpoint_hooks(accelerator, policy)
@@ -147,20 +150,17 @@ def _training_epoch(
     for b in range(n_batches):
         start = b * per_step + accelerator.process_index * cfg.batch_size
         batch = pairs.index(order[start : start + cfg.batch_size])
-        both = KeptPairs.cat([batch, batch])
-        chains = torch.cat([batch.win, batch.lose])
         with accelerator.accumulate(unet):
             with accelerator.autocast():
                 settings = {
                     "schedule": sampler.schedule,
                     "guidance_scale": cfg.sampler.guidance_scale,
                     "eta": cfg.sampler.eta,
+                    "share_start": cfg.speed.share_start,
                 }
-                logp = chain_log_probs(model, unet, both, chains, **settings)
+                logp_w, logp_l = chain_log_probs(model, unet, batch, **settings)
                 with policy.reference(unet) as reference:
-                    ref = chain_log_probs(model, reference, both, chains, **settings)
-            logp_w, logp_l = logp.chunk(2)
-            ref_w, ref_l = ref.chunk(2)
+                    ref_w, ref_l = chain_log_probs(model, reference, batch, **settings)
             loss, ratio_w, ratio_l, clipped = spo_loss(
                 logp_w, ref_w, logp_l, ref_l, cfg.beta, cfg.ratio_clip
             )

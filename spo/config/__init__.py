@@ -14,6 +14,7 @@ from typing import Any
 from spo.config.loader import dump_config, load_config
 from spo.config.schemas import (
     COMMAND_CONFIGS,
+    BenchmarkConfig,
     CompareConfig,
     DemoConfig,
     DPOTrainConfig,
@@ -21,6 +22,7 @@ from spo.config.schemas import (
     OptimConfig,
     PolicyConfig,
     SamplerConfig,
+    SpeedConfig,
     SPMTrainConfig,
     SPOTrainConfig,
     ToyWorldConfig,
@@ -28,6 +30,7 @@ from spo.config.schemas import (
 )
 
 __all__ = [
+    "BenchmarkConfig",
     "COMMAND_CONFIGS",
     "CompareConfig",
     "DPOTrainConfig",
@@ -38,6 +41,7 @@ __all__ = [
     "SPMTrainConfig",
     "SPOTrainConfig",
     "SamplerConfig",
+    "SpeedConfig",
     "ToyWorldConfig",
     "ValidationImagesConfig",
     "command_config",

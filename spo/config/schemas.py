@@ -351,6 +351,31 @@ class DPOTrainConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """SPO's speed-ups (docs/benchmarks.md measures each). The exact ones (the same math, float
+    rounding aside) are on by default; the others change what is computed and are off."""
+
+    # exact: a kept pair's win and lose transitions leave the same x_t, so the training step
+    # makes ONE UNet call per network there instead of two (the released code makes two)
+    share_start: bool = True
+    # exact, GPU only: the VAE in channels_last memory format and cuDNN autotuning for decoding
+    fast_decode: bool = True
+    # exact, GPU only: torch.compile the VAE decoder (the first batches pay the compile time)
+    compile_vae: bool = False
+    # NOT exact: the SPM's dtype while judging candidates (float32 as released; bfloat16 /
+    # float16 halve its cost and flip a few pair decisions, docs/benchmarks.md)
+    judge_dtype: str = "float32"
+
+    def validate(self) -> None:
+        _require(
+            self.judge_dtype in ("float32", "float16", "bfloat16"),
+            "speed.judge_dtype",
+            self.judge_dtype,
+            "must be float32, float16 or bfloat16",
+        )
+
+
+@dataclass
 class SamplerConfig:
     """SPO's step-wise pool sampler (SPEC.md 3); defaults are the SD1.5 release."""
 
@@ -411,6 +436,7 @@ class SPOTrainConfig:
     max_prompts: int | None = None  # only the first N prompts (None: all)
     policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(lora_rank=4))
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     beta: float = 10.0
     ratio_clip: float | None = 0.1  # clamp of the policy/reference ratio (None: the paper's form)
     sample_batch_size: int = 10  # prompts per process per sampling batch
@@ -433,6 +459,7 @@ class SPOTrainConfig:
         _validate_loop(self)
         self.policy.validate()
         self.sampler.validate()
+        self.speed.validate()
         _require(math.isfinite(self.beta) and self.beta > 0, "beta", self.beta, "must be > 0")
         clip = self.ratio_clip
         _require(clip is None or 0 < clip < 1, "ratio_clip", clip, "must be in (0, 1) or null")
@@ -513,6 +540,62 @@ class DemoConfig:
         _require(math.isfinite(b) and b > 0, "budget_minutes", b, "must be > 0")
 
 
+@dataclass
+class BenchmarkConfig:
+    """`spo benchmark`: SPO's and DPO's pieces timed on randomly initialised models of a named
+    architecture (nothing downloaded), optionally against the released code's structure."""
+
+    out: str = "runs/benchmark"  # benchmark.json and benchmark.md
+    preset: str = "tiny"  # tiny (the toy world's architecture) | sd15 | sdxl (SPEC.md 5)
+    # released: also run the released code's structure in the same process (the UNet twice per
+    # network on a pair's shared x_t, fp32 judge, eager, no decode tuning); none: ours only
+    baseline: str = "none"
+    prompts: int = 10  # prompts of the sampling pass (its pairs are the training batches)
+    num_steps: int = 20  # DDIM steps of the sampling pass
+    repeats: int = 3  # timed repeats of each piece after one warm-up; the median is reported
+    seed: int = 0
+    dpo_modes: list[str] = field(default_factory=lambda: ["lora", "full"])  # DPO steps timed
+    dpo_lora_batch: int = 8  # pairs per DPO LoRA step
+    dpo_full_batch: int = 4  # pairs per DPO full fine-tune step
+    # dense fp16/bf16 peak of the accelerator in TFLOP/s for the MFU (None: from the device
+    # name, H100 / H200 989, A100 312; no MFU on a CPU)
+    peak_tflops: float | None = None
+    # trained models instead of random ones (e.g. the toy world's base model and SPM, to
+    # measure how many pair decisions a half-precision judge flips on real candidates)
+    pipeline: str | None = None  # a diffusers folder of the preset's family
+    spm: str | None = None  # an SPM folder trained on that family
+    speed: SpeedConfig = field(default_factory=SpeedConfig)  # what "ours" runs with
+
+    def validate(self) -> None:
+        _require(bool(str(self.out).strip()), "out", self.out, "must be a non-empty path")
+        _require(
+            self.preset in ("tiny", "sd15", "sdxl"),
+            "preset",
+            self.preset,
+            "must be tiny, sd15 or sdxl",
+        )
+        _require(
+            self.baseline in ("none", "released"),
+            "baseline",
+            self.baseline,
+            "must be none or released",
+        )
+        for key in ("prompts", "repeats", "dpo_lora_batch", "dpo_full_batch"):
+            _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        _require(self.num_steps > 1, "num_steps", self.num_steps, "must be > 1")
+        _require(
+            set(self.dpo_modes) <= {"lora", "full"},
+            "dpo_modes",
+            self.dpo_modes,
+            "must be a list of lora and full",
+        )
+        peak = self.peak_tflops
+        _require(
+            peak is None or (math.isfinite(peak) and peak > 0), "peak_tflops", peak, "must be > 0"
+        )
+        self.speed.validate()
+
+
 # Command name -> config schema. The CLI loads `--config`/overrides into this type.
 COMMAND_CONFIGS: dict[str, type] = {
     "toy-world": ToyWorldConfig,
@@ -521,4 +604,5 @@ COMMAND_CONFIGS: dict[str, type] = {
     "train-spo": SPOTrainConfig,
     "compare": CompareConfig,
     "demo": DemoConfig,
+    "benchmark": BenchmarkConfig,
 }

@@ -1,0 +1,175 @@
+"""Randomly initialised models at the real architectures (SPEC.md 5), for benchmarks.
+
+Why: speed, memory and FLOP rate depend on the architecture, not on the weights, and nothing
+can be downloaded here. `tiny` is the toy world's architecture (the shipped configs), `sd15`
+and `sdxl` the real ones; each comes with its SPM (the toy CLIP, or a PickScore-size ViT-H/14).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from preference_model import pickscore_clip_config
+from preference_model.model import TOY_BACKBONE_DIR, StepAwarePreferenceModel
+from spo.errors import ConfigError
+from spo.toy.base_model import BASE_MODEL_DIR
+from spo.toy.text import VOCAB_SIZE, build_tokenizer
+
+PRESETS = ("tiny", "sd15", "sdxl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PresetSettings:
+    """The sampler and policy settings each architecture is trained with (SPEC.md 3)."""
+
+    k: int
+    inner_steps: int
+    lora_rank: int
+    gradient_checkpointing: bool
+    train_batch: int
+
+
+SETTINGS = {
+    "tiny": PresetSettings(
+        k=4, inner_steps=0, lora_rank=4, gradient_checkpointing=False, train_batch=10
+    ),
+    "sd15": PresetSettings(
+        k=4, inner_steps=0, lora_rank=4, gradient_checkpointing=False, train_batch=10
+    ),
+    "sdxl": PresetSettings(
+        k=2, inner_steps=3, lora_rank=64, gradient_checkpointing=True, train_batch=2
+    ),
+}
+
+
+def _scheduler():
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def _clip_text(hidden: int, layers: int, heads: int, projection: int | None = None):
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=projection or hidden,
+        hidden_act="quick_gelu" if projection is None else "gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config) if projection is None else CLIPTextModelWithProjection(config)
+
+
+def _sd_vae(scaling_factor: float, sample_size: int):
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+    )
+
+
+def build_pipeline(preset: str, device: str | torch.device, dtype: torch.dtype):
+    """A diffusers pipeline of `preset` with random weights, built on `device` in `dtype`."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    with torch.device(device):
+        if preset == "tiny":
+            pipe = StableDiffusionPipeline(
+                vae=AutoencoderKL.from_config(AutoencoderKL.load_config(BASE_MODEL_DIR / "vae")),
+                text_encoder=CLIPTextModel(
+                    CLIPTextConfig.from_pretrained(BASE_MODEL_DIR / "text_encoder")
+                ),
+                tokenizer=CLIPTokenizer.from_pretrained(BASE_MODEL_DIR / "tokenizer"),
+                unet=UNet2DConditionModel.from_config(
+                    UNet2DConditionModel.load_config(BASE_MODEL_DIR / "unet")
+                ),
+                scheduler=_scheduler(),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        elif preset == "sd15":
+            pipe = StableDiffusionPipeline(
+                vae=_sd_vae(0.18215, 512),
+                text_encoder=_clip_text(768, 12, 12),
+                tokenizer=build_tokenizer(77),
+                unet=UNet2DConditionModel(
+                    sample_size=64,
+                    block_out_channels=(320, 640, 1280, 1280),
+                    layers_per_block=2,
+                    cross_attention_dim=768,
+                    attention_head_dim=8,
+                ),
+                scheduler=_scheduler(),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        else:
+            pipe = StableDiffusionXLPipeline(
+                vae=_sd_vae(0.13025, 1024),
+                text_encoder=_clip_text(768, 12, 12),
+                text_encoder_2=_clip_text(1280, 32, 20, projection=1280),
+                tokenizer=build_tokenizer(77),
+                tokenizer_2=build_tokenizer(77),
+                unet=UNet2DConditionModel(
+                    sample_size=128,
+                    block_out_channels=(320, 640, 1280),
+                    layers_per_block=2,
+                    down_block_types=(
+                        "DownBlock2D",
+                        "CrossAttnDownBlock2D",
+                        "CrossAttnDownBlock2D",
+                    ),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=(1, 2, 10),
+                    attention_head_dim=(5, 10, 20),
+                    cross_attention_dim=2048,
+                    use_linear_projection=True,
+                    addition_embed_type="text_time",
+                    addition_time_embed_dim=256,
+                    projection_class_embeddings_input_dim=2816,
+                ),
+                scheduler=_scheduler(),
+            )
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_spm(preset: str, device: str | torch.device):
+    """The preset's SPM with random weights: the toy CLIP's architecture, or PickScore's."""
+    with torch.device(device):
+        if preset == "tiny":
+            return StepAwarePreferenceModel.from_open_clip(
+                TOY_BACKBONE_DIR / "open_clip_config.json"
+            ).eval()
+        return StepAwarePreferenceModel.from_hf_clip(pickscore_clip_config()).eval()

@@ -1,0 +1,41 @@
+"""`spo benchmark` on the tiny preset: a smoke run of every piece (not timed), ours against
+the released structure with equal log-probabilities, and bad input before any model loads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from helpers import one_error_line
+
+from spo.cli import main
+
+
+def test_tiny_benchmark_against_the_released_structure(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["benchmark", "--preset", "tiny", "--baseline", "released", "--out", str(out)]
+    small = ["prompts=2", "num_steps=6", "repeats=1", "dpo_modes=[lora, full]", "dpo_full_batch=1"]
+    assert main([*args, *small, "dpo_lora_batch=2"]) == 0
+    result = json.loads((out / "benchmark.json").read_text())
+    ours, base = result["variants"]["ours"], result["variants"]["baseline"]
+    assert result["logp_max_abs_diff"] < 1e-5  # the shared x_t changes no log-probability
+    for figures in (ours, base):
+        assert figures["pairs"] == 2 * 5  # threshold 0: one pair per trained step and prompt
+        phases = figures["pass_unet_s"] + figures["pass_decode_s"] + figures["pass_judge_s"]
+        assert 0 < phases <= figures["pass_s"] * 1.05
+        assert figures["train_steps"] == 1 and figures["step_s"] > 0
+    assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
+    assert set(result["dpo"]) == {"lora", "full"}
+    judge = result["judge_half_precision"]
+    assert judge["decisions"] == 2 * 5 and 0 <= judge["flipped_share"] <= 1
+    assert result["flops"]["unet"]["gflop_per_item"] > 0
+    table = (out / "benchmark.md").read_text()
+    assert "baseline / ours" in table and "training step" in table
+    assert table in capsys.readouterr().out
+
+
+def test_unknown_preset_is_one_line(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--preset", "sd3", "--out", str(out)]) == 2
+    assert "'preset'" in one_error_line(capsys)
+    assert not out.exists()
