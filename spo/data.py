@@ -209,9 +209,7 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         i = int(i)
         row = self.table[i]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        crop_at = tuple(rng.uniform(size=2)) if self.random_crop else (0.5, 0.5)
-        flip = bool(rng.integers(2)) if self.random_flip else False
+        crop_at, flip = self.augmentation(i)
         try:
             images = [
                 to_pixels(decode_image(row[k]), self.resolution, crop_at, flip)
@@ -220,7 +218,7 @@ class PairDataset(Dataset):
         except Exception:  # PIL raises many kinds on corrupt bytes; the pair is skipped
             return None
         labels = self.labels[i]
-        if self.winner_first and labels[0] < labels[1]:
+        if self.swapped(i):
             images, labels = images[::-1], labels[::-1]
         return {
             "pixels": torch.stack(images),
@@ -229,6 +227,18 @@ class PairDataset(Dataset):
             "weight": float(self.weights[i]),
             "index": i,
         }
+
+    def augmentation(self, i: int) -> tuple[tuple[float, float], bool]:
+        """Row i's crop position and mirroring this epoch (both images of a pair alike)."""
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        crop_at = tuple(rng.uniform(size=2)) if self.random_crop else (0.5, 0.5)
+        flip = bool(rng.integers(2)) if self.random_flip else False
+        return crop_at, flip
+
+    def swapped(self, i: int) -> bool:
+        """Whether row i's images are swapped to put the winner first."""
+        labels = self.labels[int(i)]
+        return self.winner_first and labels[0] < labels[1]
 
     @staticmethod
     def collate(items: list[dict[str, Any] | None]) -> PairBatch:

@@ -293,10 +293,23 @@ class DiffusionModel:
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Pixels in [-1, 1] (N, 3, H, W) -> scaled latents. With a generator the posterior is
         sampled (as the DPO code does), otherwise its mean is used (deterministic)."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
+        dist = self.posterior(pixels)
         latents = dist.sample(generator) if generator is not None else dist.mean
         return self._scale(latents)
+
+    @torch.no_grad()
+    def posterior(self, pixels: Tensor):
+        """The VAE's posterior of pixels in [-1, 1]: a diagonal Gaussian (`mean`, `std`)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
+
+    def sample_latents(self, mean: Tensor, std: Tensor, generator: torch.Generator) -> Tensor:
+        """Scaled latents drawn from a posterior's moments, exactly as `encode_images` draws
+        them from the posterior itself (the same generator gives the same latents)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self._scale(mean + std * noise)
 
     def _scale(self, latents: Tensor) -> Tensor:
         shift = self.vae.config.get("shift_factor", None) or 0.0

@@ -26,6 +26,7 @@ def test_tiny_benchmark_against_the_released_structure(tmp_path, capsys):
         assert figures["train_steps"] == 1 and figures["step_s"] > 0
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
     assert set(result["dpo"]) == {"lora", "full"}
+    assert all(d["ratio"] > 0 for d in result["dpo"].values())
     judge = result["judge_half_precision"]
     assert judge["decisions"] == 2 * 5 and 0 <= judge["flipped_share"] <= 1
     assert result["flops"]["unet"]["gflop_per_item"] > 0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_resume_is_exact, one_error_line, stock_lora_change
@@ -191,3 +193,46 @@ def test_ai_feedback_relabelling_with_the_oracle(mini_world, tmp_path):
     assert main(_args(mini_world, out, "relabel_with=oracle", "max_steps=1")) == 0
     summary = json.loads((out / "final/train_summary.json").read_text())
     assert summary["ties_dropped"] == 0 and summary["pairs"] == 48
+
+
+def test_latent_cache_draws_the_latents_of_the_uncached_step(mini_world):
+    """The cached posterior moments give, with the same generator, the latents that encoding
+    the step's pixels gives (equal up to the VAE's float rounding), mirror images and the
+    winner-first swap included."""
+    from spo.commands.train_dpo import LatentCache
+    from spo.data import PairDataset
+    from spo.models import DiffusionModel
+
+    model = DiffusionModel.from_pretrained(str(mini_world / "base_model"))
+    table = load_pair_table(str(mini_world / "pairs/train.parquet"))
+    labels = np.array([[1.0, 0.0] if i % 2 else [0.0, 1.0] for i in range(len(table))])
+    dataset = PairDataset(
+        table, model.resolution, labels, winner_first=True, random_flip=True, seed=3
+    )
+    cache = LatentCache(model, dataset, batch_size=5)
+    rows = [0, 3, 4, 7, 10, 11]
+    (mean, std), captions, skipped = cache.batch(dataset, rows)
+    batch = PairDataset.collate([dataset[i] for i in rows])
+    assert skipped == 0 and captions == batch.captions
+    assert {dataset.augmentation(i)[1] for i in rows} == {False, True}  # both mirrors used
+    pixels = torch.cat([batch.pixels[:, 0], batch.pixels[:, 1]])
+    uncached = model.encode_images(pixels, generator=torch.Generator().manual_seed(5))
+    cached = model.sample_latents(
+        torch.cat([mean[:, 0], mean[:, 1]]),
+        torch.cat([std[:, 0], std[:, 1]]),
+        torch.Generator().manual_seed(5),
+    )
+    assert torch.allclose(cached, uncached, atol=1e-5, rtol=0)
+
+
+def test_latent_cache_trains_what_the_uncached_run_trains(mini_world, tmp_path, capsys):
+    runs = {}
+    for on in (True, False):
+        out = tmp_path / f"cache_{on}"
+        assert main(_args(mini_world, out, f"latent_cache={str(on).lower()}")) == 0
+        runs[on] = load_file(out / "final/pytorch_lora_weights.safetensors")
+    assert re.search(r"latent cache: \d+ pairs x 2 images x 2 mirrors", capsys.readouterr().out)
+    for key, value in runs[True].items():
+        assert torch.allclose(value, runs[False][key], atol=1e-5, rtol=1e-3), key
+    assert main(_args(mini_world, tmp_path / "tight", "latent_cache_max_gb=1e-9")) == 0
+    assert "latent cache: off" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate.utils import set_seed
+from PIL import Image
 from tqdm.auto import tqdm
 
 from spo.commands import report
@@ -101,20 +102,25 @@ class DPOInputs:
 
 def dpo_inputs(
     model: DiffusionModel,
-    pixels: torch.Tensor,
+    images: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     captions: list[str],
     *,
     generator: torch.Generator,
     prompt_dropout: float,
     empty: TextConditioning,
 ) -> DPOInputs:
-    """`pixels` (B, 2, 3, H, W), winner first: both images VAE-encoded (posterior sampled), one
+    """`images`: pixels (B, 2, 3, H, W) or cached posterior moments (mean, std), each
+    (B, 2, C, h, w), winner first. Both images' latents are drawn from their VAE posterior, one
     timestep and one noise per pair, the caption dropped with probability `prompt_dropout`.
     Everything random comes from `generator`, in a fixed order (resumable)."""
     b = len(captions)
     gen = generator
-    both = torch.cat([pixels[:, 0], pixels[:, 1]])  # winners, then losers
-    latents = model.encode_images(both, generator=gen).float()
+    if isinstance(images, torch.Tensor):
+        both = torch.cat([images[:, 0], images[:, 1]])  # winners, then losers
+        latents = model.encode_images(both, generator=gen).float()
+    else:
+        mean, std = (torch.cat([x[:, 0], x[:, 1]]).to(model.device) for x in images)
+        latents = model.sample_latents(mean, std, gen).float()
     noise = torch.randn((b, *latents.shape[1:]), generator=gen).to(latents).repeat(2, 1, 1, 1)
     t = torch.randint(0, model.num_train_timesteps, (b,), generator=gen)
     t = t.to(latents.device).repeat(2)
@@ -143,6 +149,80 @@ def dpo_objective(
         ref_pred = model.unet_forward(reference, inputs.x_t, inputs.t, inputs.text)
     out = dpo_loss(pred, ref_pred, inputs.target, cfg.beta, cfg.beta_scale)
     return out.loss, out
+
+
+class LatentCache:
+    """Every pair image's VAE posterior (mean, std), encoded once before training: both mirror
+    images with `random_flip`, in table order. A step then samples its latents from these
+    moments with its own generator, which draws exactly what encoding the pixels would (the
+    VAE's outputs equal up to float rounding), and decodes no image."""
+
+    def __init__(self, model: DiffusionModel, dataset: PairDataset, batch_size: int = 32):
+        flips = (False, True) if dataset.random_flip else (False,)
+        self.flips = flips
+        n, res = len(dataset), dataset.resolution
+        self.ok = np.ones(n, dtype=bool)
+        means, stds = [], []
+        for start in tqdm(range(0, n, batch_size), desc="latent cache", leave=False):
+            rows = list(range(start, min(n, start + batch_size)))
+            pixels = []
+            for i in rows:
+                row = dataset.table[i]
+                try:
+                    images = [decode_image(row[k]) for k in ("jpg_0", "jpg_1")]
+                except Exception:  # undecodable: skipped at batch time, counted as bad
+                    self.ok[i] = False
+                    images = [Image.new("RGB", (res, res))] * 2
+                pixels += [to_pixels(im, res, flip=f) for f in flips for im in images]
+            dist = model.posterior(torch.stack(pixels))
+            shape = (len(rows), len(flips), 2, *dist.mean.shape[1:])
+            means.append(dist.mean.reshape(shape).cpu())
+            stds.append(dist.std.reshape(shape).cpu())
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+
+    @staticmethod
+    def size_bytes(model: DiffusionModel, n_pairs: int, random_flip: bool) -> int:
+        """Memory of the cache: pairs x 2 images x mirrors x (mean, std) x latent elements."""
+        c, size = model.unet.config.in_channels, model.unet.config.sample_size
+        item = torch.finfo(next(model.vae.parameters()).dtype).bits // 8
+        return n_pairs * 2 * (2 if random_flip else 1) * 2 * c * size * size * item
+
+    def batch(self, dataset: PairDataset, rows: list[int]):
+        """The decodable rows' moments (mean, std), each (B, 2, C, h, w) winner first, their
+        captions, and the number of rows skipped as undecodable."""
+        good = [i for i in rows if self.ok[i]]
+        flip = [self.flips.index(dataset.augmentation(i)[1]) for i in good]
+        order = [[1, 0] if dataset.swapped(i) else [0, 1] for i in good]
+        idx, flip_idx = torch.tensor(good, dtype=torch.long), torch.tensor(flip)
+        order_idx = torch.tensor(order, dtype=torch.long)
+        pick = (idx[:, None], flip_idx[:, None], order_idx)
+        captions = [str(dataset.table[i]["caption"]) for i in good]
+        return (self.mean[pick], self.std[pick]), captions, len(rows) - len(good)
+
+
+def _latent_cache(
+    cfg: DPOTrainConfig, model: DiffusionModel, dataset: PairDataset, main: bool
+) -> LatentCache | None:
+    """The run's latent cache, or None (off, random crops, or larger than allowed); its size
+    is said before it is built."""
+    if not cfg.latent_cache:
+        return None
+    if cfg.random_crop:
+        if main:
+            print("latent cache: off (random_crop draws a new crop every epoch)")
+        return None
+    size = LatentCache.size_bytes(model, len(dataset), cfg.random_flip)
+    what = f"{len(dataset)} pairs x 2 images x {2 if cfg.random_flip else 1} mirrors"
+    if size > cfg.latent_cache_max_gb * 1e9:
+        if main:
+            print(
+                f"latent cache: off, {what} need {size / 1e9:.1f} GB > latent_cache_max_gb "
+                f"{cfg.latent_cache_max_gb:g} (raise it, or latent_cache=false to hide this)"
+            )
+        return None
+    if main:
+        print(f"latent cache: {what} = {size / 1e6:.1f} MB, encoded once")
+    return LatentCache(model, dataset)
 
 
 def run(cfg: DPOTrainConfig) -> int:
@@ -176,6 +256,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         random_flip=cfg.random_flip,
         seed=cfg.seed,
     )
+    cache = _latent_cache(cfg, model, dataset, loop.main)
     policy = Policy(model, cfg.policy)
     lr = effective_lr(cfg, accelerator.num_processes)
     if cfg.policy.mode == "lora":
@@ -204,16 +285,20 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                     len(dataset), cfg.batch_size, micro, accelerator, cfg.seed
                 )
                 dataset.epoch = epoch
-                batch = PairDataset.collate([dataset[i] for i in rows])
-                bad.update(len(rows), batch.bad)
+                if cache is None:
+                    batch = PairDataset.collate([dataset[i] for i in rows])
+                    images, captions, skipped = batch.pixels, batch.captions, batch.bad
+                else:
+                    images, captions, skipped = cache.batch(dataset, rows)
+                bad.update(len(rows), skipped)
                 micro += 1
-                if not batch.captions:
+                if not captions:
                     continue
                 gen = seeded_generator(cfg.seed, micro, accelerator.process_index)
                 inputs = dpo_inputs(
                     model,
-                    batch.pixels,
-                    batch.captions,
+                    images,
+                    captions,
                     generator=gen,
                     prompt_dropout=cfg.prompt_dropout,
                     empty=empty,

@@ -298,6 +298,12 @@ class DPOTrainConfig:
     prompt_dropout: float = 0.2  # probability of training a pair on the empty prompt
     random_crop: bool = False  # random (else centre) crop, the same for both images of a pair
     random_flip: bool = True  # horizontal flip, the same for both images of a pair
+    # Encode every pair image once per run (both mirror images with random_flip) and train
+    # from the cached VAE posteriors: the same latents as encoding each step, without the
+    # image decoding and the VAE encoder in the loop. Held in memory on every process; off
+    # past latent_cache_max_gb (the size is printed first) and with random_crop.
+    latent_cache: bool = True
+    latent_cache_max_gb: float = 8.0
     optim: OptimConfig = field(default_factory=OptimConfig)
     optimizer: str = "adamw"  # adamw | adafactor | adamw8bit (needs bitsandbytes)
     # How optim.lr becomes the learning rate, with E = batch_size x accumulation x processes:
@@ -327,6 +333,8 @@ class DPOTrainConfig:
         _require(self.beta_scale > 0, "beta_scale", self.beta_scale, "must be > 0")
         p = self.prompt_dropout
         _require(0 <= p < 1, "prompt_dropout", p, "must be in [0, 1)")
+        gb = self.latent_cache_max_gb
+        _require(math.isfinite(gb) and gb > 0, "latent_cache_max_gb", gb, "must be > 0")
         _require(
             self.optimizer in ("adamw", "adafactor", "adamw8bit"),
             "optimizer",
