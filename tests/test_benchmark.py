@@ -19,6 +19,7 @@ def test_tiny_benchmark_against_the_released_structure(tmp_path, capsys):
     result = json.loads((out / "benchmark.json").read_text())
     ours, base = result["variants"]["ours"], result["variants"]["baseline"]
     assert result["logp_max_abs_diff"] < 1e-5  # the shared x_t changes no log-probability
+    assert ours["kept_checksum"] == base["kept_checksum"]  # the same pairs kept
     for figures in (ours, base):
         assert figures["pairs"] == 2 * 5  # threshold 0: one pair per trained step and prompt
         phases = figures["pass_unet_s"] + figures["pass_decode_s"] + figures["pass_judge_s"]
@@ -40,3 +41,21 @@ def test_unknown_preset_is_one_line(tmp_path, capsys):
     assert main(["benchmark", "--preset", "sd3", "--out", str(out)]) == 2
     assert "'preset'" in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_real_architectures_have_the_published_sizes():
+    """SPEC.md 5's architectures, built on the meta device (no memory, no weights)."""
+    import torch
+
+    from spo.architectures import build_pipeline, build_spm
+
+    def millions(module):
+        return sum(p.numel() for p in module.parameters()) / 1e6
+
+    sd15 = build_pipeline("sd15", "meta", torch.float32)
+    assert round(millions(sd15.unet)) == 860 and round(millions(sd15.vae)) == 84
+    assert round(millions(sd15.text_encoder)) == 123  # CLIP ViT-L/14's text tower
+    sdxl = build_pipeline("sdxl", "meta", torch.float32)
+    assert round(millions(sdxl.unet) / 100) == 26  # 2.6B
+    assert round(millions(sdxl.text_encoder_2)) == 695  # OpenCLIP ViT-bigG/14's text tower
+    assert round(millions(build_spm("sd15", "meta")) / 100) == 13  # PickScore, 1.3B

@@ -238,9 +238,12 @@ def _sampling(cfg, sampler, policy, prompts, clock, autocast, device):
     phases = dict(clock.seconds)  # the last repeat's
     peak = peak_gb(one_pass, device)
     policy.unet.train()
-    figures = {"pass_s": seconds, "pass_peak_gb": peak, "pairs": len(out["pairs"])}
+    pairs = out["pairs"]
+    figures = {"pass_s": seconds, "pass_peak_gb": peak, "pairs": len(pairs)}
+    # which candidates were kept: the same seed must keep the same pairs in every variant
+    figures["kept_checksum"] = float(pairs.win.double().sum() - pairs.lose.double().sum())
     figures |= {f"pass_{k}_s": v for k, v in phases.items()}
-    return figures, out["pairs"]
+    return figures, pairs
 
 
 def _training(cfg, model, sampler, policy, pairs, speed, autocast, device) -> dict:
