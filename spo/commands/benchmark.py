@@ -250,7 +250,7 @@ def _training(cfg, model, sampler, policy, pairs, speed, autocast, device) -> di
     """One SPO training step (policy and reference log-probabilities, loss, backward, AdamW)
     on `train_batch` of the pass's pairs."""
     batch = pairs.index(list(range(min(SETTINGS[cfg.preset].train_batch, len(pairs)))))
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-12)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)  # full cost, weights kept
     settings = {
         "schedule": sampler.schedule,
         "guidance_scale": sampler.s.guidance_scale,
@@ -387,7 +387,7 @@ def _dpo(cfg, model, policy, autocast, device, dtype) -> dict:
         else:
             m = _diffusion_model(cfg, device, dtype)
             p = Policy(m, PolicyConfig(mode="full"))
-        optimizer = torch.optim.AdamW(p.trainable_parameters(), lr=1e-12)
+        optimizer = torch.optim.AdamW(p.trainable_parameters(), lr=0.0)  # full cost, weights kept
         r = m.resolution
         pixels = torch.rand(batch, 2, 3, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1
         dist = m.posterior(torch.cat([pixels[:, 0], pixels[:, 1]]))
