@@ -184,9 +184,11 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
 
         sampler = PoolSampler(model, clock.wrap("judge", judge), sampler_cfg)
         figures, pairs = _sampling(cfg, sampler, policy, prompts, clock, autocast, device)
-        figures |= _training(cfg, model, sampler, policy, pairs, speed, autocast, device)
-        figures["iteration_s"] = figures["pass_s"] + figures["train_steps"] * figures["step_s"]
         result["variants"][name] = figures
+    steps = _training(cfg, model, sampler, policy, pairs, variants, autocast, device)
+    for name, figures in result["variants"].items():
+        figures |= steps[name]
+        figures["iteration_s"] = figures["pass_s"] + figures["train_steps"] * figures["step_s"]
     if "baseline" in variants:
         result["logp_max_abs_diff"] = _logp_difference(model, policy, sampler, pairs, autocast)
         ours, base = result["variants"]["ours"], result["variants"]["baseline"]
@@ -246,19 +248,18 @@ def _sampling(cfg, sampler, policy, prompts, clock, autocast, device):
     return figures, pairs
 
 
-def _training(cfg, model, sampler, policy, pairs, speed, autocast, device) -> dict:
+def _training(cfg, model, sampler, policy, pairs, variants, autocast, device) -> dict:
     """One SPO training step (policy and reference log-probabilities, loss, backward, AdamW)
-    on `train_batch` of the pass's pairs."""
-    batch = pairs.index(list(range(min(SETTINGS[cfg.preset].train_batch, len(pairs)))))
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)  # full cost, weights kept
-    settings = {
-        "schedule": sampler.schedule,
-        "guidance_scale": sampler.s.guidance_scale,
-        "eta": sampler.s.eta,
-        "share_start": speed.share_start,
-    }
+    on `train_batch` of the pass's pairs, per variant; the variants' repeats interleaved so
+    that drift of the machine falls on all of them alike."""
+    per_step = SETTINGS[cfg.preset].train_batch
+    batch = pairs.index(list(range(min(per_step, len(pairs)))))
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)  # full cost, kept
+    base = {"schedule": sampler.schedule, "guidance_scale": sampler.s.guidance_scale}
+    base["eta"] = sampler.s.eta
 
-    def step():
+    def step(share_start: bool) -> None:
+        settings = base | {"share_start": share_start}
         with autocast:
             logp_w, logp_l = chain_log_probs(model, policy.unet, batch, **settings)
             with policy.reference() as reference:
@@ -268,12 +269,24 @@ def _training(cfg, model, sampler, policy, pairs, speed, autocast, device) -> di
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = median_seconds(step, cfg.repeats, device)
-    per_step = SETTINGS[cfg.preset].train_batch
+    runs = {name: (lambda s=speed.share_start: step(s)) for name, speed in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(cfg.repeats):
+        for name, fn in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
     return {
-        "step_s": seconds,
-        "step_peak_gb": peak_gb(step, device),
-        "train_steps": math.ceil(len(pairs) / per_step),
+        name: {
+            "step_s": statistics.median(times[name]),
+            "step_peak_gb": peak_gb(fn, device),
+            "train_steps": math.ceil(len(pairs) / per_step),
+        }
+        for name, fn in runs.items()
     }
 
 

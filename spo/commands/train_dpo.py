@@ -157,13 +157,20 @@ class LatentCache:
     moments with its own generator, which draws exactly what encoding the pixels would (the
     VAE's outputs equal up to float rounding), and decodes no image."""
 
-    def __init__(self, model: DiffusionModel, dataset: PairDataset, batch_size: int = 32):
+    def __init__(
+        self,
+        model: DiffusionModel,
+        dataset: PairDataset,
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> None:
         flips = (False, True) if dataset.random_flip else (False,)
         self.flips = flips
         n, res = len(dataset), dataset.resolution
         self.ok = np.ones(n, dtype=bool)
         means, stds = [], []
-        for start in tqdm(range(0, n, batch_size), desc="latent cache", leave=False):
+        chunks = range(0, n, batch_size)
+        for start in tqdm(chunks, desc="latent cache", leave=False, disable=not progress):
             rows = list(range(start, min(n, start + batch_size)))
             pixels = []
             for i in rows:
@@ -222,7 +229,7 @@ def _latent_cache(
         return None
     if main:
         print(f"latent cache: {what} = {size / 1e6:.1f} MB, encoded once")
-    return LatentCache(model, dataset)
+    return LatentCache(model, dataset, progress=main)
 
 
 def run(cfg: DPOTrainConfig) -> int:
@@ -256,7 +263,6 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         random_flip=cfg.random_flip,
         seed=cfg.seed,
     )
-    cache = _latent_cache(cfg, model, dataset, loop.main)
     policy = Policy(model, cfg.policy)
     lr = effective_lr(cfg, accelerator.num_processes)
     if cfg.policy.mode == "lora":
@@ -265,6 +271,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         policy.unet, policy.trainable_parameters(), desc="train DPO", optimizer=cfg.optimizer, lr=lr
     )
     bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train)
+    cache = _latent_cache(cfg, model, dataset, loop.main)  # its time counts as training time
     bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
     if loop.main:
         loop.run.log_metrics(
