@@ -41,7 +41,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from preference_model.errors import CheckpointError, CheckpointNotFoundError
+from preference_model.errors import CheckpointError, CheckpointNotFoundError, check_state_dict
+from preference_model.latent import CONFIG_NAME as LATENT_CONFIG_NAME
+from preference_model.latent import LatentJudge, load_latent_judge
 from preference_model.transforms import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -323,25 +325,6 @@ def _tokenizer_for(config: SPMConfig, folder: Path | None) -> Callable[[list[str
     if text_cfg.get("hf_tokenizer_name"):
         return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=length)
     return open_clip.SimpleTokenizer(context_length=length)
-
-
-def check_state_dict(
-    expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], source: str
-) -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped key."""
-    for problem, keys in (
-        ("missing weight", [k for k in expected if k not in got]),
-        ("unexpected weight", [k for k in got if k not in expected]),
-    ):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise CheckpointError(f"{source}: {problem} {keys[0]!r}{more}")
-    for key, shape in expected.items():
-        if tuple(got[key]) != tuple(shape):
-            raise CheckpointError(
-                f"{source}: weight {key!r} has shape {tuple(got[key])}, "
-                f"the model expects {tuple(shape)}"
-            )
 
 
 class StepAwarePreferenceModel(nn.Module):
@@ -670,8 +653,9 @@ class StepAwarePreferenceModel(nn.Module):
 
 def load(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> StepAwarePreferenceModel:
-    """Rebuild a saved SPM from its folder, with no network; eval mode.
+) -> StepAwarePreferenceModel | LatentJudge:
+    """Rebuild a saved step-aware judge from its folder, with no network; eval mode: the SPM
+    (pixel judge) or, for a folder with `latent_judge_config.json`, the latent judge.
 
     Raises CheckpointNotFoundError (no folder, no weights file) or CheckpointError (not an SPM
     folder, another kind, a missing / unexpected / mis-shaped weight), each with a one-line
@@ -681,6 +665,8 @@ def load(
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"{folder}: no such SPM checkpoint folder")
     config_file = folder / CONFIG_NAME
+    if (folder / LATENT_CONFIG_NAME).is_file():
+        return load_latent_judge(folder, device, dtype)
     if not config_file.is_file():
         hint = ""
         if (folder / "model_index.json").is_file():

@@ -57,7 +57,8 @@ SETTINGS = {
 }
 
 
-def _scheduler():
+def sd_scheduler() -> DDIMScheduler:
+    """SD1.5 / SDXL's noise schedule with DDIM's leading spacing (offset 1: 951, ..., 1)."""
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -113,7 +114,7 @@ def build_pipeline(preset: str, device: str | torch.device, dtype: torch.dtype):
                 unet=UNet2DConditionModel.from_config(
                     UNet2DConditionModel.load_config(BASE_MODEL_DIR / "unet")
                 ),
-                scheduler=_scheduler(),
+                scheduler=sd_scheduler(),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
@@ -130,7 +131,7 @@ def build_pipeline(preset: str, device: str | torch.device, dtype: torch.dtype):
                     cross_attention_dim=768,
                     attention_head_dim=8,
                 ),
-                scheduler=_scheduler(),
+                scheduler=sd_scheduler(),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
@@ -160,7 +161,7 @@ def build_pipeline(preset: str, device: str | torch.device, dtype: torch.dtype):
                     addition_time_embed_dim=256,
                     projection_class_embeddings_input_dim=2816,
                 ),
-                scheduler=_scheduler(),
+                scheduler=sd_scheduler(),
             )
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from spo.architectures import sd_scheduler
 from spo.toy.text import VOCAB_SIZE, build_tokenizer
 
 MAX_TOKENS = 16
@@ -53,18 +53,6 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-
-
 def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     """A StableDiffusionPipeline folder (32x32 images) at `path`."""
     torch.manual_seed(seed)
@@ -83,7 +71,7 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
         text_encoder=CLIPTextModel(_text_config(32)),
         tokenizer=build_tokenizer(MAX_TOKENS),
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -119,7 +107,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         tokenizer=build_tokenizer(MAX_TOKENS),
         tokenizer_2=build_tokenizer(MAX_TOKENS),
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=sd_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
     pipe.save_pretrained(path)
