@@ -25,6 +25,7 @@ _EXPORTS = {
     "timestep_embedding": "preference_model.model",
     "toy_spm": "preference_model.model",
     "NoisyImageMaker": "preference_model.noisy",
+    "NoisyLatentMaker": "preference_model.noisy",
     "pairwise_accuracy": "preference_model.losses",
     "preference_loss": "preference_model.losses",
     "ImageTransform": "preference_model.transforms",

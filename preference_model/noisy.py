@@ -22,7 +22,7 @@ class DiffusionBackend(Protocol):
     unet: torch.nn.Module
     device: torch.device
 
-    def encode_images(self, pixels: Tensor) -> Tensor: ...
+    def encode_images(self, pixels: Tensor, generator=None) -> Tensor: ...
     def decode_latents(self, latents: Tensor) -> Tensor: ...
     def encode_text(self, prompts: list[str]) -> Any: ...
     def empty_text(self, n: int) -> Any: ...
@@ -82,3 +82,26 @@ class NoisyImageMaker:
         guided = model.guided_output(model.unet, x_t, t, both, self.guidance_scale)
         x0 = model.predict_x0(x_t.float(), guided, t)
         return model.decode_latents(x0).unflatten(0, (b, 2))
+
+
+class NoisyLatentMaker:
+    """The latent judge's training input: both images of a pair VAE-encoded (posterior
+    sampled), noised at the pair's t with one noise shared by the pair (SPEC.md 6). t = 0 gives
+    the clean latents, as SPO's final samples are judged."""
+
+    def __init__(self, model: DiffusionBackend) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(
+        self, pixels: Tensor, captions: list[str], timesteps: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        """`pixels` (B, 2, 3, H, W) in [-1, 1], `timesteps` (B,) -> x_t (B, 2, C, h, w)."""
+        model = self.model
+        b = pixels.shape[0]
+        latents = model.encode_images(pixels.flatten(0, 1), generator=generator).float()
+        noise = torch.randn((b, *latents.shape[1:]), generator=generator, device=generator.device)
+        noise = noise.to(latents).repeat_interleave(2, dim=0)
+        t = timesteps.to(latents.device).long().repeat_interleave(2)
+        x_t = torch.where((t > 0).view(-1, 1, 1, 1), model.add_noise(latents, noise, t), latents)
+        return x_t.unflatten(0, (b, 2))

@@ -84,6 +84,12 @@ class Schedule:
         self.alphas = model.alphas_cumprod
         self.final_alpha = float(sched.final_alpha_cumprod)
 
+    def sigma(self, t: int, eta: float = 1.0) -> float:
+        """The DDIM standard deviation of the step that leaves t."""
+        a_t = float(self.alpha(t, 1, torch.device("cpu")))
+        a_prev = float(self.alpha(self.prev(t), 1, torch.device("cpu")))
+        return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+
     def prev(self, t: int) -> int:
         prev = t - self.stride
         return prev if prev >= 0 else -1
@@ -95,15 +101,37 @@ class Schedule:
         return torch.where(t < 0, torch.tensor(self.final_alpha), alphas).to(device)
 
 
-StepJudge = Callable[[Tensor, list[str], int], Tensor]  # (images in [-1, 1], prompts, t) -> (N,)
+# (decoded images in [-1, 1] or, for a latent judge, latents; prompts; t) -> scores (N,)
+StepJudge = Callable[[Tensor, list[str], int], Tensor]
 
 
 class PoolSampler:
-    """Runs SPO's sampling pass with a given (policy) UNet and an SPM scorer."""
+    """Runs SPO's sampling pass with a given (policy) UNet and a step-aware judge: a pixel
+    judge (the SPM) scores each candidate's decoded x0_hat, a latent judge (`latent=True`)
+    the candidate latent itself, with no decode."""
 
-    def __init__(self, model: DiffusionModel, score: StepJudge, settings: SamplerConfig) -> None:
-        self.model, self.score, self.s = model, score, settings
+    def __init__(
+        self,
+        model: DiffusionModel,
+        score: StepJudge,
+        settings: SamplerConfig,
+        *,
+        latent: bool = False,
+    ) -> None:
+        self.model, self.score, self.s, self.latent = model, score, settings, latent
         self.schedule = Schedule(model, settings.num_steps)
+        sigmas = {t: self.schedule.sigma(t, settings.eta) for t in self.schedule.timesteps}
+        self._sigma_range = (min(sigmas.values()), max(sigmas.values()), sigmas)
+
+    def threshold(self, t: int) -> float:
+        """The softmax gap a pair made at the step leaving t must pass: fixed, or LPO's
+        dynamic one between `threshold` and `threshold_max` by the step's noise level."""
+        s = self.s
+        if s.threshold_max is None:
+            return s.threshold
+        low, high, sigmas = self._sigma_range
+        share = (sigmas[t] - low) / (high - low) if high > low else 0.0
+        return s.threshold + share * (s.threshold_max - s.threshold)
 
     def _cond(self, prompts: list[str], repeats: int) -> TextConditioning:
         text = self.model.encode_text(prompts).repeat_interleave(repeats)
@@ -144,17 +172,20 @@ class PoolSampler:
                     else model.guided_output(unet, cand, ts[i + j + 1], condk, s.guidance_scale)
                 )
             t_end = reached[-1]
-            if eps_c is None:  # clean samples: the SPM judges them at t = 0
-                images, t_score = model.decode_latents(cand), 0
+            t_score = 0 if eps_c is None else t_end  # clean samples are judged at t = 0
+            if self.latent:
+                judged = cand  # the latent judge reads the candidate itself
+            elif eps_c is None:
+                judged = model.decode_latents(cand)
             else:
                 x0 = predict_x0(cand, eps_c, sch.alpha(t_end, cand.shape[0], device))
-                images, t_score = model.decode_latents(x0), t_end
-            scores = self.score(images, [q for q in prompts for _ in range(k)], t_score)
+                judged = model.decode_latents(x0)
+            scores = self.score(judged, [q for q in prompts for _ in range(k)], t_score)
             scores = scores.float().view(p, k).cpu()
             win, lose = scores.argmax(dim=1), scores.argmin(dim=1)
             rows = torch.arange(p)
             pair = torch.stack([scores[rows, win], scores[rows, lose]], dim=1).softmax(dim=1)
-            keep = (pair[:, 0] - pair[:, 1]) > s.threshold
+            keep = (pair[:, 0] - pair[:, 1]) > self.threshold(t)
             tried += p
             gaps.append(scores[rows, win] - scores[rows, lose])
             if keep.any():  # only the kept pairs' latents leave the device

@@ -16,6 +16,8 @@ COMMAND_OF = {
     "dpo_lora": "train-dpo",
     "spo": "train-spo",
     "compare": "compare",
+    "latent_judge": "train-preference-model",
+    "spo_latent": "train-spo",
 }
 
 
@@ -36,3 +38,26 @@ def test_released_settings():
     dpo = load_config(COMMAND_CONFIGS["train-dpo"], ROOT / "configs/sd15/dpo.yaml")
     assert dpo.batch_size * dpo.gradient_accumulation_steps * 16 == 2048
     assert (dpo.beta, dpo.lr_scaling, dpo.optim.lr) == (5000.0, "code", 1e-8)
+
+
+def test_lpo_settings():
+    for family, low, high in (("sd15", 0.35, 0.5), ("sdxl", 0.45, 0.6)):
+        spo = load_config(COMMAND_CONFIGS["train-spo"], ROOT / f"configs/{family}/spo_latent.yaml")
+        s = spo.sampler
+        assert (spo.judge, s.k, s.divert_step, spo.beta, spo.max_epochs) == (
+            "latent",
+            4,
+            0,
+            500.0,
+            5,
+        )
+        assert (s.threshold, s.threshold_max, s.inner_steps, spo.batch_size) == (low, high, 0, 10)
+        judge = load_config(
+            COMMAND_CONFIGS["train-preference-model"], ROOT / f"configs/{family}/latent_judge.yaml"
+        )
+        assert (judge.judge, judge.latent.cfg_scale, judge.latent.max_timestep) == (
+            "latent",
+            7.5,
+            951,
+        )
+        assert (judge.optim.lr, judge.optim.warmup_steps, judge.max_steps) == (1e-5, 500, 4000)

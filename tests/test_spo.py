@@ -221,7 +221,7 @@ def test_bad_input_fails_with_one_line(mini_world, tiny_spm, tmp_path, capsys):
     spm.config.trained_on = {"family": "sdxl", "resolution": 1024, "latent_channels": 4}
     spm.save(other)
     assert main(_args(mini_world, other, tmp_path / "c")) == 2
-    assert "trained on x0_hat of a sdxl model" in one_error_line(capsys)
+    assert "was trained on a sdxl model" in one_error_line(capsys)
 
     assert main(_args(mini_world, mini_world / "base_model", tmp_path / "d")) == 2
     assert "is not a step-aware preference model checkpoint" in one_error_line(capsys)

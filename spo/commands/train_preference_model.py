@@ -18,7 +18,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from preference_model import (
+    LatentJudge,
     NoisyImageMaker,
+    NoisyLatentMaker,
     StepAwarePreferenceModel,
     pairwise_accuracy,
     preference_loss,
@@ -28,6 +30,7 @@ from spo.commands import report
 from spo.config import SPMTrainConfig
 from spo.data import (
     BadImageCounter,
+    PairBatch,
     PairDataset,
     check_pair_table,
     examples_per_prompt,
@@ -59,6 +62,21 @@ def build_spm(cfg: SPMTrainConfig) -> StepAwarePreferenceModel:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"cannot build the SPM backbone {b.model}: {e}") from e
+
+
+Judge = StepAwarePreferenceModel | LatentJudge
+Maker = NoisyImageMaker | NoisyLatentMaker
+
+
+def judge_inputs(
+    judge: Judge, maker: Maker, batch: PairBatch, timesteps: torch.Tensor, generator, device
+) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+    """What the judge scores for a batch of pairs at `timesteps`, both images of a pair in a
+    row: decoded x0_hat pixels (the SPM) or noisy latents (the latent judge), and token ids."""
+    made = maker(batch.pixels, batch.captions, timesteps, generator).flatten(0, 1).to(device)
+    if isinstance(judge, LatentJudge):
+        return made, [ids.repeat_interleave(2, dim=0) for ids in judge.tokenize(batch.captions)]
+    return judge.preprocess(made, "-1-1"), judge.tokenize(batch.captions).repeat_interleave(2, 0)
 
 
 @dataclass
@@ -99,8 +117,8 @@ def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def score_pairs(
-    spm: StepAwarePreferenceModel,
-    maker: NoisyImageMaker,
+    spm: Judge,
+    maker: Maker,
     dataset: PairDataset,
     indices: list[int],
     *,
@@ -115,10 +133,8 @@ def score_pairs(
         if not batch.captions:
             continue
         t = torch.full((len(batch.captions),), timestep, dtype=torch.long)
-        images = maker(batch.pixels, batch.captions, t, generator)
-        pixels = spm.preprocess(images.flatten(0, 1).to(spm.device), value_range="-1-1")
-        ids = spm.tokenize(batch.captions).repeat_interleave(2, dim=0)
-        scores = spm.logits(pixels, ids, t.repeat_interleave(2).to(spm.device)).float()
+        inputs, ids = judge_inputs(spm, maker, batch, t, generator, spm.device)
+        scores = spm.logits(inputs, ids, t.repeat_interleave(2).to(spm.device)).float()
         s0.append(scores[0::2].cpu())
         s1.append(scores[1::2].cpu())
         labels.append(batch.labels)
@@ -129,8 +145,8 @@ def score_pairs(
 
 def validate(
     accelerator,
-    spm: StepAwarePreferenceModel,
-    maker: NoisyImageMaker,
+    spm: Judge,
+    maker: Maker,
     split: PairSplit,
     *,
     timesteps: list[int],
@@ -201,13 +217,20 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     bad = BadImageCounter(cfg.pairs.max_bad_image_share, train.source)
     bad.probe(train.table)
     BadImageCounter(cfg.pairs.max_bad_image_share, val.source).probe(val.table)
-    loop = TrainLoop(cfg, kind=KIND, name="spm")
+    loop = TrainLoop(
+        cfg, kind=KIND, name="spm", mode=cfg.judge, mode_key="judge", mode_default="pixel"
+    )
     set_seed(cfg.seed)  # the time-conditioning MLP (and a random backbone) start the same
-    spm = build_spm(cfg)
+    spm = build_spm(cfg) if cfg.judge == "pixel" else None
     accelerator = loop.make_accelerator()
     diffusion = DiffusionModel.from_pretrained(
         cfg.base_model, dtype=DTYPES[cfg.base_dtype], device=accelerator.device, vae=cfg.vae
     )
+    if spm is None:  # the latent judge starts from the base pipeline's UNet and text encoder
+        s = cfg.latent
+        spm = LatentJudge.from_pipeline(
+            diffusion.pipe, projection_dim=s.projection_dim, cfg_scale=s.cfg_scale
+        )
     train.dataset.resolution = val.dataset.resolution = diffusion.resolution
     spm = spm.to(accelerator.device)
 
@@ -217,14 +240,18 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
         train.dataset.labels = train.labels
         spm.train()
     train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
-    maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
+    if cfg.judge == "latent":
+        maker, t_max = NoisyLatentMaker(diffusion), cfg.latent.max_timestep + 1
+    else:
+        maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
+        t_max = diffusion.num_train_timesteps
 
     model, resumed = loop.begin(spm, spm.parameters(), desc="train SPM")
-    spm_unwrapped: StepAwarePreferenceModel = accelerator.unwrap_model(model)
+    spm_unwrapped: Judge = accelerator.unwrap_model(model)
     bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
 
     def state() -> dict:
-        return {"seen_pairs": bad.seen, "bad_pairs": bad.bad}
+        return {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.judge}
 
     def accuracy(limit: int | None = None) -> dict[str, float]:
         return validate(
@@ -250,17 +277,11 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
                 batch = PairDataset.collate([train.dataset[i] for i in rows])
                 bad.update(len(rows), batch.bad)
                 gen = seeded_generator(cfg.seed, micro, accelerator.process_index)
-                t = torch.randint(
-                    0, diffusion.num_train_timesteps, (len(batch.captions),), generator=gen
-                )
-                images = maker(batch.pixels, batch.captions, t, gen)
+                t = torch.randint(0, t_max, (len(batch.captions),), generator=gen)
+                inputs, ids = judge_inputs(spm_unwrapped, maker, batch, t, gen, accelerator.device)
                 with accelerator.accumulate(model):
-                    pixels = spm_unwrapped.preprocess(
-                        images.flatten(0, 1).to(accelerator.device), "-1-1"
-                    )
-                    ids = spm_unwrapped.tokenize(batch.captions).repeat_interleave(2, dim=0)
                     with accelerator.autocast():
-                        scores = model(pixels, ids, t.repeat_interleave(2).to(accelerator.device))
+                        scores = model(inputs, ids, t.repeat_interleave(2).to(accelerator.device))
                     scores = scores.float().view(-1, 2)
                     loss, p0 = preference_loss(
                         scores[:, 0],
@@ -290,6 +311,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     if ceiling is not None:
         result["oracle_ceiling"] = ceiling
     result["validation_pairs"] = int((val.labels[:, 0] != 0.5).sum())
+    result["judge"] = cfg.judge
     result["time_conditioning"] = cfg.time_conditioning
 
     def save(folder: Path) -> None:

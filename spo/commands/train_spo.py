@@ -10,12 +10,16 @@ the epochs an uninterrupted one would run.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import preference_model
+from preference_model.latent import CONFIG_NAME as LATENT_CONFIG
+from preference_model.model import CONFIG_NAME as SPM_CONFIG
 from spo.commands import report
 from spo.config import SPOTrainConfig
 from spo.data import load_prompts
@@ -30,9 +34,24 @@ from spo.training.loop import TrainLoop, seeded_generator
 KIND = "spo_training"
 
 
+def check_judge_kind(cfg: SPOTrainConfig) -> None:
+    """One line, before any model loads, when `spm` holds the other kind of judge."""
+    folder = Path(cfg.spm)
+    found = {
+        "pixel": (folder / SPM_CONFIG).is_file(),
+        "latent": (folder / LATENT_CONFIG).is_file(),
+    }
+    other = "latent" if cfg.judge == "pixel" else "pixel"
+    if found[other] and not found[cfg.judge]:
+        raise ConfigError(
+            f"{cfg.spm} is a {other} judge, but judge={cfg.judge}: set judge={other}, or give "
+            f"a {cfg.judge} judge (`spo train-preference-model judge={cfg.judge}` makes one)"
+        )
+
+
 def load_spm(cfg: SPOTrainConfig, model: DiffusionModel):
-    """The SPM (in `speed.judge_dtype`), refused with one line when it was trained on another
-    model family."""
+    """The step-aware judge (in `speed.judge_dtype`), refused with one line when it was
+    trained on another model family."""
     spm = preference_model.load(cfg.spm, device=model.device, dtype=DTYPES[cfg.speed.judge_dtype])
     trained_on = spm.config.trained_on
     if trained_on is not None:
@@ -40,9 +59,9 @@ def load_spm(cfg: SPOTrainConfig, model: DiffusionModel):
         for key in ("family", "resolution", "latent_channels"):
             if trained_on.get(key) != ours[key]:
                 raise ConfigError(
-                    f"SPM {cfg.spm} was trained on x0_hat of a {trained_on.get('family')} model "
+                    f"judge {cfg.spm} was trained on a {trained_on.get('family')} model "
                     f"({key} {trained_on.get(key)}), this base model has {key} {ours[key]}; "
-                    "SPO needs the SPM of the same model family (SPEC.md 2)"
+                    "SPO needs a judge of the same model family (SPEC.md 2)"
                 )
     return spm
 
@@ -66,6 +85,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also in OUT/final/train_summary.json)."""
     require_model(cfg.base_model)
     require_path(cfg.spm, "SPM")
+    check_judge_kind(cfg)
     prompts = load_prompts(
         cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)
     )[: cfg.max_prompts]
@@ -82,10 +102,12 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         register_lora_checkpoint_hooks(accelerator, policy)
     unet, resumed = loop.begin(policy.unet, policy.trainable_parameters(), desc="train SPO")
 
-    def judge(images: torch.Tensor, texts: list[str], t: int) -> torch.Tensor:
-        return spm.score(images, texts, t, value_range="-1-1")
+    def judge(inputs: torch.Tensor, texts: list[str], t: int) -> torch.Tensor:
+        if cfg.judge == "latent":
+            return spm.score(inputs, texts, t)  # the candidate latents themselves
+        return spm.score(inputs, texts, t, value_range="-1-1")  # decoded x0_hat
 
-    sampler = PoolSampler(model, judge, cfg.sampler)
+    sampler = PoolSampler(model, judge, cfg.sampler, latent=cfg.judge == "latent")
     epoch = resumed.get("epoch", 0)
     loop.baseline_images(model)
     with loop:

@@ -169,6 +169,24 @@ def _validate_loop(cfg: Any) -> None:
 
 
 @dataclass
+class LatentJudgeSettings:
+    """The latent judge (SPEC.md 6; `judge: latent`): LPO's released settings by default."""
+
+    projection_dim: int = 768  # width of the shared image / text feature space
+    cfg_scale: float | None = None  # CFG on the pooled mid-block features (LPO: 7.5; None: off)
+    max_timestep: int = 951  # training timesteps are drawn from [0, max_timestep]
+
+    def validate(self) -> None:
+        _require(
+            self.projection_dim > 0, "latent.projection_dim", self.projection_dim, "must be > 0"
+        )
+        scale = self.cfg_scale
+        _require(scale is None or math.isfinite(scale), "latent.cfg_scale", scale, "must be finite")
+        t = self.max_timestep
+        _require(0 <= t < 1000, "latent.max_timestep", t, "must be in [0, 1000)")
+
+
+@dataclass
 class SPMTrainConfig:
     """`spo train-preference-model`: train a step-aware preference model (SPEC.md 2)."""
 
@@ -179,8 +197,12 @@ class SPMTrainConfig:
     vae: str | None = None  # replace the pipeline's VAE (e.g. SDXL's fp16-safe one)
     base_dtype: str = "float32"  # dtype of the frozen pipeline: float32 | float16 | bfloat16
     guidance_scale: float = 5.0  # CFG of the base UNet's prediction (empty negative prompt)
+    # pixel: the SPM, a CLIP judging the decoded x0_hat (SPEC.md 2); latent: the latent judge,
+    # the base UNet's encoder judging the noisy latent itself (SPEC.md 6; `latent` settings)
+    judge: str = "pixel"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     time_conditioning: bool = True  # False: the paper's ablation, a plain CLIP on x0_hat
+    latent: LatentJudgeSettings = field(default_factory=LatentJudgeSettings)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 16  # pairs per process per micro-batch
@@ -201,6 +223,13 @@ class SPMTrainConfig:
         """Reject nonsensical values before any work starts (one-line ConfigError)."""
         _validate_loop(self)
         self.pairs.validate()
+        self.latent.validate()
+        _require(self.judge in ("pixel", "latent"), "judge", self.judge, "must be pixel or latent")
+        if self.judge == "latent" and self.pairs.relabel_tie_gap is not None:
+            raise ConfigError(
+                "pairs.relabel_tie_gap relabels with the clean CLIP backbone, which the latent "
+                "judge has not: relabel with the pixel judge's config, or set it to null"
+            )
         _require(
             self.validation_every >= 0,
             "validation_every",
@@ -393,6 +422,10 @@ class SamplerConfig:
     k: int = 4  # candidates per trained step
     divert_step: int = 4  # ordinary steps before the first trained one (4: t <= 750 trained)
     threshold: float = 0.3  # keep a pair if softmax([s_w, s_l]) differ by more (SDXL: 0.4)
+    # LPO's dynamic threshold (SPEC.md 6): with a value, the required gap grows linearly with
+    # the step's DDIM standard deviation from `threshold` (least noisy step) to this (most
+    # noisy); None: `threshold` at every step
+    threshold_max: float | None = None
     continuation: str = "random"  # random | win | lose (the paper's ablation)
     inner_steps: int = 0  # SDXL variant: 3 (each candidate takes 3 more steps before scoring)
 
@@ -405,6 +438,13 @@ class SamplerConfig:
             "sampler.threshold",
             self.threshold,
             "must be in [0, 1) (a gap of softmax probabilities)",
+        )
+        top = self.threshold_max
+        _require(
+            top is None or self.threshold <= top < 1,
+            "sampler.threshold_max",
+            top,
+            "must be in [sampler.threshold, 1) or null",
         )
         _require(
             self.continuation in ("random", "win", "lose"),
@@ -436,7 +476,10 @@ class SPOTrainConfig:
     seed: int = 0
     base_model: str = "runs/toy/world/base_model"  # diffusers SD1.5- or SDXL-family pipeline
     vae: str | None = None
-    spm: str = "runs/toy/spm/final"  # the step-aware preference model (same model family)
+    spm: str = "runs/toy/spm/final"  # the step-aware judge's folder (same model family)
+    # which judge `spm` holds: pixel (the SPM, judging decoded x0_hat) | latent (the latent
+    # judge, judging each candidate latent with no decode, SPEC.md 6)
+    judge: str = "pixel"
     # prompts: a txt / json / jsonl / parquet file, a saved dataset or a hub dataset
     prompts: str = "runs/toy/world/prompts/train.txt"
     prompt_column: str = "caption"  # for json(l) objects, parquet and datasets
@@ -468,6 +511,7 @@ class SPOTrainConfig:
         self.policy.validate()
         self.sampler.validate()
         self.speed.validate()
+        _require(self.judge in ("pixel", "latent"), "judge", self.judge, "must be pixel or latent")
         _require(math.isfinite(self.beta) and self.beta > 0, "beta", self.beta, "must be > 0")
         clip = self.ratio_clip
         _require(clip is None or 0 < clip < 1, "ratio_clip", clip, "must be in (0, 1) or null")

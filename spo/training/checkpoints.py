@@ -91,15 +91,19 @@ class Checkpointer:
         self.read_state(path)
         return path
 
-    def check_mode(self, path: Path | None, mode: str) -> None:
-        """One line when resuming a LoRA run from a full one's checkpoint, or the reverse."""
+    def check_mode(
+        self, path: Path | None, mode: str, key: str = "policy.mode", default: str | None = None
+    ) -> None:
+        """One line when resuming a run of one mode from another mode's checkpoint (a LoRA run
+        from a full one, a latent judge from a pixel one); `default` stands for checkpoints
+        that record no mode."""
         if path is None:
             return
-        theirs = self.read_state(path).get("mode")
+        theirs = self.read_state(path).get("mode", default)
         if theirs != mode:
             raise ConfigError(
                 f"cannot resume a {mode} run from {path}: that checkpoint is of a {theirs} run "
-                f"(set policy.mode={theirs} or resume=none)"
+                f"(set {key}={theirs} or resume=none)"
             )
 
     def read_state(self, path: Path) -> dict[str, Any]:

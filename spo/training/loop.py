@@ -175,11 +175,14 @@ class TrainLoop:
         kind: str,
         name: str,
         mode: str | None = None,
+        mode_key: str = "policy.mode",
+        mode_default: str | None = None,
         validator: Validator | None = None,
         max_minutes: float | None = None,
     ) -> None:
         """Cheap checks only, before any model loads: the resume target exists and is a
-        checkpoint of this `kind` (and, for the diffusion trainers, of this policy `mode`)."""
+        checkpoint of this `kind` and `mode` (the config key `mode_key`; `mode_default` for
+        checkpoints that record none)."""
         self.cfg, self.name, self.mode = cfg, name, mode
         self.validator, self.max_minutes = validator, max_minutes
         self.tracker = cfg.tracker != "none"
@@ -188,7 +191,7 @@ class TrainLoop:
         )
         self.resume_from = self.checkpoints.resolve(cfg.resume)
         if mode is not None:
-            self.checkpoints.check_mode(self.resume_from, mode)
+            self.checkpoints.check_mode(self.resume_from, mode, mode_key, mode_default)
         self.step = 0
         self.accelerator = None
 
