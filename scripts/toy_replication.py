@@ -36,15 +36,31 @@ from spo.commands.demo import stage_args, validation_curve
 from spo.config import DemoConfig
 from spo.evaluation.stats import format_ci, mean_ci, win_rate_ci
 
-# arm -> (demo stage, overrides, the paper's question it answers)
-ARMS: dict[str, tuple[str, list[str], str]] = {
-    "dpo": ("dpo", [], "Diffusion-DPO on the world's pairs"),
-    "spo": ("spo", [], "SPO as configured: random continuation, time-aware SPM, kappa 750, k 4"),
-    "spo-win": ("spo", ["sampler.continuation=win"], "continue from the step's winner"),
-    "spo-lose": ("spo", ["sampler.continuation=lose"], "continue from the step's loser"),
-    "spo-no-time": ("spo", ["spm={no_time}"], "SPM trained without time conditioning"),
-    "spo-kappa950": ("spo", ["sampler.divert_step=0"], "train every step (t <= 951)"),
-    "spo-k2": ("spo", ["sampler.k=2"], "pool of 2 candidates per step"),
+# judge runs an arm may need -> (toy config, extra overrides), trained once before the arms
+JUDGES: dict[str, tuple[str, list[str]]] = {
+    "spm-no-time": ("spm.yaml", ["time_conditioning=false"]),
+    "latent-judge": ("latent_judge.yaml", []),
+}
+# arm -> (demo stage, overrides, the question it answers, the judge run it needs)
+ARMS: dict[str, tuple[str, list[str], str, str | None]] = {
+    "dpo": ("dpo", [], "Diffusion-DPO on the world's pairs", None),
+    "spo": (
+        "spo",
+        [],
+        "SPO as configured: random continuation, time-aware SPM, kappa 750, k 4",
+        None,
+    ),
+    "spo-win": ("spo", ["sampler.continuation=win"], "continue from the step's winner", None),
+    "spo-lose": ("spo", ["sampler.continuation=lose"], "continue from the step's loser", None),
+    "spo-no-time": ("spo", ["spm={judge}"], "SPM trained without time conditioning", "spm-no-time"),
+    "spo-kappa950": ("spo", ["sampler.divert_step=0"], "train every step (t <= 951)", None),
+    "spo-k2": ("spo", ["sampler.k=2"], "pool of 2 candidates per step", None),
+    "spo-latent": (
+        "spo",
+        ["spm={judge}", "judge=latent"],
+        "SPO judged by the latent judge (SPEC.md 6), no decode",
+        "latent-judge",
+    ),
 }
 
 
@@ -70,18 +86,20 @@ def with_out(args: list[str], out: Path) -> list[str]:
 def train_jobs(opts, out: Path) -> dict[str, tuple[list[str], Path, str | None]]:
     """name -> (spo arguments, output folder, the job it waits for)."""
     demo = DemoConfig(out=str(opts.demo), budget_minutes=opts.budget_minutes)
-    no_time = out / "spm-no-time"
+    configs = Path(__file__).parents[1] / "configs/toy"
     jobs: dict[str, tuple[list[str], Path, str | None]] = {}
-    if "spo-no-time" in opts.arms:
-        args = with_out(stage_args(demo, "spm"), no_time) + ["time_conditioning=false"]
-        jobs["spm-no-time"] = (args, no_time, None)
+    for judge in dict.fromkeys(ARMS[arm][3] for arm in opts.arms if ARMS[arm][3]):
+        config, extra = JUDGES[judge]
+        args = with_out(stage_args(demo, "spm"), out / judge)
+        args[args.index("--config") + 1] = str(configs / config)
+        jobs[judge] = (args + extra, out / judge, None)
     for seed in opts.seeds:  # seed-major: a slow spell on the machine hits all arms alike
         for arm in opts.arms:
-            stage, extra, _ = ARMS[arm]
+            stage, extra, _, judge = ARMS[arm]
             run = out / "runs" / f"{arm}-s{seed}"
-            overrides = [o.format(no_time=no_time / "final") for o in extra]
+            overrides = [o.format(judge=out / str(judge) / "final") for o in extra]
             args = with_out(stage_args(demo, stage), run) + [f"seed={seed}", *overrides]
-            jobs[run.name] = (args, run, "spm-no-time" if arm == "spo-no-time" else None)
+            jobs[run.name] = (args, run, judge)
     return jobs
 
 
