@@ -26,6 +26,8 @@ def test_tiny_benchmark_against_the_released_structure(tmp_path, capsys):
         assert 0 < phases <= figures["pass_s"] * 1.05
         assert figures["train_steps"] == 1 and figures["step_s"] > 0
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
+    latent = result["latent_judge_pass"]
+    assert latent["pass_decode_s"] == 0 and latent["pairs"] == ours["pairs"]
     assert set(result["dpo"]) == {"lora", "full"}
     assert all(d["ratio"] > 0 for d in result["dpo"].values())
     judge = result["judge_half_precision"]

@@ -57,6 +57,17 @@ def test_plan_is_the_demo_command_with_seed_and_ablation(replication, tmp_path):
     assert jobs["dpo-s0"][0][0] == "train-dpo"
 
 
+def test_latent_arm_waits_for_its_judge_trained_with_the_latent_config(replication, tmp_path):
+    opts = _opts(tmp_path, ["spo", "spo-latent"], [0])
+    jobs = replication.train_jobs(opts, opts.out)
+    assert list(jobs) == ["latent-judge", "spo-s0", "spo-latent-s0"]
+    judge_args, judge_out, _ = jobs["latent-judge"]
+    assert judge_args[judge_args.index("--config") + 1].endswith("configs/toy/latent_judge.yaml")
+    args, _, after = jobs["spo-latent-s0"]
+    assert after == "latent-judge" and "judge=latent" in args
+    assert _value(reversed(args), "spm") == str(judge_out / "final")
+
+
 def test_summary_pools_seeds_and_pairs_with_base(replication, tmp_path):
     opts = _opts(tmp_path, ["dpo", "spo"], [0, 1])
     rng = np.random.default_rng(0)

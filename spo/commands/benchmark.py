@@ -2,12 +2,13 @@
 architecture with random weights (nothing downloaded), against the released code's structure.
 
 In one process: an SPO sampling pass of `prompts` prompts (the UNet, the VAE decode of x0_hat
-and the judge timed apart), an SPO training step on its pairs, the DPO step (LoRA and full) per
-pair, peak GPU memory, and the UNet's and decoder's FLOP rate with the MFU. With
-`baseline=released` the pass and the training step also run as the released code runs them
-(the UNet twice per network on a pair's shared x_t, fp32 judge, eager, no decode tuning), and
-every figure gets its ratio; the log-probabilities of both training steps are compared.
-Performance is a ratio measured in the same run, never a number asserted in a test.
+and the judge timed apart; again with a latent judge, which decodes nothing), an SPO training
+step on its pairs, the DPO step (LoRA and full) per pair, peak GPU memory, and the UNet's and
+decoder's FLOP rate with the MFU. With `baseline=released` the pass and the training step also
+run as the released code runs them (the UNet twice per network on a pair's shared x_t, fp32
+judge, eager, no decode tuning), and every figure gets its ratio; the log-probabilities of
+both training steps are compared. Performance is a ratio measured in the same run, never a
+number asserted in a test.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 import preference_model
+from preference_model import LatentJudge
 from spo.architectures import SETTINGS, build_pipeline, build_spm
 from spo.commands.train_dpo import dpo_inputs, dpo_objective
 from spo.config import BenchmarkConfig, DPOTrainConfig, PolicyConfig, SamplerConfig, SpeedConfig
@@ -139,6 +141,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = _diffusion_model(cfg, device, dtype)
     spm = preference_model.load(cfg.spm, device) if cfg.spm else build_spm(cfg.preset, device)
+    # the latent judge starts from the base UNet (before the policy's adapters are added)
+    latent_judge = LatentJudge.from_pipeline(
+        model.pipe, cfg_scale=None if cfg.preset == "tiny" else 7.5
+    ).eval()
     policy = Policy(
         model,
         PolicyConfig(
@@ -185,6 +191,13 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         sampler = PoolSampler(model, clock.wrap("judge", judge), sampler_cfg)
         figures, pairs = _sampling(cfg, sampler, policy, prompts, clock, autocast, device)
         result["variants"][name] = figures
+    latent_sampler = PoolSampler(
+        model, clock.wrap("judge", latent_judge.score), sampler_cfg, latent=True
+    )
+    result["latent_judge_pass"], _ = _sampling(
+        cfg, latent_sampler, policy, prompts, clock, autocast, device
+    )
+    del latent_judge
     steps = _training(cfg, model, sampler, policy, pairs, variants, autocast, device)
     for name, figures in result["variants"].items():
         figures |= steps[name]
@@ -467,7 +480,14 @@ def markdown(result: dict) -> str:
             ours, base = variants["ours"].get(key), variants["baseline"].get(key)
             cells.append(f"{base / ours:.2f}x" if ours and base else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("")
+    lat, ours = result["latent_judge_pass"], variants["ours"]
+    lines += [
+        "",
+        f"sampling pass with the latent judge (no decode): {lat['pass_s']:.3g} s (UNet "
+        f"{lat['pass_unet_s']:.3g}, decode {lat['pass_decode_s']:.3g}, judge "
+        f"{lat['pass_judge_s']:.3g}); the pixel judge's pass takes "
+        f"{ours['pass_s'] / lat['pass_s']:.2f}x as long for the same trained steps",
+    ]
     if "logp_max_abs_diff" in result:
         lines.append(
             f"log-probabilities, ours vs baseline: max |diff| {result['logp_max_abs_diff']:.2e}"

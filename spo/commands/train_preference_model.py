@@ -203,7 +203,8 @@ def relabel_by_backbone(
 def run(cfg: SPMTrainConfig) -> int:
     """`spo train-preference-model`: train, print the final evaluation."""
     result = train_preference_model(cfg)
-    return report(result, f"SPM written to {cfg.out}/final (evaluation: {cfg.out}/eval.json)")
+    what = "latent judge" if cfg.judge == "latent" else "SPM"
+    return report(result, f"{what} written to {cfg.out}/final (evaluation: {cfg.out}/eval.json)")
 
 
 def train_preference_model(cfg: SPMTrainConfig) -> dict:
@@ -246,7 +247,8 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
         maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
         t_max = diffusion.num_train_timesteps
 
-    model, resumed = loop.begin(spm, spm.parameters(), desc="train SPM")
+    desc = "train latent judge" if cfg.judge == "latent" else "train SPM"
+    model, resumed = loop.begin(spm, spm.parameters(), desc=desc)
     spm_unwrapped: Judge = accelerator.unwrap_model(model)
     bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
 
