@@ -1,4 +1,4 @@
-"""The step-aware preference model (SPM): a timestep-conditioned CLIP scorer (SPEC.md section 2).
+"""The step-aware preference model (SPM): a timestep-conditioned CLIP scorer (method.md section 2).
 
 A standalone model library: the model, its loss, loading and saving, scoring, the noisy-image
 maker that makes its training inputs, and the image transform shared with CLIP-style scorers.

@@ -1,6 +1,6 @@
 """The latent judge: a step-aware preference model that scores the noisy latent itself.
 
-SPEC.md 6 (LPO's latent reward model, written anew): the diffusion UNet's encoder (conv_in, the
+method.md 6 (LPO's latent reward model, written anew): the diffusion UNet's encoder (conv_in, the
 down blocks and the mid block, initialised from the base pipeline's UNet and trained) reads
 (x_t, t, prompt); the global average pool of each down stage's output and of the mid block's
 (320 + 640 + 1280 + 1280 + 1280 = 4800 values at SD1.5 size) goes through Linear(.., D, no

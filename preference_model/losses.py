@@ -1,4 +1,4 @@
-"""PickScore's preference loss (SPEC.md section 2), as a pure function."""
+"""PickScore's preference loss (method.md section 2), as a pure function."""
 
 from __future__ import annotations
 

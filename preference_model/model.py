@@ -1,6 +1,6 @@
 """The step-aware preference model (SPM): a CLIP scorer whose image tower knows the timestep.
 
-SPEC.md section 2. A CLIP ViT backbone (PickScore_v1, or any open_clip ViT) gets a sinusoidal
+method.md section 2. A CLIP ViT backbone (PickScore_v1, or any open_clip ViT) gets a sinusoidal
 timestep embedding -> Linear -> SiLU -> Linear(width), and DiT-style adaLN modulation in every
 vision transformer block and once more after the final layer norm of the pooled token:
 
@@ -328,7 +328,7 @@ def _tokenizer_for(config: SPMConfig, folder: Path | None) -> Callable[[list[str
 
 
 class StepAwarePreferenceModel(nn.Module):
-    """CLIP scorer conditioned on the diffusion timestep (SPEC.md section 2).
+    """CLIP scorer conditioned on the diffusion timestep (method.md section 2).
 
     Build with `from_open_clip` / `from_hf_clip`, reload with `preference_model.load(dir)`.
     With `time_conditioning=False` (the paper's ablation) the model is exactly its backbone and

@@ -1,6 +1,6 @@
 """The SPM's training input: the one-step clean-image prediction x0_hat of a noisy image.
 
-SPEC.md section 2: encode both images of a pair with the frozen VAE, draw one t and one noise
+method.md section 2: encode both images of a pair with the frozen VAE, draw one t and one noise
 shared by the pair, let the frozen base UNet predict the noise with classifier-free guidance
 (empty negative prompt), take the one-step x0_hat and decode it. The SPM then judges
 (decoded x0_hat, t), which is exactly what it sees inside SPO's sampler. t = 0 means the clean
@@ -86,7 +86,7 @@ class NoisyImageMaker:
 
 class NoisyLatentMaker:
     """The latent judge's training input: both images of a pair VAE-encoded (posterior
-    sampled), noised at the pair's t with one noise shared by the pair (SPEC.md 6). t = 0 gives
+    sampled), noised at the pair's t with one noise shared by the pair (method.md 6). t = 0 gives
     the clean latents, as SPO's final samples are judged."""
 
     def __init__(self, model: DiffusionBackend) -> None:

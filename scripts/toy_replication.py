@@ -58,7 +58,7 @@ ARMS: dict[str, tuple[str, list[str], str, str | None]] = {
     "spo-latent": (
         "spo",
         ["spm={judge}", "judge=latent"],
-        "SPO judged by the latent judge (SPEC.md 6), no decode",
+        "SPO judged by the latent judge (method.md 6), no decode",
         "latent-judge",
     ),
 }

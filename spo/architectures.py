@@ -1,4 +1,4 @@
-"""Randomly initialised models at the real architectures (SPEC.md 5), for benchmarks.
+"""Randomly initialised models at the real architectures (method.md 5), for benchmarks.
 
 Why: speed, memory and FLOP rate depend on the architecture, not on the weights, and nothing
 can be downloaded here. `tiny` is the toy world's architecture (the shipped configs), `sd15`
@@ -35,7 +35,7 @@ PRESETS = ("tiny", "sd15", "sdxl")
 
 @dataclass(frozen=True, kw_only=True)
 class PresetSettings:
-    """The sampler and policy settings each architecture is trained with (SPEC.md 3)."""
+    """The sampler and policy settings each architecture is trained with (method.md 3)."""
 
     k: int
     inner_steps: int

@@ -1,4 +1,4 @@
-"""DDIM and diffusion math as pure tensor functions (SPEC.md sections 2 and 3).
+"""DDIM and diffusion math as pure tensor functions (method.md sections 2 and 3).
 
 Why here and pure: the SPM's noisy training images, the SPO pool sampler and the evaluation
 all need the same classifier-free guidance and one-step clean-image prediction; keeping them as
@@ -77,7 +77,7 @@ def ddim_step_with_logprob(
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One DDIM step x_t -> x_{t-1} as a Gaussian policy, with its log-probability (SPEC.md 3).
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy, with its log-probability (method.md 3).
 
         x0_hat  = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
         sigma^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)

@@ -1,4 +1,4 @@
-"""The training losses as pure tensor functions (SPEC.md sections 1 and 3).
+"""The training losses as pure tensor functions (method.md sections 1 and 3).
 
 Why pure: each reads like its formula, the recipes hold only the loop, and the tests check
 them against hand-computed values (ln 2 when policy and reference agree).
@@ -37,7 +37,7 @@ def dpo_loss(
     beta: float,
     beta_scale: float = 0.5,
 ) -> DPOOutput:
-    """Diffusion-DPO (Wallace et al.; SPEC.md 1) for a batch laid out winners first.
+    """Diffusion-DPO (Wallace et al.; method.md 1) for a batch laid out winners first.
 
     `model_pred`, `ref_pred`, `target`: (2B, ...), the B winners then the B losers, sharing
     t and noise pairwise. With m = per-sample MSE of the policy and r of the reference:
@@ -70,7 +70,7 @@ def spo_loss(
     beta: float = 10.0,
     clip: float | None = 0.1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """SPO's step-wise DPO loss on kept (win, lose) transitions (SPEC.md 3).
+    """SPO's step-wise DPO loss on kept (win, lose) transitions (method.md 3).
 
     ratio = exp(logp_policy - logp_ref) per transition, clamped to [1 - clip, 1 + clip] as the
     released code does (`clip=None`: the paper's plain form);

@@ -158,7 +158,7 @@ class DiffusionModel:
         VAE that asks to be upcast (`force_upcast`) stays in float32 when `dtype` is float16."""
         from diffusers import DDIMScheduler
 
-        # Sampling follows SPEC.md 3 / 4 (DDIM); the noise schedule is the pipeline's own.
+        # Sampling follows method.md 3 / 4 (DDIM); the noise schedule is the pipeline's own.
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)

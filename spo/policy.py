@@ -1,6 +1,6 @@
 """The trained UNet and its frozen reference, for LoRA and for full fine-tuning.
 
-Why one place: DPO and SPO both need "the policy" and "the reference" (SPEC.md 1 and 3). With
+Why one place: DPO and SPO both need "the policy" and "the reference" (method.md 1 and 3). With
 LoRA the reference is the same UNet with its adapters disabled, so no second UNet is held in
 memory; with full fine-tuning it is a frozen copy, optionally kept in CPU memory and streamed
 to the device per call. Results are written in the formats stock diffusers loads:

@@ -1,4 +1,4 @@
-"""SPO's step-wise pool sampler (SPEC.md section 3): where the win/lose pairs come from.
+"""SPO's step-wise pool sampler (method.md section 3): where the win/lose pairs come from.
 
 For a batch of prompts: ordinary DDIM steps (eta = 1) until the divert step; then, at each
 trained step, k candidates drawn from the shared x_t, each candidate's x0_hat (from the policy's

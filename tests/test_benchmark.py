@@ -46,7 +46,7 @@ def test_unknown_preset_is_one_line(tmp_path, capsys):
 
 
 def test_real_architectures_have_the_published_sizes():
-    """SPEC.md 5's architectures, built on the meta device (no memory, no weights)."""
+    """method.md 5's architectures, built on the meta device (no memory, no weights)."""
     import torch
 
     from spo.architectures import build_pipeline, build_spm

@@ -1,4 +1,4 @@
-"""`spo train-dpo`: the Diffusion-DPO baseline (SPEC.md section 1), SD1.5 and SDXL families.
+"""`spo train-dpo`: the Diffusion-DPO baseline (method.md section 1), SD1.5 and SDXL families.
 
 The loop only; the loss is `spo.losses.dpo_loss`. One step for a micro-batch of B pairs: the
 winners and losers (winner first, ties dropped) are VAE-encoded, each pair gets one timestep

@@ -1,4 +1,4 @@
-"""`spo train-preference-model`: the SPM training recipe (SPEC.md section 2).
+"""`spo train-preference-model`: the SPM training recipe (method.md section 2).
 
 The loop only: pairs -> noisy x0_hat images from the frozen base pipeline (`noisy.py`) ->
 SPM scores -> PickScore's loss (`losses.py`). Multi-process through accelerate: every process
@@ -181,7 +181,7 @@ def relabel_by_backbone(
 ) -> np.ndarray:
     """New labels from the clean backbone (the untrained SPM at t = 0, which equals it): the
     higher-scored image wins when the 2-way softmax probabilities differ by more than
-    `tie_gap`, else a tie (the SDXL SPM's recipe, SPEC.md 2)."""
+    `tie_gap`, else a tie (the SDXL SPM's recipe, method.md 2)."""
     labels = split.labels.copy()  # a pair whose images do not decode keeps its own labels
     for chunk in tqdm(
         _batches(list(range(len(split.dataset))), batch_size), desc="relabel", leave=False

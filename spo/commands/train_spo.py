@@ -1,4 +1,4 @@
-"""`spo train-spo`: step-aware preference optimisation (SPEC.md section 3).
+"""`spo train-spo`: step-aware preference optimisation (method.md section 3).
 
 Each epoch: a sampling pass over this process's share of the prompts with the current policy
 (`pool_sampler.PoolSampler`, judged by the SPM), the kept pairs of all processes gathered and
@@ -61,7 +61,7 @@ def load_spm(cfg: SPOTrainConfig, model: DiffusionModel):
                 raise ConfigError(
                     f"judge {cfg.spm} was trained on a {trained_on.get('family')} model "
                     f"({key} {trained_on.get(key)}), this base model has {key} {ours[key]}; "
-                    "SPO needs a judge of the same model family (SPEC.md 2)"
+                    "SPO needs a judge of the same model family (method.md 2)"
                 )
     return spm
 

@@ -32,8 +32,8 @@ class ToyWorldConfig:
     grid_prompts: int = 8  # prompts in the base model's sample grid
     grid_images_per_prompt: int = 4  # images per prompt in that grid
     num_inference_steps: int = 20  # DDIM steps when sampling the base model
-    # CFG when sampling the base model; 2.0, not SPEC.md's 5.0: at 5.0 the toy base model's samples
-    # are nearly all clean, leaving no room to prefer (measured in docs/toy-world.md)
+    # CFG when sampling the base model; 2.0, not method.md's 5.0: at 5.0 the toy base model's
+    # samples are nearly all clean, leaving no room to prefer (measured in docs/toy-world.md)
     guidance_scale: float = 2.0
 
     def validate(self) -> None:
@@ -93,7 +93,7 @@ class OptimConfig:
 
 @dataclass
 class BackboneConfig:
-    """The CLIP the SPM is built on (SPEC.md 2: PickScore_v1 for the real models)."""
+    """The CLIP the SPM is built on (method.md 2: PickScore_v1 for the real models)."""
 
     family: str = "open_clip"  # open_clip | hf_clip (transformers CLIPModel, e.g. PickScore_v1)
     # open_clip: an architecture name, a model-config JSON, or "toy" (the shipped toy CLIP);
@@ -170,7 +170,7 @@ def _validate_loop(cfg: Any) -> None:
 
 @dataclass
 class LatentJudgeSettings:
-    """The latent judge (SPEC.md 6; `judge: latent`): LPO's released settings by default."""
+    """The latent judge (method.md 6; `judge: latent`): LPO's released settings by default."""
 
     projection_dim: int = 768  # width of the shared image / text feature space
     cfg_scale: float | None = None  # CFG on the pooled mid-block features (LPO: 7.5; None: off)
@@ -188,7 +188,7 @@ class LatentJudgeSettings:
 
 @dataclass
 class SPMTrainConfig:
-    """`spo train-preference-model`: train a step-aware preference model (SPEC.md 2)."""
+    """`spo train-preference-model`: train a step-aware preference model (method.md 2)."""
 
     out: str = "runs/toy/spm"  # run folder
     seed: int = 0  # data order, timesteps and noise all derive from it
@@ -197,8 +197,8 @@ class SPMTrainConfig:
     vae: str | None = None  # replace the pipeline's VAE (e.g. SDXL's fp16-safe one)
     base_dtype: str = "float32"  # dtype of the frozen pipeline: float32 | float16 | bfloat16
     guidance_scale: float = 5.0  # CFG of the base UNet's prediction (empty negative prompt)
-    # pixel: the SPM, a CLIP judging the decoded x0_hat (SPEC.md 2); latent: the latent judge,
-    # the base UNet's encoder judging the noisy latent itself (SPEC.md 6; `latent` settings)
+    # pixel: the SPM, a CLIP judging the decoded x0_hat (method.md 2); latent: the latent judge,
+    # the base UNet's encoder judging the noisy latent itself (method.md 6; `latent` settings)
     judge: str = "pixel"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     time_conditioning: bool = True  # False: the paper's ablation, a plain CLIP on x0_hat
@@ -267,7 +267,7 @@ class SPMTrainConfig:
 
 @dataclass
 class PolicyConfig:
-    """What is trained: LoRA adapters on the UNet, or the whole UNet (SPEC.md 1 and 3)."""
+    """What is trained: LoRA adapters on the UNet, or the whole UNet (method.md 1 and 3)."""
 
     mode: str = "lora"  # lora | full
     lora_rank: int = 8
@@ -310,7 +310,7 @@ class ValidationImagesConfig:
 
 @dataclass
 class DPOTrainConfig:
-    """`spo train-dpo`: the Diffusion-DPO baseline (SPEC.md 1)."""
+    """`spo train-dpo`: the Diffusion-DPO baseline (method.md 1)."""
 
     out: str = "runs/toy/dpo"  # run folder
     seed: int = 0
@@ -414,7 +414,7 @@ class SpeedConfig:
 
 @dataclass
 class SamplerConfig:
-    """SPO's step-wise pool sampler (SPEC.md 3); defaults are the SD1.5 release."""
+    """SPO's step-wise pool sampler (method.md 3); defaults are the SD1.5 release."""
 
     num_steps: int = 20  # DDIM steps ("leading" spacing: 951, 901, ..., 1)
     eta: float = 1.0  # stochasticity: every step is a Gaussian policy (must be > 0)
@@ -422,7 +422,7 @@ class SamplerConfig:
     k: int = 4  # candidates per trained step
     divert_step: int = 4  # ordinary steps before the first trained one (4: t <= 750 trained)
     threshold: float = 0.3  # keep a pair if softmax([s_w, s_l]) differ by more (SDXL: 0.4)
-    # LPO's dynamic threshold (SPEC.md 6): with a value, the required gap grows linearly with
+    # LPO's dynamic threshold (method.md 6): with a value, the required gap grows linearly with
     # the step's DDIM standard deviation from `threshold` (least noisy step) to this (most
     # noisy); None: `threshold` at every step
     threshold_max: float | None = None
@@ -470,7 +470,7 @@ class SamplerConfig:
 
 @dataclass
 class SPOTrainConfig:
-    """`spo train-spo`: step-aware preference optimisation (SPEC.md 3)."""
+    """`spo train-spo`: step-aware preference optimisation (method.md 3)."""
 
     out: str = "runs/toy/spo"  # run folder
     seed: int = 0
@@ -478,7 +478,7 @@ class SPOTrainConfig:
     vae: str | None = None
     spm: str = "runs/toy/spm/final"  # the step-aware judge's folder (same model family)
     # which judge `spm` holds: pixel (the SPM, judging decoded x0_hat) | latent (the latent
-    # judge, judging each candidate latent with no decode, SPEC.md 6)
+    # judge, judging each candidate latent with no decode, method.md 6)
     judge: str = "pixel"
     # prompts: a txt / json / jsonl / parquet file, a saved dataset or a hub dataset
     prompts: str = "runs/toy/world/prompts/train.txt"
@@ -543,7 +543,7 @@ class CompareConfig:
     category_column: str | None = "category"  # per-category tables when the prompts have one
     max_prompts: int | None = None  # only the first N prompts
     images_per_prompt: int = 4
-    num_inference_steps: int = 20  # SPEC.md 4: DDIM, 20 steps, CFG 5.0
+    num_inference_steps: int = 20  # method.md 4: DDIM, 20 steps, CFG 5.0
     guidance_scale: float = 5.0
     batch_size: int = 16  # images per generation call
     dtype: str = "float32"  # float32 | float16 | bfloat16 for generation
@@ -598,7 +598,7 @@ class BenchmarkConfig:
     architecture (nothing downloaded), optionally against the released code's structure."""
 
     out: str = "runs/benchmark"  # benchmark.json and benchmark.md
-    preset: str = "tiny"  # tiny (the toy world's architecture) | sd15 | sdxl (SPEC.md 5)
+    preset: str = "tiny"  # tiny (the toy world's architecture) | sd15 | sdxl (method.md 5)
     # released: also run the released code's structure in the same process (the UNet twice per
     # network on a pair's shared x_t, fp32 judge, eager, no decode tuning); none: ours only
     baseline: str = "none"

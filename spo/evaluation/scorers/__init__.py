@@ -4,7 +4,7 @@ Why a registry: the DPO trainer's AI-feedback relabelling, the validation images
 evaluation all name a scorer by a short spec (`oracle`, `spm:runs/toy/spm/final`,
 `pickscore:yuvalkirstain/PickScore_v1`, `hpsv2:weights/HPS_v2.1_compressed.pt`, ...), and each
 is built only when asked for, so its weights are loaded (and checked) once. `images` are float
-tensors (N, 3, H, W) in [0, 1]. One module per scorer family (the evaluation scorers of SPEC.md
+tensors (N, 3, H, W) in [0, 1]. One module per scorer family (the evaluation scorers of method.md
 section 4); images go through one transform, `preference_model.transforms.preprocess_images`.
 A local weights path that does not exist is a one-line ConfigError before anything is built.
 """

@@ -182,7 +182,7 @@ def hpsv2_scorer(source: str, device: str) -> Scorer:
     """HPSv2.1: cos(image, prompt) of open_clip ViT-H-14 with the HPS weights, in [-1, 1].
 
     Exactly what `hpsv2.score` returns (the diagonal of normalised image @ text features), NOT
-    multiplied by 100; papers (and SPEC.md's table) report 100 * this. Preprocessing is HPSv2's
+    multiplied by 100; papers (and method.md's table) report 100 * this. Preprocessing is HPSv2's
     eval transform: longer side to 224 (bicubic), centred black padding, OpenAI CLIP mean / std
     (for square images: a plain resize to 224). Tokens: open_clip's ViT-H-14 tokenizer (77).
     `source`: the weights file (`HPS_v2.1_compressed.pt`, a `{"state_dict": ...}` checkpoint or
