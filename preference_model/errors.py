@@ -1,4 +1,12 @@
-"""The errors of SPM checkpoints, importable without torch (the `spo` CLI catches them)."""
+"""The errors of judge checkpoints and the checks that raise them, importable without torch
+(the `spo` CLI catches them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
 
 
 class CheckpointError(ValueError):
@@ -26,3 +34,34 @@ def check_state_dict(
                 f"{source}: weight {key!r} has shape {tuple(got[key])}, "
                 f"the model expects {tuple(shape)}"
             )
+
+
+def read_config_file(path: Path, schema: Any, kind: str, version: int) -> Any:
+    """A checkpoint's JSON config as a `schema` dataclass; one line naming the first problem:
+    not JSON, another kind, another format version, an unknown or a missing key."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        found = data.get("kind") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path}: kind is {found!r}, expected {kind!r}")
+    if data.get("version") != version:
+        raise CheckpointError(
+            f"{path}: format version {data.get('version')!r} is not supported "
+            f"(this code reads version {version})"
+        )
+    fields = dataclasses.fields(schema)
+    unknown = sorted(set(data) - {f.name for f in fields})
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key {unknown[0]!r}")
+    missing = sorted(
+        f.name
+        for f in fields
+        if f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise CheckpointError(f"{path}: missing key {missing[0]!r}")
+    return schema(**data)

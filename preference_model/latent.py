@@ -29,7 +29,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from preference_model.errors import CheckpointError, CheckpointNotFoundError, check_state_dict
+from preference_model.errors import (
+    CheckpointNotFoundError,
+    check_state_dict,
+    read_config_file,
+)
 
 KIND = "latent_preference_model"
 FORMAT_VERSION = 1
@@ -56,20 +60,8 @@ class LatentJudgeConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> LatentJudgeConfig:
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict) or data.get("kind") != KIND:
-            kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
-            raise CheckpointError(f"{path}: kind is {kind!r}, expected {KIND!r}")
-        if data.get("version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format version {data.get('version')!r} not supported")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise CheckpointError(f"{path}: unknown key {unknown[0]!r}")
-        return cls(**data)
+        """Read and validate the config file, naming the first problem in one line."""
+        return read_config_file(path, cls, KIND, FORMAT_VERSION)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

@@ -41,7 +41,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from preference_model.errors import CheckpointError, CheckpointNotFoundError, check_state_dict
+from preference_model.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    check_state_dict,
+    read_config_file,
+)
 from preference_model.latent import CONFIG_NAME as LATENT_CONFIG_NAME
 from preference_model.latent import LatentJudge, load_latent_judge
 from preference_model.transforms import (
@@ -141,31 +146,8 @@ class SPMConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> SPMConfig:
-        """Read and validate `spm_config.json`, naming the first problem in one line."""
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict) or data.get("kind") != KIND:
-            kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
-            raise CheckpointError(f"{path}: kind is {kind!r}, expected {KIND!r}")
-        if data.get("version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path}: format version {data.get('version')!r} is not supported "
-                f"(this code reads version {FORMAT_VERSION})"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise CheckpointError(f"{path}: unknown key {unknown[0]!r}")
-        missing = sorted(
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.name not in data and f.default is dataclasses.MISSING
-        )
-        if missing:
-            raise CheckpointError(f"{path}: missing key {missing[0]!r}")
-        return cls(**data)
+        """Read and validate the config file, naming the first problem in one line."""
+        return read_config_file(path, cls, KIND, FORMAT_VERSION)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

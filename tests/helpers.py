@@ -70,3 +70,35 @@ def stock_lora_change(pipeline: Path, lora: Path, prompt: str, steps: int) -> fl
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     return float(res.stdout.strip().splitlines()[-1])
+
+
+def spo_args(
+    world: Path, judge: Path, out: Path, *extra: str, config: str = "spo.yaml", base=None
+) -> list[str]:
+    """A short `spo train-spo` on the mini world (2 prompts, 6 steps, every pair kept) with a
+    toy config (`configs/toy/<config>`) and the judge folder `judge`."""
+    prompts = world / "prompts.txt"
+    if not prompts.exists():
+        prompts.write_text(
+            "a red circle on a white background\na blue cross on a gray background\n"
+        )
+    return [
+        "train-spo",
+        "--config",
+        str(Path(__file__).parents[1] / "configs/toy" / config),
+        "--out",
+        str(out),
+        f"base_model={base or world / 'base_model'}",
+        f"spm={judge}",
+        f"prompts={prompts}",
+        "sampler.num_steps=6",
+        "sampler.divert_step=2",
+        "sampler.threshold=0.0",
+        "sample_batch_size=2",
+        "batch_size=2",
+        "max_epochs=2",
+        "max_steps=100",
+        "log_every=1",
+        "validation_images.prompts=[]",
+        *extra,
+    ]

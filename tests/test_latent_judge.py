@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_resume_is_exact, one_error_line
+from helpers import assert_resume_is_exact, one_error_line, spo_args
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
 import preference_model
@@ -128,28 +128,7 @@ def test_latent_judge_resumes_exactly_and_refuses_a_pixel_checkpoint(mini_world,
 
 
 def _spo_args(world: Path, judge: Path, out: Path, *extra: str) -> list[str]:
-    prompts = world / "prompts.txt"
-    prompts.write_text("a red circle on a white background\na blue cross on a gray background\n")
-    return [
-        "train-spo",
-        "--config",
-        str(ROOT / "configs/toy/spo_latent.yaml"),
-        "--out",
-        str(out),
-        f"base_model={world / 'base_model'}",
-        f"spm={judge}",
-        f"prompts={prompts}",
-        "sampler.num_steps=6",
-        "sampler.divert_step=2",
-        "sampler.threshold=0.0",
-        "sample_batch_size=2",
-        "batch_size=2",
-        "max_epochs=2",
-        "max_steps=100",
-        "log_every=1",
-        "validation_images.prompts=[]",
-        *extra,
-    ]
+    return spo_args(world, judge, out, *extra, config="spo_latent.yaml")
 
 
 def test_latent_sampler_decodes_nothing(mini_world, tiny_latent_judge):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_resume_is_exact, one_error_line, stock_lora_change
+from helpers import assert_resume_is_exact, one_error_line, spo_args, stock_lora_change
 from tiny_pipelines import build_tiny_sdxl
 
 import preference_model
@@ -45,32 +45,7 @@ def tiny_spm(mini_world, tmp_path_factory) -> Path:
     return out / "final"
 
 
-def _args(world: Path, spm: Path, out: Path, *extra: str, base: Path | None = None) -> list[str]:
-    prompts = world / "prompts.txt"
-    if not prompts.exists():
-        prompts.write_text(
-            "a red circle on a white background\na blue cross on a gray background\n"
-        )
-    return [
-        "train-spo",
-        "--config",
-        str(ROOT / "configs/toy/spo.yaml"),
-        "--out",
-        str(out),
-        f"base_model={base or world / 'base_model'}",
-        f"spm={spm}",
-        f"prompts={prompts}",
-        "sampler.num_steps=6",
-        "sampler.divert_step=2",
-        "sampler.threshold=0.0",
-        "sample_batch_size=2",
-        "batch_size=2",
-        "max_epochs=2",
-        "max_steps=100",
-        "log_every=1",
-        "validation_images.prompts=[]",
-        *extra,
-    ]
+_args = spo_args
 
 
 def _judge(images, prompts, t):
