@@ -102,3 +102,23 @@ def spo_args(
         "validation_images.prompts=[]",
         *extra,
     ]
+
+
+def judge_training_args(world: Path, out: Path, *extra: str, config: str = "spm.yaml") -> list[str]:
+    """A short `spo train-preference-model` on the mini world (4 steps of 4 pairs, a checkpoint
+    every 2) with a toy config (`configs/toy/<config>`)."""
+    return [
+        "train-preference-model",
+        "--config",
+        str(Path(__file__).parents[1] / "configs/toy" / config),
+        "--out",
+        str(out),
+        f"base_model={world / 'base_model'}",
+        f"pairs.train={world / 'pairs/train.parquet'}",
+        f"pairs.validation={world / 'pairs/validation.parquet'}",
+        "batch_size=4",
+        "max_steps=4",
+        "log_every=2",
+        "checkpoint_every=2",
+        *extra,
+    ]

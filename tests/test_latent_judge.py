@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_resume_is_exact, one_error_line, spo_args
+from helpers import assert_resume_is_exact, judge_training_args, one_error_line, spo_args
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
 import preference_model
@@ -67,29 +67,17 @@ def test_a_judge_folder_of_another_kind_is_one_line(tiny_pipe, tmp_path):
 # ------------------------------------------------------------------------------ training
 
 
-ROOT = Path(__file__).parents[1]
-
-
 def _judge_args(world: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train-preference-model",
-        "--config",
-        str(ROOT / "configs/toy/latent_judge.yaml"),
-        "--out",
-        str(out),
-        f"base_model={world / 'base_model'}",
-        f"pairs.train={world / 'pairs/train.parquet'}",
-        f"pairs.validation={world / 'pairs/validation.parquet'}",
+    return judge_training_args(
+        world,
+        out,
         "latent.projection_dim=16",
-        "batch_size=4",
-        "max_steps=4",
-        "log_every=2",
         "validation_every=2",
         "validation_pairs_periodic=8",
-        "checkpoint_every=2",
         "validation_timesteps=[0, 501, 951]",
         *extra,
-    ]
+        config="latent_judge.yaml",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import assert_resume_is_exact, one_error_line
+from helpers import assert_resume_is_exact, judge_training_args, one_error_line
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
 from preference_model.losses import pairwise_accuracy, preference_loss
@@ -29,24 +29,10 @@ ROOT = Path(__file__).parents[1]
 
 
 def _args(world: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train-preference-model",
-        "--config",
-        str(ROOT / "configs/toy/spm.yaml"),
-        "--out",
-        str(out),
-        f"base_model={world / 'base_model'}",
-        f"pairs.train={world / 'pairs/train.parquet'}",
-        f"pairs.validation={world / 'pairs/validation.parquet'}",
-        f"backbone.model={world / 'clip.json'}",
-        "batch_size=4",
-        "max_steps=4",
-        "log_every=2",
-        "validation_every=0",
-        "checkpoint_every=2",
-        "optim.warmup_steps=0",
-        *extra,
-    ]
+    clip = f"backbone.model={world / 'clip.json'}"
+    return judge_training_args(
+        world, out, clip, "validation_every=0", "optim.warmup_steps=0", *extra
+    )
 
 
 # ------------------------------------------------------------------------------ math
