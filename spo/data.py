@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,20 @@ class PairBatch:
     indices: Tensor  # (B,) row numbers in the table
     bad: int  # pairs dropped from this batch because an image could not be decoded
 
+    @classmethod
+    def blank(cls, resolution: int, bad: int) -> PairBatch:
+        """One blank tie pair standing in for a batch whose pairs were all undecodable: the
+        trainers run it with weight 0, so that every process still runs the model (the
+        gradient all-reduce and accelerate's accumulation count stay in step)."""
+        return cls(
+            pixels=torch.zeros(1, 2, 3, resolution, resolution),
+            captions=[""],
+            labels=torch.full((1, 2), 0.5),
+            weights=torch.ones(1),
+            indices=torch.zeros(1, dtype=torch.long),
+            bad=bad,
+        )
+
 
 class PairDataset(Dataset):
     """Pairs with decoded, resized images; an undecodable pair yields None (see `collate`).
@@ -274,6 +288,7 @@ class BadImageCounter:
         self.max_share, self.source, self.min_seen = max_share, source, min_seen
         self.seen = 0
         self.bad = 0
+        self._pending = [0, 0]  # this process's (seen, bad) since the last `settle`
 
     def update(self, seen: int, bad: int) -> None:
         """Add a batch's counts; raise a one-line ConfigError once the share is too high."""
@@ -285,6 +300,18 @@ class BadImageCounter:
                 f"{self.source}: {self.bad} of {self.seen} pairs have an undecodable image "
                 f"({self.share:.1%}, more than max_bad_image_share={self.max_share:.1%})"
             )
+
+    def count(self, seen: int, bad: int) -> None:
+        """A micro-batch's counts on this process, judged at the next `settle`."""
+        self._pending[0] += seen
+        self._pending[1] += bad
+
+    def settle(self, total: Callable[[list[int]], list[int]] | None = None) -> None:
+        """Add the counts since the last settle, summed over every process by `total` (so that
+        all processes hold the same counts and stop together), and judge the share."""
+        seen, bad = total(self._pending) if total is not None else self._pending
+        self._pending = [0, 0]
+        self.update(seen, bad)
 
     def probe(self, table, n: int | None = None) -> None:
         """Decode the first `n` pairs (default `min_seen`) before any training, so that a

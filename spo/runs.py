@@ -10,10 +10,13 @@ file or checkpoint that resume would pick up.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +29,9 @@ from spo.errors import ConfigError
 
 __all__ = [
     "RunDir",
+    "RunLock",
+    "check_writable",
+    "clean_leftovers",
     "atomic_dir",
     "atomic_write_bytes",
     "made_by",
@@ -211,6 +217,127 @@ def prepare_run_dir(out: str | Path, cfg: Any) -> RunDir:
     except OSError as e:
         raise ConfigError(f"cannot write to output folder {out}: {e.strerror or e}") from e
     return run
+
+
+def check_writable(out: str | Path) -> None:
+    """A one-line ConfigError when `out` could not be created or written, checked without
+    creating anything: the nearest existing ancestor must be a writable folder."""
+    path = Path(out).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if probe == path and not path.is_dir():
+        raise ConfigError(f"cannot write to output folder {out}: it exists and is not a folder")
+    if not probe.is_dir():
+        raise ConfigError(f"cannot write to output folder {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to output folder {out}: {probe} is not writable")
+
+
+# What an interrupted atomic write leaves behind: `.NAME.tmp-*`, `.NAME.old-*` (atomic_dir),
+# `.NAME.*.tmp` (atomic_write_bytes), `.step-N.tmp` (checkpoints), `.write-probe-*`.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+?)\.(tmp-.+|old-.+|.+\.tmp|tmp)$|^\.write-probe-")
+
+
+def clean_leftovers(root: str | Path) -> list[str]:
+    """Delete what killed runs left half-written in `root` and `root/checkpoints`; a folder
+    moved aside by `atomic_dir` (`.NAME.old-*`) whose replacement never arrived is put back.
+    Call it only while holding the run's lock. Returns the names removed or restored."""
+    done = []
+    root = Path(root)
+    for folder in (root, root / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            m = _LEFTOVER.match(entry.name)
+            if m is None:
+                continue
+            original = folder / m.group("name") if m.group("name") else None
+            if ".old-" in entry.name and original is not None and not original.exists():
+                os.replace(entry, original)
+                done.append(f"restored {original.name}")
+                continue
+            _remove(entry)
+            done.append(entry.name)
+    return done
+
+
+class RunLock:
+    """Exclusive use of a run folder for the life of a run.
+
+    `OUT/.lock` is held (flock, exclusive) by the run's main process and names it; every
+    process of the run holds `OUT/.lock.ranks` shared. A second run fails on the first lock;
+    a run started while workers of a killed launcher still write into the folder fails on the
+    second. The kernel drops both when a process dies, so a stale lock cannot block a run.
+    """
+
+    NAME, RANKS = ".lock", ".lock.ranks"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._files: list = []
+
+    def acquire(self) -> None:
+        """Main process: take the folder, or a one-line ConfigError naming who holds it."""
+        lock = open(self.root / self.NAME, "a+")  # noqa: SIM115 -- held until release()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise ConfigError(
+                f"run folder {self.root} is in use by another run ({holder}); wait for it "
+                "to end or choose another --out"
+            ) from None
+        ranks = open(self.root / self.RANKS, "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(ranks, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pids = _flock_holders(self.root / self.RANKS)
+            who = f"pid {', '.join(map(str, pids))}" if pids else "processes"
+            ranks.close()
+            lock.close()
+            raise ConfigError(
+                f"run folder {self.root} is still written by {who} of an earlier run whose "
+                "launcher was killed; stop them first"
+            ) from None
+        fcntl.flock(ranks, fcntl.LOCK_UN)
+        ranks.close()
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n")
+        lock.flush()
+        self._files.append(lock)
+
+    def join(self) -> None:
+        """Every process of the run (the main one too, after `acquire`)."""
+        ranks = open(self.root / self.RANKS, "a+")  # noqa: SIM115
+        fcntl.flock(ranks, fcntl.LOCK_SH)
+        self._files.append(ranks)
+
+    def release(self) -> None:
+        """Drop the locks; the files stay (deleting them would race with the next run)."""
+        for f in self._files:
+            with contextlib.suppress(OSError):
+                fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+        self._files = []
+
+
+def _flock_holders(path: Path) -> list[int]:
+    """Pids holding a flock on `path` (Linux /proc/locks; [] where it cannot be read)."""
+    try:
+        inode = path.stat().st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].split(":")[-1] == str(inode):
+            pids.append(int(fields[4]))
+    return sorted(set(pids))
 
 
 def made_by(path: str | Path) -> str | None:

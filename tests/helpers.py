@@ -32,8 +32,8 @@ def assert_resume_is_exact(run, straight, killed, weights: str) -> None:
     assert run(straight) == 0
     save = Checkpointer.save
 
-    def save_then_die(self, accelerator, step, state):
-        save(self, accelerator, step, state)
+    def save_then_die(self, accelerator, step, state, params=()):
+        save(self, accelerator, step, state, params)
         raise Killed
 
     with pytest.MonkeyPatch.context() as m:

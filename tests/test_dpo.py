@@ -174,13 +174,17 @@ def test_bad_input_fails_with_one_line(mini_world, tmp_path, capsys, monkeypatch
     nan_at_step_3.calls = 0
     monkeypatch.setattr(dpo, "dpo_loss", nan_at_step_3)
     bad = tmp_path / "nan"
-    assert main(_args(mini_world, bad, "checkpoint_every=0")) == 2
+    assert main(_args(mini_world, bad, "checkpoint_every=1")) == 2
     err = capsys.readouterr().err.strip().splitlines()  # the progress bar, then the error
     assert [x for x in err if "error" in x] == err[-1:]
     assert "non-finite DPO loss at step 2" in err[-1]
+    assert "last good checkpoint is" in err[-1] and "(step 2)" in err[-1]
     assert not (bad / "final/pytorch_lora_weights.safetensors").exists()
-    kept = load_file(bad / "checkpoints/step-2/pytorch_lora_weights.safetensors")
-    assert kept and all(torch.isfinite(v).all() for v in kept.values())
+    written = sorted(p.name for p in (bad / "checkpoints").glob("step-*"))
+    assert written == ["step-1", "step-2"]  # nothing saved by the stop itself
+    monkeypatch.setattr(dpo, "dpo_loss", real)
+    assert main(_args(mini_world, bad, "checkpoint_every=1")) == 0  # resumes from step 2
+    assert "resumed from" in capsys.readouterr().out
 
 
 def test_ai_feedback_relabelling_with_the_oracle(mini_world, tmp_path):

@@ -32,6 +32,7 @@ from spo.losses import DPOOutput, dpo_loss, sft_loss
 from spo.models import DiffusionModel, TextConditioning
 from spo.policy import Policy, register_lora_checkpoint_hooks
 from spo.runs import made_by, require_model
+from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, micro_batch_rows, seeded_generator
 
 KIND = "dpo_training"
@@ -232,6 +233,16 @@ def _latent_cache(
     return LatentCache(model, dataset, progress=main)
 
 
+def stand_in(cache: LatentCache | None, resolution: int):
+    """One blank pair (pixels, or cached moments): a micro-batch whose pairs are all
+    undecodable still runs the model, with weight 0, so accelerate's accumulation count and the
+    gradient all-reduce stay in step on every process."""
+    if cache is None:
+        return torch.zeros(1, 2, 3, resolution, resolution)
+    blank = torch.zeros(1, 2, *cache.mean.shape[3:])
+    return blank, blank
+
+
 def run(cfg: DPOTrainConfig) -> int:
     """`spo train-dpo`: train, print the summary."""
     summary = train_dpo(cfg)
@@ -248,43 +259,47 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     if cfg.relabel_with == "none":
         _usable_rows(cfg, labels)
 
-    accelerator = loop.make_accelerator()
-    set_seed(cfg.seed)
-    model = DiffusionModel.for_training(cfg, accelerator.device)
-    if cfg.relabel_with != "none":
-        labels = relabel(cfg, table, accelerator.device, model.resolution)
-    decided = _usable_rows(cfg, labels)
-    dataset = PairDataset(
-        table.select(decided),
-        model.resolution,
-        labels[decided],
-        winner_first=True,
-        random_crop=cfg.random_crop,
-        random_flip=cfg.random_flip,
-        seed=cfg.seed,
-    )
-    policy = Policy(model, cfg.policy)
-    lr = effective_lr(cfg, accelerator.num_processes)
-    if cfg.policy.mode == "lora":
-        register_lora_checkpoint_hooks(accelerator, policy)
-    unet, resumed = loop.begin(
-        policy.unet, policy.trainable_parameters(), desc="train DPO", optimizer=cfg.optimizer, lr=lr
-    )
-    bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train)
-    cache = _latent_cache(cfg, model, dataset, loop.main)  # its time counts as training time
-    bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
-    if loop.main:
-        loop.run.log_metrics(
-            loop.step, pairs=n_rows, ties_dropped=int(n_rows - len(decided)), effective_lr=lr
-        )
-
-    def state() -> dict:
-        return {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.policy.mode}
-
-    empty = model.empty_text(1)
-    accum = cfg.gradient_accumulation_steps
-    loop.baseline_images(model)
     with loop:
+        accelerator = loop.make_accelerator()
+        set_seed(cfg.seed)
+        model = DiffusionModel.for_training(cfg, accelerator.device)
+        if cfg.relabel_with != "none":
+            labels = relabel(cfg, table, accelerator.device, model.resolution)
+        decided = _usable_rows(cfg, labels)
+        dataset = PairDataset(
+            table.select(decided),
+            model.resolution,
+            labels[decided],
+            winner_first=True,
+            random_crop=cfg.random_crop,
+            random_flip=cfg.random_flip,
+            seed=cfg.seed,
+        )
+        policy = Policy(model, cfg.policy)
+        lr = effective_lr(cfg, accelerator.num_processes)
+        if cfg.policy.mode == "lora":
+            register_lora_checkpoint_hooks(accelerator, policy)
+        unet, resumed = loop.begin(
+            policy.unet,
+            policy.trainable_parameters(),
+            desc="train DPO",
+            optimizer=cfg.optimizer,
+            lr=lr,
+        )
+        bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train)
+        cache = _latent_cache(cfg, model, dataset, loop.main)  # its time counts as training time
+        bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
+        if loop.main:
+            loop.run.log_metrics(
+                loop.step, pairs=n_rows, ties_dropped=int(n_rows - len(decided)), effective_lr=lr
+            )
+
+        def state() -> dict:
+            return {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.policy.mode}
+
+        empty = model.empty_text(1)
+        accum = cfg.gradient_accumulation_steps
+        loop.baseline_images(model)
         while loop.running():
             micro = loop.step * accum
             for _ in range(accum):
@@ -297,10 +312,11 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                     images, captions, skipped = batch.pixels, batch.captions, batch.bad
                 else:
                     images, captions, skipped = cache.batch(dataset, rows)
-                bad.update(len(rows), skipped)
+                bad.count(len(rows), skipped)
                 micro += 1
-                if not captions:
-                    continue
+                weight = 1.0
+                if not captions:  # all undecodable: a zero-weight stand-in keeps every rank
+                    images, captions, weight = stand_in(cache, model.resolution), [""], 0.0
                 gen = seeded_generator(cfg.seed, micro, accelerator.process_index)
                 inputs = dpo_inputs(
                     model,
@@ -313,7 +329,9 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
                         loss, out = dpo_objective(model, unet, policy, inputs, cfg)
-                    loop.optimizer_step(loss, state())
+                    loop.optimizer_step(loss * weight)
+                if not weight:
+                    continue
                 values = {"loss": loss.item()}
                 if out is not None:
                     values |= {
@@ -323,12 +341,13 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                         "margin": out.margin.item(),
                     }
                 loop.logger.add(**values)
+            bad.settle(lambda counts: sum_over_ranks(accelerator, counts))
             loop.end_step(bad_pairs=bad.bad)
             loop.periodic_images(model)
             if loop.due(cfg.checkpoint_every):
-                loop.checkpoints.save(accelerator, loop.step, state())
+                loop.save_checkpoint(state())
 
-    summary = {"step": loop.step, "pairs": n_rows, "ties_dropped": int(n_rows - len(decided))}
-    summary |= {"effective_lr": lr, "mode": cfg.policy.mode, "family": model.family}
-    loop.finish(policy.save, summary, images_of=model)
+        summary = {"step": loop.step, "pairs": n_rows, "ties_dropped": int(n_rows - len(decided))}
+        summary |= {"effective_lr": lr, "mode": cfg.policy.mode, "family": model.family}
+        loop.finish(policy.save, summary, images_of=model)
     return summary

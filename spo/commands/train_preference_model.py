@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from preference_model import (
@@ -39,6 +39,7 @@ from spo.data import (
 from spo.errors import ConfigError
 from spo.models import DTYPES, DiffusionModel
 from spo.runs import atomic_write_bytes, made_by, require_model
+from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, micro_batch_rows, seeded_generator
 
 KIND = "spm_training"
@@ -168,9 +169,9 @@ def validate(
         s0, s1, labels = score_pairs(
             spm, maker, split.dataset, mine, timestep=t, batch_size=batch_size, generator=gen
         )
-        s0, s1, labels = (
-            accelerator.gather_for_metrics(x.to(accelerator.device)).cpu() for x in (s0, s1, labels)
-        )
+        if accelerator.num_processes > 1:  # shards differ in size: gather them as objects
+            shards = gather_object([(s0.cpu(), s1.cpu(), labels.cpu())])
+            s0, s1, labels = (torch.cat([shard[i] for shard in shards]) for i in range(3))
         result[str(t)] = pairwise_accuracy(s0, s1, labels)[0]
     spm.train(was_training)
     return result
@@ -223,53 +224,55 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     )
     set_seed(cfg.seed)  # the time-conditioning MLP (and a random backbone) start the same
     spm = build_spm(cfg) if cfg.judge == "pixel" else None
-    accelerator = loop.make_accelerator()
-    diffusion = DiffusionModel.from_pretrained(
-        cfg.base_model, dtype=DTYPES[cfg.base_dtype], device=accelerator.device, vae=cfg.vae
-    )
-    if spm is None:  # the latent judge starts from the base pipeline's UNet and text encoder
-        s = cfg.latent
-        spm = LatentJudge.from_pipeline(
-            diffusion.pipe, projection_dim=s.projection_dim, cfg_scale=s.cfg_scale
-        )
-    train.dataset.resolution = val.dataset.resolution = diffusion.resolution
-    spm = spm.to(accelerator.device)
-
-    if cfg.pairs.relabel_tie_gap is not None:
-        spm.eval()
-        train.labels = relabel_by_backbone(spm, train, cfg.pairs.relabel_tie_gap, cfg.batch_size)
-        train.dataset.labels = train.labels
-        spm.train()
-    train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
-    if cfg.judge == "latent":
-        maker, t_max = NoisyLatentMaker(diffusion), cfg.latent.max_timestep + 1
-    else:
-        maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
-        t_max = diffusion.num_train_timesteps
-
-    desc = "train latent judge" if cfg.judge == "latent" else "train SPM"
-    model, resumed = loop.begin(spm, spm.parameters(), desc=desc)
-    spm_unwrapped: Judge = accelerator.unwrap_model(model)
-    bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
-
-    def state() -> dict:
-        return {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.judge}
-
-    def accuracy(limit: int | None = None) -> dict[str, float]:
-        return validate(
-            accelerator,
-            spm_unwrapped,
-            maker,
-            val,
-            timesteps=cfg.validation_timesteps,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            limit=limit,
-        )
-
-    accum = cfg.gradient_accumulation_steps
-    model.train()
     with loop:
+        accelerator = loop.make_accelerator()
+        diffusion = DiffusionModel.from_pretrained(
+            cfg.base_model, dtype=DTYPES[cfg.base_dtype], device=accelerator.device, vae=cfg.vae
+        )
+        if spm is None:  # the latent judge starts from the base pipeline's UNet and text encoder
+            s = cfg.latent
+            spm = LatentJudge.from_pipeline(
+                diffusion.pipe, projection_dim=s.projection_dim, cfg_scale=s.cfg_scale
+            )
+        train.dataset.resolution = val.dataset.resolution = diffusion.resolution
+        spm = spm.to(accelerator.device)
+
+        if cfg.pairs.relabel_tie_gap is not None:
+            spm.eval()
+            train.labels = relabel_by_backbone(
+                spm, train, cfg.pairs.relabel_tie_gap, cfg.batch_size
+            )
+            train.dataset.labels = train.labels
+            spm.train()
+        train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
+        if cfg.judge == "latent":
+            maker, t_max = NoisyLatentMaker(diffusion), cfg.latent.max_timestep + 1
+        else:
+            maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
+            t_max = diffusion.num_train_timesteps
+
+        desc = "train latent judge" if cfg.judge == "latent" else "train SPM"
+        model, resumed = loop.begin(spm, spm.parameters(), desc=desc)
+        spm_unwrapped: Judge = accelerator.unwrap_model(model)
+        bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
+
+        def state() -> dict:
+            return {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.judge}
+
+        def accuracy(limit: int | None = None) -> dict[str, float]:
+            return validate(
+                accelerator,
+                spm_unwrapped,
+                maker,
+                val,
+                timesteps=cfg.validation_timesteps,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                limit=limit,
+            )
+
+        accum = cfg.gradient_accumulation_steps
+        model.train()
         while loop.running():
             micro = loop.step * accum
             for _ in range(accum):
@@ -277,7 +280,10 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
                     len(train.dataset), cfg.batch_size, micro, accelerator, cfg.seed
                 )
                 batch = PairDataset.collate([train.dataset[i] for i in rows])
-                bad.update(len(rows), batch.bad)
+                bad.count(len(rows), batch.bad)
+                weight = 1.0 if batch.captions else 0.0
+                if not weight:  # all undecodable: a zero-weight stand-in (PairBatch.blank)
+                    batch = PairBatch.blank(train.dataset.resolution, batch.bad)
                 gen = seeded_generator(cfg.seed, micro, accelerator.process_index)
                 t = torch.randint(0, t_max, (len(batch.captions),), generator=gen)
                 inputs, ids = judge_inputs(spm_unwrapped, maker, batch, t, gen, accelerator.device)
@@ -291,7 +297,10 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
                         batch.labels.to(accelerator.device),
                         batch.weights.to(accelerator.device),
                     )
-                    loop.optimizer_step(loss, state())
+                    loop.optimizer_step(loss * weight)
+                micro += 1
+                if not weight:
+                    continue
                 p0 = p0.detach().cpu()
                 loop.logger.add(
                     **{
@@ -299,32 +308,32 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
                         "train/accuracy": pairwise_accuracy(p0, 1 - p0, batch.labels)[0],
                     }
                 )
-                micro += 1
+            bad.settle(lambda counts: sum_over_ranks(accelerator, counts))
             loop.end_step("train/loss", bad_pairs=bad.bad)
             if loop.due(cfg.validation_every):
                 acc = accuracy(cfg.validation_pairs_periodic)
                 loop.logger.log(loop.step, {f"val/accuracy_t{t}": a for t, a in acc.items()})
             if loop.due(cfg.checkpoint_every):
-                loop.checkpoints.save(accelerator, loop.step, state())
+                loop.save_checkpoint(state())
 
-    final_accuracy = accuracy()
-    result: dict = {"accuracy_by_timestep": final_accuracy, "step": loop.step}
-    ceiling = oracle_ceiling(val)
-    if ceiling is not None:
-        result["oracle_ceiling"] = ceiling
-    result["validation_pairs"] = int((val.labels[:, 0] != 0.5).sum())
-    result["judge"] = cfg.judge
-    result["time_conditioning"] = cfg.time_conditioning
+        final_accuracy = accuracy()
+        result: dict = {"accuracy_by_timestep": final_accuracy, "step": loop.step}
+        ceiling = oracle_ceiling(val)
+        if ceiling is not None:
+            result["oracle_ceiling"] = ceiling
+        result["validation_pairs"] = int((val.labels[:, 0] != 0.5).sum())
+        result["judge"] = cfg.judge
+        result["time_conditioning"] = cfg.time_conditioning
 
-    def save(folder: Path) -> None:
-        spm_unwrapped.config.trained_on = diffusion.describe()
-        spm_unwrapped.save(folder)
+        def save(folder: Path) -> None:
+            spm_unwrapped.config.trained_on = diffusion.describe()
+            spm_unwrapped.save(folder)
 
-    def write_evaluation() -> None:
-        atomic_write_bytes(loop.run.root / "eval.json", json.dumps(result, indent=2).encode())
-        loop.run.log_metrics(
-            loop.step, **{f"val/accuracy_t{t}": a for t, a in final_accuracy.items()}
-        )
+        def write_evaluation() -> None:
+            atomic_write_bytes(loop.run.root / "eval.json", json.dumps(result, indent=2).encode())
+            loop.run.log_metrics(
+                loop.step, **{f"val/accuracy_t{t}": a for t, a in final_accuracy.items()}
+            )
 
-    loop.finish(save, after=write_evaluation)
+        loop.finish(save, after=write_evaluation)
     return result

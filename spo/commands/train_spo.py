@@ -91,26 +91,26 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     )[: cfg.max_prompts]
     loop = TrainLoop.for_diffusion(cfg, kind=KIND, name="spo")
 
-    accelerator = loop.make_accelerator()
-    set_seed(cfg.seed)
-    model = DiffusionModel.for_training(cfg, accelerator.device)
-    spm = load_spm(cfg, model)
-    if cfg.speed.fast_decode:
-        model.fast_decode(compile_decoder=cfg.speed.compile_vae)
-    policy = Policy(model, cfg.policy)
-    if cfg.policy.mode == "lora":
-        register_lora_checkpoint_hooks(accelerator, policy)
-    unet, resumed = loop.begin(policy.unet, policy.trainable_parameters(), desc="train SPO")
-
-    def judge(inputs: torch.Tensor, texts: list[str], t: int) -> torch.Tensor:
-        if cfg.judge == "latent":
-            return spm.score(inputs, texts, t)  # the candidate latents themselves
-        return spm.score(inputs, texts, t, value_range="-1-1")  # decoded x0_hat
-
-    sampler = PoolSampler(model, judge, cfg.sampler, latent=cfg.judge == "latent")
-    epoch = resumed.get("epoch", 0)
-    loop.baseline_images(model)
     with loop:
+        accelerator = loop.make_accelerator()
+        set_seed(cfg.seed)
+        model = DiffusionModel.for_training(cfg, accelerator.device)
+        spm = load_spm(cfg, model)
+        if cfg.speed.fast_decode:
+            model.fast_decode(compile_decoder=cfg.speed.compile_vae)
+        policy = Policy(model, cfg.policy)
+        if cfg.policy.mode == "lora":
+            register_lora_checkpoint_hooks(accelerator, policy)
+        unet, resumed = loop.begin(policy.unet, policy.trainable_parameters(), desc="train SPO")
+
+        def judge(inputs: torch.Tensor, texts: list[str], t: int) -> torch.Tensor:
+            if cfg.judge == "latent":
+                return spm.score(inputs, texts, t)  # the candidate latents themselves
+            return spm.score(inputs, texts, t, value_range="-1-1")  # decoded x0_hat
+
+        sampler = PoolSampler(model, judge, cfg.sampler, latent=cfg.judge == "latent")
+        epoch = resumed.get("epoch", 0)
+        loop.baseline_images(model)
         while loop.running() and epoch < cfg.max_epochs:
             pairs, stats = _sampling_epoch(cfg, accelerator, sampler, policy, prompts, epoch)
             pairs = _gather(accelerator, pairs)
@@ -118,12 +118,15 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             _training_epoch(cfg, loop, model, sampler, policy, pairs, epoch)
             epoch += 1
             if loop.due(cfg.checkpoint_every, epoch):
-                loop.checkpoints.save(
-                    accelerator, loop.step, {"epoch": epoch, "mode": cfg.policy.mode}
-                )
+                loop.save_checkpoint({"epoch": epoch, "mode": cfg.policy.mode})
 
-    summary = {"step": loop.step, "epochs": epoch, "mode": cfg.policy.mode, "family": model.family}
-    loop.finish(policy.save, summary, images_of=model)
+        summary = {
+            "step": loop.step,
+            "epochs": epoch,
+            "mode": cfg.policy.mode,
+            "family": model.family,
+        }
+        loop.finish(policy.save, summary, images_of=model)
     return summary
 
 
@@ -161,14 +164,16 @@ def _training_epoch(
     pairs: KeptPairs,
     epoch: int,
 ) -> None:
-    """Train on the gathered pairs: a shuffled permutation, each process its slice."""
+    """Train on the gathered pairs: a shuffled permutation, each process its slice. An epoch
+    ends on a whole optimiser step (micro-batches that would not fill one are dropped), so that
+    accelerate's accumulation count, which runs on across epochs, agrees with ours."""
     accelerator, unet = loop.accelerator, loop.model
     per_step = cfg.batch_size * accelerator.num_processes
-    n_batches = len(pairs) // per_step
+    accum = cfg.gradient_accumulation_steps
+    n_batches = len(pairs) // per_step // accum * accum
     if n_batches == 0:
         return
     order = torch.randperm(len(pairs), generator=seeded_generator(cfg.seed, epoch, 1)).tolist()
-    accum = cfg.gradient_accumulation_steps
     for b in range(n_batches):
         start = b * per_step + accelerator.process_index * cfg.batch_size
         batch = pairs.index(order[start : start + cfg.batch_size])
@@ -186,7 +191,7 @@ def _training_epoch(
             loss, ratio_w, ratio_l, clipped = spo_loss(
                 logp_w, ref_w, logp_l, ref_l, cfg.beta, cfg.ratio_clip
             )
-            loop.optimizer_step(loss, {"epoch": epoch, "mode": cfg.policy.mode})
+            loop.optimizer_step(loss)
         loop.logger.add(
             loss=loss.item(),
             ratio_win=ratio_w.mean().item(),

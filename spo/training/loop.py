@@ -6,20 +6,22 @@ periodic validation and checkpoints, a non-finite guard, `final/` written atomic
 only in how they load their models and compute a loss. A recipe reads top to bottom:
 
     loop = TrainLoop(cfg, kind=KIND, name="dpo", mode=..., validator=...)  # cheap checks
-    accelerator = loop.make_accelerator()
-    ... load models ...
-    unet, state = loop.begin(policy.unet, policy.trainable_parameters(), desc="train DPO")
-    with loop:                         # closes the progress bar, also on an error
+    with loop:                         # releases the run folder and the progress bar
+        accelerator = loop.make_accelerator()   # also locks and opens the run folder
+        ... load models ...
+        unet, state = loop.begin(policy.unet, policy.trainable_parameters(), desc="train DPO")
         while loop.running():
             ... loss ...
-            loop.optimizer_step(loss, state())   # inside accelerator.accumulate(model)
+            loop.optimizer_step(loss)            # inside accelerator.accumulate(model)
             loop.end_step()                      # step + 1, progress, metrics every log_every
             if loop.due(cfg.checkpoint_every):
-                loop.checkpoints.save(accelerator, loop.step, state())
-    loop.finish(save=policy.save, summary=summary)
+                loop.save_checkpoint(state())
+        loop.finish(policy.save, summary=summary)
 
 Randomness derives from (seed, step, rank) through `seeded_generator`, so a killed and resumed
-run takes the same path.
+run takes the same path. Every decision that stops or skips (a non-finite loss, the time
+budget, a checkpoint that does not load) is taken by all processes together
+(`spo.training.distributed`), so no rank is left waiting in a collective.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import torch
 from tqdm.auto import tqdm
 
 from spo.config.schemas import OptimConfig
-from spo.errors import TrainingError
-from spo.runs import RunDir, atomic_dir, prepare_run_dir
+from spo.errors import ConfigError, TrainingError
+from spo.runs import RunDir, RunLock, atomic_dir, check_writable, clean_leftovers, prepare_run_dir
 from spo.training.checkpoints import Checkpointer
+from spo.training.distributed import check_world, on_main, ranks_where
 from spo.training.validation import Validator
 
 
@@ -180,12 +183,18 @@ class TrainLoop:
         validator: Validator | None = None,
         max_minutes: float | None = None,
     ) -> None:
-        """Cheap checks only, before any model loads: the resume target exists and is a
-        checkpoint of this `kind` and `mode` (the config key `mode_key`; `mode_default` for
-        checkpoints that record none)."""
+        """Cheap checks only, before any model loads: the run folder can be written, the
+        precision exists on this machine, the resume target exists and is a checkpoint of this
+        `kind` and `mode` (the config key `mode_key`; `mode_default` for checkpoints that
+        record none)."""
         self.cfg, self.name, self.mode = cfg, name, mode
         self.validator, self.max_minutes = validator, max_minutes
         self.tracker = cfg.tracker != "none"
+        check_writable(cfg.out)
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError(
+                "mixed_precision=fp16 needs a GPU; on a CPU use mixed_precision=bf16 or no"
+            )
         self.checkpoints = Checkpointer(
             Path(cfg.out) / "checkpoints", kind, cfg.checkpoints_total_limit
         )
@@ -194,25 +203,42 @@ class TrainLoop:
             self.checkpoints.check_mode(self.resume_from, mode, mode_key, mode_default)
         self.step = 0
         self.accelerator = None
+        self.lock = RunLock(cfg.out)
+        self.progress = None
 
     @classmethod
     def for_diffusion(cls, cfg, *, kind: str, name: str) -> TrainLoop:
         """The loop of a diffusion trainer (DPO, SPO): its policy mode, validation images and
         wall-clock budget."""
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        validator = Validator(cfg.validation_images, device)
         return cls(
             cfg,
             kind=kind,
             name=name,
             mode=cfg.policy.mode,
-            validator=validator,
+            validator=Validator(cfg.validation_images),
             max_minutes=cfg.max_minutes,
         )
 
     def make_accelerator(self):
-        self.accelerator = make_accelerator(self.cfg)
-        return self.accelerator
+        """The accelerator, then the run folder: refused in one line (on every rank) when
+        the launcher and accelerate disagree about the world or another run holds the folder;
+        else locked for this run, cleared of what killed runs left, and its config written."""
+        self.accelerator = accelerator = make_accelerator(self.cfg)
+        check_world(accelerator)
+
+        def open_run() -> RunDir:
+            root = Path(self.cfg.out)
+            check_writable(root)
+            root.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            for name in clean_leftovers(root):
+                print(f"run folder: removed {name} left by an interrupted run")
+            return prepare_run_dir(root, self.cfg)
+
+        self.run = on_main(accelerator, open_run) or RunDir(Path(self.cfg.out))
+        accelerator.wait_for_everyone()
+        self.lock.join()
+        return accelerator
 
     @property
     def main(self) -> bool:
@@ -228,8 +254,7 @@ class TrainLoop:
         accelerator, cfg = self.accelerator, self.cfg
         opt, schedule = build_optimizer(optimizer, cfg.optim, cfg.max_steps, params, lr)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, opt, schedule)
-        self.run = prepare_run_dir(cfg.out, cfg) if self.main else RunDir(Path(cfg.out))
-        accelerator.wait_for_everyone()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         state = self.checkpoints.load(accelerator, self.resume_from)
         self.step = state.get("step", 0)
         if self.tracker:
@@ -238,6 +263,8 @@ class TrainLoop:
         self.progress = tqdm(
             total=cfg.max_steps, initial=self.step, desc=desc, disable=not self.main
         )
+        if self.main and self.validator is not None:
+            self.validator.start(accelerator.device)
         self.started = time.time()
         return self.model, state
 
@@ -245,7 +272,9 @@ class TrainLoop:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.close()  # ends the bar's line, also before an error message
+        if self.progress is not None:
+            self.progress.close()  # ends the bar's line, also before an error message
+        self.lock.release()
 
     # ------------------------------------------------------------------------------ per step
 
@@ -255,20 +284,25 @@ class TrainLoop:
         return time.time() - self.started - spent
 
     def running(self) -> bool:
-        """Steps left and time left (`max_minutes`)."""
-        return self.step < self.cfg.max_steps and not out_of_time(
-            self.max_minutes, self.train_seconds()
-        )
+        """Steps left and time left (`max_minutes`; spent when it is spent on any rank)."""
+        if self.step >= self.cfg.max_steps:
+            return False
+        if self.max_minutes is None:
+            return True
+        spent = out_of_time(self.max_minutes, self.train_seconds())
+        return not ranks_where(self.accelerator, spent)
 
-    def optimizer_step(self, loss: torch.Tensor, state: dict[str, Any]) -> None:
-        """Backward, clip, step, inside `accelerator.accumulate`. A non-finite loss first saves
-        the weights (still those of the last good step) as a checkpoint and stops the run."""
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward, clip, step, inside `accelerator.accumulate`. A non-finite loss on any
+        rank stops every rank, with nothing saved: the newest checkpoint is the last good
+        state (a checkpoint is never written from diverged weights)."""
         accelerator, cfg = self.accelerator, self.cfg
-        if not torch.isfinite(loss):
-            self.checkpoints.save(accelerator, self.step, state)
+        bad = ranks_where(accelerator, not bool(torch.isfinite(loss)))
+        if bad:
+            where = f" on rank {bad[0]}" if accelerator.num_processes > 1 else ""
             raise TrainingError(
-                f"non-finite {self.name.upper()} loss at step {self.step}; the last good state "
-                f"is in {self.checkpoints.root}/step-{self.step}"
+                f"non-finite {self.name.upper()} loss at step {self.step}{where}; stopped, "
+                f"nothing saved. {self.checkpoints.last_good()}"
             )
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
@@ -290,6 +324,11 @@ class TrainLoop:
                 elapsed_s=self.train_seconds(),
             )
             self.progress.set_postfix(loss=f"{metrics.get(loss_key, math.nan):.4f}")
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """A resumable checkpoint at this step (refused, on every rank, when the trainable
+        weights are not finite or the disk is full)."""
+        self.checkpoints.save(self.accelerator, self.step, state, self.params)
 
     def due(self, every: int, count: int | None = None) -> bool:
         """Every `every`-th `count` (default: the step), except once the run is at its last

@@ -20,18 +20,23 @@ from spo.runs import made_by
 class Validator:
     """Fixed-seed samples of the policy during training: a PNG grid per validation and, with
     a scorer, their mean score logged as `val/<scorer>` next to the training seconds (the
-    reward against compute curve). Prompts and scorer are loaded when the run starts, so a bad
-    path fails before any compute."""
+    reward against compute curve). Prompts are read when the run is set up, so a bad path fails
+    before any compute; the scorer is built by `start`, on the main process's device only."""
 
-    def __init__(self, v: ValidationImagesConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(self, v: ValidationImagesConfig) -> None:
         prompts = list(v.prompts)
         if v.prompts_file:
             prompts += load_prompts(v.prompts_file, made_by=made_by(v.prompts_file))
         self.v = v
         self.texts = [p for p in prompts for _ in range(v.images_per_prompt)]
         self.seeds = [v.seed + i for i in range(len(self.texts))]
-        self.scorer = build_scorer(v.scorer, device=device) if v.scorer and self.texts else None
+        self.scorer = None
         self.seconds = 0.0  # time spent validating: not charged to the training budget
+
+    def start(self, device: str | torch.device) -> None:
+        """Build the scorer (the main process calls it, with its accelerator's device)."""
+        if self.v.scorer and self.texts:
+            self.scorer = build_scorer(self.v.scorer, device=device)
 
     @property
     def enabled(self) -> bool:
@@ -40,7 +45,7 @@ class Validator:
     @property
     def scored(self) -> bool:
         """Whether validations are scored (step 0's point of the reward curve is then made)."""
-        return self.scorer is not None
+        return bool(self.v.scorer and self.texts)
 
     def due(self, step: int) -> bool:
         return self.enabled and bool(self.v.every) and step % self.v.every == 0

@@ -1,0 +1,72 @@
+"""Decisions every process of a run must take together.
+
+Why: with several processes, a choice made on one rank alone (stop on a non-finite loss, stop
+because the time budget is spent, skip a checkpoint that does not load, refuse a run folder
+that is in use) leaves the others waiting in the next collective for ever. Each such decision
+goes through these helpers first; with one process they cost nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from spo.errors import ConfigError, TrainingError
+
+T = TypeVar("T")
+
+
+def ranks_where(accelerator, flag: bool) -> list[int]:
+    """The ranks where `flag` holds, the same list on every rank (one small gather)."""
+    if accelerator.num_processes == 1:
+        return [0] if flag else []
+    mine = torch.tensor([1 if flag else 0], device=accelerator.device)
+    flags = accelerator.gather(mine).tolist()
+    return [rank for rank, f in enumerate(flags) if f]
+
+
+def sum_over_ranks(accelerator, values: list[int]) -> list[int]:
+    """Integer counts summed over every process (the same list on every rank)."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    summed = accelerator.reduce(torch.tensor(values, device=accelerator.device), reduction="sum")
+    return [int(v) for v in summed.tolist()]
+
+
+def on_main(accelerator, work: Callable[[], T]) -> T | None:
+    """`work()` on the main process; a one-line error it raises is raised on every rank (the
+    others would otherwise wait for it at the next barrier). Returns work's result on the main
+    process, None elsewhere."""
+    result, message, kind = None, None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except (ConfigError, TrainingError) as e:
+            message, kind = str(e), type(e).__name__
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message, kind = broadcast_object_list([message, kind])
+    if message is not None:
+        raise (TrainingError if kind == "TrainingError" else ConfigError)(message)
+    return result
+
+
+def check_world(accelerator) -> None:
+    """Refuse a world the launcher and accelerate disagree about: e.g. `accelerate launch
+    --multi_gpu` on a CPU host starts several processes that each believe they are rank 0 of
+    1, and would all write the same run folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        hint = (
+            "; on a CPU host set ACCELERATE_USE_CPU=true (or pass --cpu to accelerate launch)"
+            if not torch.cuda.is_available()
+            else ""
+        )
+        raise ConfigError(
+            f"the launcher started {launched} processes but each sees a world of "
+            f"{accelerator.num_processes} (distributed set-up failed){hint}"
+        )
