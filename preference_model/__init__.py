@@ -17,6 +17,8 @@ _EXPORTS = {
     "SPMConfig": "preference_model.model",
     "StepAwarePreferenceModel": "preference_model.model",
     "TOY_BACKBONE_DIR": "preference_model.model",
+    "check_judge_folder": "preference_model.errors",
+    "check_safetensors": "preference_model.errors",
     "check_state_dict": "preference_model.errors",
     "LatentJudge": "preference_model.latent",
     "LatentJudgeConfig": "preference_model.latent",

@@ -65,3 +65,48 @@ def read_config_file(path: Path, schema: Any, kind: str, version: int) -> Any:
     if missing:
         raise CheckpointError(f"{path}: missing key {missing[0]!r}")
     return schema(**data)
+
+
+def check_safetensors(path: Path) -> None:
+    """One line for a weights file that is cut short or is not safetensors, read from its
+    header alone (no tensor is loaded): an interrupted copy fails before any model is built."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise CheckpointError(f"{path}: not a complete safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            end = max(
+                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated ({size} bytes of {8 + n + end}; an interrupted copy or download?)"
+        )
+
+
+# A judge folder holds one of these configs (preference_model.model / .latent) and its weights.
+JUDGE_CONFIGS = ("spm_config.json", "latent_judge_config.json")
+JUDGE_WEIGHTS = "model.safetensors"
+
+
+def check_judge_folder(folder: str | Path) -> None:
+    """The cheap checks of a judge folder, before any model is built: it exists, holds a judge
+    config, and its weights file is whole."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"{folder}: no such SPM checkpoint folder")
+    if not any((folder / name).is_file() for name in JUDGE_CONFIGS):
+        hint = "; it is a diffusers pipeline" if (folder / "model_index.json").is_file() else ""
+        raise CheckpointError(
+            f"{folder} is not a step-aware judge checkpoint (no {' or '.join(JUDGE_CONFIGS)}{hint})"
+        )
+    weights = folder / JUDGE_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointNotFoundError(f"{folder}: weights file {JUDGE_WEIGHTS} is missing")
+    check_safetensors(weights)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from preference_model.errors import (
     CheckpointNotFoundError,
+    check_safetensors,
     check_state_dict,
     read_config_file,
 )
@@ -273,6 +274,7 @@ def load_latent_judge(
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointNotFoundError(f"{folder}: weights file {WEIGHTS_NAME} is missing")
+    check_safetensors(weights)
     names = ["tokenizer"] + [
         f"tokenizer_{i + 1}" for i in range(1, len(config.text_encoder_configs))
     ]

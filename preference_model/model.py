@@ -44,6 +44,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from preference_model.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    check_safetensors,
     check_state_dict,
     read_config_file,
 )
@@ -664,6 +665,7 @@ def load(
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointNotFoundError(f"{folder}: weights file {WEIGHTS_NAME} is missing")
+    check_safetensors(weights)
     with torch.device(device):
         model = StepAwarePreferenceModel(config, tokenizer_folder=folder)
     with safe_open(weights, framework="pt") as f:

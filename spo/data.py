@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ def _load_pair_table(datasets, source: str, split: str, made_by: str | None, wha
                 hint = f" (`{made_by}` writes it)" if made_by else ""
                 raise ConfigError(f"{what} file not found: {source}{hint}")
             return datasets.load_dataset("parquet", data_files=source, split="train")
+        if path.is_file():
+            raise ConfigError(
+                f"{source}: {what} are read from a parquet file (.parquet), a folder of them, a "
+                "save_to_disk folder or a hub dataset; this file is none of these"
+            )
         if is_local_path(source):
             hint = f" (`{made_by}` writes it)" if made_by else ""
             raise ConfigError(f"{what} not found: {source}{hint}")
@@ -277,28 +283,42 @@ class PairDataset(Dataset):
         )
 
 
-class BadImageCounter:
-    """Counts skipped pairs and stops the run once their share passes `max_share`.
+def share_lower_bound(bad: int, seen: int, z: float = 3.0) -> float:
+    """Wilson score lower bound of a share from `bad` of `seen` (z = 3: 99.9% one-sided):
+    how low the true share can plausibly be, so that a few bad pairs in a small sample do not
+    condemn a large data set, while a source of mostly broken images fails within 100 pairs."""
+    if seen <= 0:
+        return 0.0
+    p, zz = bad / seen, z * z
+    centre = p + zz / (2 * seen)
+    margin = z * math.sqrt(p * (1 - p) / seen + zz / (4 * seen * seen))
+    return max(0.0, (centre - margin) / (1 + zz / seen))
 
-    The share is judged only after `min_seen` pairs so that one bad pair early on does not end
-    a run whose data is almost all good.
+
+class BadImageCounter:
+    """Counts skipped pairs and stops the run once their share is surely past `max_share`.
+
+    "Surely": the Wilson lower bound of the share (`share_lower_bound`) exceeds it, or the bad
+    pairs seen already exceed `max_share` of the whole data set (`total` rows).
     """
 
-    def __init__(self, max_share: float, source: str, min_seen: int = 100) -> None:
-        self.max_share, self.source, self.min_seen = max_share, source, min_seen
+    def __init__(self, max_share: float, source: str, total: int | None = None) -> None:
+        self.max_share, self.source, self.total = max_share, source, total
         self.seen = 0
         self.bad = 0
         self._pending = [0, 0]  # this process's (seen, bad) since the last `settle`
 
-    def update(self, seen: int, bad: int) -> None:
-        """Add a batch's counts; raise a one-line ConfigError once the share is too high."""
+    def update(self, seen: int, bad: int, what: str = "pairs") -> None:
+        """Add a batch's counts; raise a one-line ConfigError once the share is surely too
+        high."""
         self.seen += seen
         self.bad += bad
-        judged = self.seen >= self.min_seen or self.bad > self.max_share * self.min_seen
-        if judged and self.share > self.max_share:
+        certain = self.total is not None and self.bad > self.max_share * self.total
+        if certain or share_lower_bound(self.bad, self.seen) > self.max_share:
             raise ConfigError(
-                f"{self.source}: {self.bad} of {self.seen} pairs have an undecodable image "
-                f"({self.share:.1%}, more than max_bad_image_share={self.max_share:.1%})"
+                f"{self.source}: {self.bad} of {self.seen} {what} have an undecodable image "
+                f"({self.share:.1%}; more than max_bad_image_share={self.max_share:.1%} of the "
+                "data set, with 99.9% confidence)"
             )
 
     def count(self, seen: int, bad: int) -> None:
@@ -313,18 +333,20 @@ class BadImageCounter:
         self._pending = [0, 0]
         self.update(seen, bad)
 
-    def probe(self, table, n: int | None = None) -> None:
-        """Decode the first `n` pairs (default `min_seen`) before any training, so that a
-        source full of broken images fails at once rather than after hours."""
-        n = min(len(table), self.min_seen if n is None else n)
+    def probe(self, table, n: int = 200) -> None:
+        """Decode `n` pairs spread over the whole table (a fixed sample) before any training,
+        so that a source full of broken images fails at once rather than after hours; the
+        sample's counts are not kept."""
+        rows = np.random.default_rng(0).permutation(len(table))[:n]
         bad = 0
-        for row in table.select_columns(["jpg_0", "jpg_1"]).select(range(n)):
+        for row in table.select_columns(["jpg_0", "jpg_1"]).select(sorted(rows.tolist())):
             try:
                 decode_image(row["jpg_0"])
                 decode_image(row["jpg_1"])
             except Exception:  # any decoding failure makes the pair unusable
                 bad += 1
-        self.update(n, bad)
+        sample = BadImageCounter(self.max_share, self.source, len(table))
+        sample.update(len(rows), bad, what="pairs sampled")
 
     @property
     def share(self) -> float:

@@ -24,6 +24,28 @@ from spo.models import DiffusionModel
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
+def check_lora_targets(base_model: str, cfg: PolicyConfig) -> None:
+    """One line for a `policy.lora_targets` name that matches no UNet module, before any
+    weights load: peft (which matches a name against the end of each module path) would say so
+    only after the model loaded. Checked on a weightless UNet built from the pipeline's
+    unet/config.json; for a hub id, peft checks it."""
+    config = Path(base_model) / "unet" / "config.json"
+    if cfg.mode != "lora" or not config.is_file():
+        return
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config.parent))
+    names = [name for name, _ in unet.named_modules()]
+    for target in cfg.lora_targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise ConfigError(
+                f"invalid value {target!r} in config key 'policy.lora_targets': no UNet module "
+                "has that name (e.g. to_q, to_k, to_v, to_out.0, proj_in, ff.net.2)"
+            )
+
+
 class Policy:
     """The trainable UNet of `model` (in place: `model.unet` / `model.pipe.unet` is the policy)
     and a way to call the reference."""

@@ -359,8 +359,18 @@ def require_path(path: str | Path, what: str) -> Path:
     return path
 
 
+# What a hub model id looks like ("name" or "org/name"); anything else is a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
 def require_model(source: str, what: str = "base model") -> None:
-    """A model in a toy run folder must exist (one line naming its command); other local
-    paths and hub names are checked by the loader."""
-    if made_by(source) or Path(source).exists():
-        require_path(source, what)
+    """A local diffusers pipeline must exist and hold a model_index.json (one line naming the
+    command that makes it, for a toy run folder); a hub id is checked by the loader."""
+    path = Path(source).expanduser()
+    if not (path.exists() or made_by(source) or not _HUB_ID.match(source)):
+        return
+    require_path(path, what)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ConfigError(
+            f"{what} {source} is not a diffusers pipeline folder (no model_index.json)"
+        )

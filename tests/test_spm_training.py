@@ -21,7 +21,13 @@ from preference_model.losses import pairwise_accuracy, preference_loss
 from preference_model.noisy import NoisyImageMaker
 from spo.cli import main
 from spo.config import SPMTrainConfig, load_config
-from spo.data import BadImageCounter, PairDataset, check_pair_table, load_pair_table
+from spo.data import (
+    BadImageCounter,
+    PairDataset,
+    check_pair_table,
+    load_pair_table,
+    share_lower_bound,
+)
 from spo.errors import ConfigError
 from spo.models import DiffusionModel
 
@@ -121,11 +127,39 @@ def test_undecodable_images_are_skipped_and_counted(mini_world):
     assert batch.bad == 2 and batch.indices.tolist() == [0, 2]
     assert batch.pixels.shape == (2, 2, 3, 32, 32)
 
-    counter = BadImageCounter(max_share=0.1, source="pairs", min_seen=20)
-    counter.update(10, 1)  # 10% of 10 pairs: not judged yet
-    counter.update(10, 1)  # 10% of 20: at the limit, fine
-    with pytest.raises(ConfigError, match="4 of 30 pairs have an undecodable image"):
-        counter.update(10, 2)
+    counter = BadImageCounter(max_share=0.1, source="pairs", total=1000)
+    counter.update(10, 1)  # 10% of 10 pairs: could well be a lucky draw
+    counter.update(90, 9)  # 10% of 100: at the limit, fine
+    with pytest.raises(ConfigError, match="50 of 200 pairs have an undecodable image"):
+        counter.update(100, 40)  # 25% of 200: the share is surely above 10%
+    small = BadImageCounter(max_share=0.1, source="pairs", total=50)
+    with pytest.raises(ConfigError, match="6 of 40 pairs"):
+        small.update(40, 6)  # 6 bad pairs are more than 10% of all 50, whatever the rest
+    assert share_lower_bound(6, 40) < 0.1  # (the confidence rule alone would wait)
+
+
+def test_the_probe_samples_the_whole_table_and_judges_it_as_a_whole():
+    """20 corrupt pairs, all among the first 100 of 3000 (0.7%, under the 1% allowed), pass;
+    reading the first 100 alone would have refused them. A table of broken images fails."""
+    import datasets
+
+    good = _png()
+    rows = [b"corrupt"] * 20 + [good] * 2980
+    table = datasets.Dataset.from_dict({"jpg_0": rows, "jpg_1": [good] * 3000})
+    BadImageCounter(0.01, "pairs").probe(table)
+    broken = datasets.Dataset.from_dict({"jpg_0": [b"x"] * 3000, "jpg_1": [good] * 3000})
+    with pytest.raises(ConfigError, match="200 of 200 pairs sampled have an undecodable"):
+        BadImageCounter(0.01, "pairs").probe(broken)
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------ recipe

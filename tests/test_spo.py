@@ -199,4 +199,4 @@ def test_bad_input_fails_with_one_line(mini_world, tiny_spm, tmp_path, capsys):
     assert "was trained on a sdxl model" in one_error_line(capsys)
 
     assert main(_args(mini_world, mini_world / "base_model", tmp_path / "d")) == 2
-    assert "is not a step-aware preference model checkpoint" in one_error_line(capsys)
+    assert "is not a step-aware judge checkpoint" in one_error_line(capsys)

@@ -26,6 +26,7 @@ import torch
 
 import preference_model
 from preference_model import LatentJudge
+from preference_model.errors import check_judge_folder
 from spo.architectures import SETTINGS, build_pipeline, build_spm
 from spo.commands.train_dpo import dpo_inputs, dpo_objective
 from spo.config import BenchmarkConfig, DPOTrainConfig, PolicyConfig, SamplerConfig, SpeedConfig
@@ -33,7 +34,13 @@ from spo.losses import spo_loss
 from spo.models import DTYPES, DiffusionModel
 from spo.policy import Policy
 from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
-from spo.runs import atomic_write_bytes, prepare_run_dir
+from spo.runs import (
+    atomic_write_bytes,
+    check_writable,
+    prepare_run_dir,
+    require_model,
+    require_path,
+)
 
 DPO = DPOTrainConfig(beta=5000.0)
 RELEASED = SpeedConfig(share_start=False, fast_decode=False, compile_vae=False)
@@ -122,6 +129,11 @@ def _peak_tflops(cfg: BenchmarkConfig, device: torch.device) -> float | None:
 
 def run(cfg: BenchmarkConfig) -> int:
     """`spo benchmark`: measure, write benchmark.json and benchmark.md, print the table."""
+    if cfg.pipeline is not None:
+        require_model(cfg.pipeline, "pipeline")
+    if cfg.spm is not None:
+        check_judge_folder(require_path(cfg.spm, "SPM"))
+    check_writable(cfg.out)
     run_dir = prepare_run_dir(cfg.out, cfg)
     result = run_benchmark(cfg)
     table = markdown(result)

@@ -23,10 +23,17 @@ from spo.config import CompareConfig, ModelSpec
 from spo.data import load_prompts
 from spo.errors import ConfigError
 from spo.evaluation.report import write_report
-from spo.evaluation.scorers import build_scorer
+from spo.evaluation.scorers import build_scorer, check_scorer
 from spo.evaluation.stats import format_ci, mean_ci, win_rate_ci
 from spo.models import DTYPES, DiffusionModel
-from spo.runs import atomic_write_bytes, made_by, prepare_run_dir
+from spo.runs import (
+    RunLock,
+    atomic_write_bytes,
+    check_writable,
+    made_by,
+    prepare_run_dir,
+    require_model,
+)
 
 _UNET_KEYS = ("in_channels", "out_channels", "sample_size", "cross_attention_dim")
 
@@ -34,6 +41,19 @@ _UNET_KEYS = ("in_channels", "out_channels", "sample_size", "cross_attention_dim
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     """The seed of image j of prompt i: the same for every compared model."""
     return seed * 1_000_003 + prompt_index * 1000 + image_index
+
+
+def check_models(cfg: CompareConfig) -> None:
+    """The cheap checks of every compared model, before any is loaded: its pipeline folder,
+    LoRA and UNet exist."""
+    for spec in cfg.models:
+        require_model(spec.pipeline, f"model '{spec.name}' pipeline")
+        if spec.lora is not None and not Path(spec.lora).exists():
+            path = Path(spec.lora)
+            raise ConfigError(f"model '{spec.name}': LoRA not found: {path}" + _hint(path))
+        if spec.unet is not None and not (Path(spec.unet) / "config.json").is_file():
+            path = Path(spec.unet)
+            raise ConfigError(f"model '{spec.name}': no UNet folder at {path}" + _hint(path))
 
 
 def load_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> DiffusionModel:
@@ -266,9 +286,25 @@ def run_compare(cfg: CompareConfig) -> dict:
     """Check everything, generate what is missing, score, and write the report."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = load_prompt_set(cfg)
+    for spec in cfg.scorers:
+        check_scorer(spec, prompts.texts)
+    check_models(cfg)
+    check_writable(cfg.out)
     scorers = {spec: build_scorer(spec, device=device) for spec in cfg.scorers}
     for spec in cfg.models:  # every model must load (and its LoRA / UNet fit) before generating
         load_model(spec, DTYPES[cfg.dtype], "cpu")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    lock = RunLock(cfg.out)
+    lock.acquire()
+    try:
+        return _compare(cfg, prompts, scorers, device)
+    finally:
+        lock.release()
+
+
+def _compare(cfg: CompareConfig, prompts: Prompts, scorers: dict, device: str) -> dict:
+    """Generate what is missing, score, write the results and the report (the run folder
+    locked)."""
     run = prepare_run_dir(cfg.out, cfg)
     generate_all(cfg, prompts, device)
     scores = score_all(cfg, prompts, scorers)

@@ -21,7 +21,7 @@ from spo.commands import compare, toy_world, train_dpo, train_preference_model, 
 from spo.config import DemoConfig, command_config
 from spo.errors import INPUT_ERRORS, ConfigError, TrainingError
 from spo.evaluation.stats import format_ci
-from spo.runs import atomic_write_bytes
+from spo.runs import atomic_write_bytes, check_writable
 
 STAGES = ("world", "spm", "dpo", "spo", "compare")
 MARKER = ".demo_stage.json"
@@ -138,6 +138,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if not CONFIGS.is_dir():
         raise ConfigError(f"the toy configs are missing: {CONFIGS} (run from a source checkout)")
     root = Path(cfg.out)
+    check_writable(root)
     root.mkdir(parents=True, exist_ok=True)
     done: dict[str, str] = {}  # stage -> marker id of the current, finished stage
     report: dict = {"stages": {}}

@@ -27,10 +27,10 @@ from spo.data import (
     to_pixels,
 )
 from spo.errors import ConfigError
-from spo.evaluation.scorers import build_scorer, prefer_by_scorer
+from spo.evaluation.scorers import build_scorer, check_scorer, prefer_by_scorer
 from spo.losses import DPOOutput, dpo_loss, sft_loss
 from spo.models import DiffusionModel, TextConditioning
-from spo.policy import Policy, register_lora_checkpoint_hooks
+from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.runs import made_by, require_model
 from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, micro_batch_rows, seeded_generator
@@ -255,6 +255,9 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     require_model(cfg.base_model)
     table, labels, n_rows = load_dpo_pairs(cfg)
     BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train).probe(table)
+    if cfg.relabel_with != "none":
+        check_scorer(cfg.relabel_with)
+    check_lora_targets(cfg.base_model, cfg.policy)
     loop = TrainLoop.for_diffusion(cfg, kind=KIND, name="dpo")
     if cfg.relabel_with == "none":
         _usable_rows(cfg, labels)
@@ -286,7 +289,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
             optimizer=cfg.optimizer,
             lr=lr,
         )
-        bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train)
+        bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train, n_rows)
         cache = _latent_cache(cfg, model, dataset, loop.main)  # its time counts as training time
         bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
         if loop.main:

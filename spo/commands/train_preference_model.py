@@ -26,6 +26,7 @@ from preference_model import (
     preference_loss,
     toy_spm,
 )
+from preference_model.errors import check_safetensors
 from spo.commands import report
 from spo.config import SPMTrainConfig
 from spo.data import (
@@ -43,6 +44,20 @@ from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, micro_batch_rows, seeded_generator
 
 KIND = "spm_training"
+
+
+def check_backbone(cfg: SPMTrainConfig) -> None:
+    """The backbone's local files exist (and a safetensors file is whole), before any model is
+    built; hub names and architecture names are checked by their loaders."""
+    b = cfg.backbone
+    files = [b.model] if b.model.endswith(".json") else []
+    if b.pretrained and Path(b.pretrained).suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        files.append(b.pretrained)
+    for name in files:
+        if not Path(name).is_file():
+            raise ConfigError(f"SPM backbone file not found: {name}")
+        if name.endswith(".safetensors"):
+            check_safetensors(Path(name))
 
 
 def build_spm(cfg: SPMTrainConfig) -> StepAwarePreferenceModel:
@@ -212,11 +227,13 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     """Run the recipe; returns the final evaluation written to OUT/eval.json."""
     # Everything that can fail cheaply fails here, before the run folder or any compute.
     require_model(cfg.base_model)
+    if cfg.judge == "pixel":
+        check_backbone(cfg)
     train = load_split(cfg.pairs.train, cfg.pairs.train_split, cfg.pairs.max_train_pairs)
     val = load_split(
         cfg.pairs.validation, cfg.pairs.validation_split, cfg.pairs.max_validation_pairs
     )
-    bad = BadImageCounter(cfg.pairs.max_bad_image_share, train.source)
+    bad = BadImageCounter(cfg.pairs.max_bad_image_share, train.source, len(train.table))
     bad.probe(train.table)
     BadImageCounter(cfg.pairs.max_bad_image_share, val.source).probe(val.table)
     loop = TrainLoop(

@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import preference_model
+from preference_model.errors import check_judge_folder
 from preference_model.latent import CONFIG_NAME as LATENT_CONFIG
 from preference_model.model import CONFIG_NAME as SPM_CONFIG
 from spo.commands import report
@@ -26,7 +27,7 @@ from spo.data import load_prompts
 from spo.errors import ConfigError
 from spo.losses import spo_loss
 from spo.models import DTYPES, DiffusionModel
-from spo.policy import Policy, register_lora_checkpoint_hooks
+from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
 from spo.runs import made_by, require_model, require_path
 from spo.training.loop import TrainLoop, seeded_generator
@@ -86,6 +87,8 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     require_model(cfg.base_model)
     require_path(cfg.spm, "SPM")
     check_judge_kind(cfg)
+    check_judge_folder(cfg.spm)
+    check_lora_targets(cfg.base_model, cfg.policy)
     prompts = load_prompts(
         cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)
     )[: cfg.max_prompts]

@@ -27,6 +27,7 @@ from spo.config.schemas import (
     SPOTrainConfig,
     ToyWorldConfig,
     ValidationImagesConfig,
+    require_finite,
 )
 
 __all__ = [
@@ -56,5 +57,6 @@ def command_config(
     """The validated config of `command` (`spo <command> --config PATH --out OUT overrides`):
     what the CLI and the demo's stages run with. Raises a one-line ConfigError."""
     cfg = load_config(COMMAND_CONFIGS[command], path, overrides, out)
+    require_finite(cfg)
     cfg.validate()
     return cfg

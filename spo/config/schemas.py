@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from spo.errors import ConfigError
@@ -17,6 +17,19 @@ from spo.errors import ConfigError
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"invalid value {value!r} for config key '{key}': {rule}")
+
+
+def require_finite(cfg: Any, prefix: str = "") -> None:
+    """No config number may be nan or inf (nan passes every `x > 0` check, and inf turns a
+    budget or a clip off): one line naming the first such key."""
+    for f in fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if is_dataclass(v):
+                require_finite(v, f"{key}.")
+            elif isinstance(v, float):
+                _require(math.isfinite(v), key, v, "must be a finite number")
 
 
 @dataclass
@@ -166,6 +179,10 @@ def _validate_loop(cfg: Any) -> None:
         "must be > 0",
     )
     cfg.optim.validate()
+    minutes = getattr(cfg, "max_minutes", None)
+    _require(minutes is None or minutes > 0, "max_minutes", minutes, "must be > 0 or null")
+    if hasattr(cfg, "validation_images"):
+        cfg.validation_images.validate()
 
 
 @dataclass
@@ -306,6 +323,14 @@ class ValidationImagesConfig:
     # Score the validation images and log the mean as val/<scorer> with the elapsed time
     # (e.g. "oracle" in the toy world: reward against compute). None: images only.
     scorer: str | None = None
+
+    def validate(self) -> None:
+        for key in ("images_per_prompt", "num_inference_steps"):
+            value = getattr(self, key)
+            _require(value > 0, f"validation_images.{key}", value, "must be > 0")
+        _require(self.every >= 0, "validation_images.every", self.every, "must be >= 0")
+        scale = self.guidance_scale
+        _require(scale >= 0, "validation_images.guidance_scale", scale, "must be >= 0")
 
 
 @dataclass
@@ -517,6 +542,8 @@ class SPOTrainConfig:
         _require(clip is None or 0 < clip < 1, "ratio_clip", clip, "must be in (0, 1) or null")
         for key in ("sample_batch_size", "max_epochs"):
             _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        n = self.max_prompts
+        _require(n is None or n > 0, "max_prompts", n, "must be > 0 or null (all)")
 
 
 @dataclass
@@ -567,6 +594,8 @@ class CompareConfig:
             )
         for key in ("images_per_prompt", "num_inference_steps", "batch_size", "bootstrap"):
             _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        n = self.max_prompts
+        _require(n is None or n > 0, "max_prompts", n, "must be > 0 or null (all)")
         _require(bool(self.scorers), "scorers", self.scorers, "needs at least one scorer")
         _require(
             self.dtype in ("float32", "float16", "bfloat16"),

@@ -39,7 +39,9 @@ def folder_bytes(path: Path) -> int:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+    if n >= 1e6:
+        return f"{n / 1e6:,.0f} MB"
+    return f"{n / 1e3:,.0f} kB" if n >= 1e3 else f"{n:.0f} bytes"
 
 
 class Checkpointer:

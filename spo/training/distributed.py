@@ -9,6 +9,7 @@ goes through these helpers first; with one process they cost nothing.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -53,6 +54,22 @@ def on_main(accelerator, work: Callable[[], T]) -> T | None:
     if message is not None:
         raise (TrainingError if kind == "TrainingError" else ConfigError)(message)
     return result
+
+
+def die_with_launcher() -> None:
+    """A worker started by torchrun / accelerate launch ends when its launcher dies, even by
+    SIGKILL (Linux: PR_SET_PDEATHSIG), instead of living on as an orphan that writes into the
+    run folder. A launcher already gone by now ends the worker at once."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != launcher or launcher == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_world(accelerator) -> None:

@@ -41,7 +41,7 @@ from spo.config.schemas import OptimConfig
 from spo.errors import ConfigError, TrainingError
 from spo.runs import RunDir, RunLock, atomic_dir, check_writable, clean_leftovers, prepare_run_dir
 from spo.training.checkpoints import Checkpointer
-from spo.training.distributed import check_world, on_main, ranks_where
+from spo.training.distributed import check_world, die_with_launcher, on_main, ranks_where
 from spo.training.validation import Validator
 
 
@@ -223,6 +223,7 @@ class TrainLoop:
         """The accelerator, then the run folder: refused in one line (on every rank) when
         the launcher and accelerate disagree about the world or another run holds the folder;
         else locked for this run, cleared of what killed runs left, and its config written."""
+        die_with_launcher()
         self.accelerator = accelerator = make_accelerator(self.cfg)
         check_world(accelerator)
 

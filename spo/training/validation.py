@@ -13,7 +13,7 @@ import torch
 
 from spo.config.schemas import ValidationImagesConfig
 from spo.data import load_prompts
-from spo.evaluation.scorers import build_scorer
+from spo.evaluation.scorers import build_scorer, check_scorer
 from spo.runs import made_by
 
 
@@ -30,6 +30,8 @@ class Validator:
         self.v = v
         self.texts = [p for p in prompts for _ in range(v.images_per_prompt)]
         self.seeds = [v.seed + i for i in range(len(self.texts))]
+        if v.scorer and self.texts:
+            check_scorer(v.scorer, self.texts)
         self.scorer = None
         self.seconds = 0.0  # time spent validating: not charged to the training budget
 

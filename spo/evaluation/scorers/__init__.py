@@ -11,10 +11,11 @@ A local weights path that does not exist is a one-line ConfigError before anythi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from preference_model.errors import check_judge_folder
 from spo.errors import ConfigError
 from spo.evaluation.scorers.aesthetic import aesthetic_scorer
 from spo.evaluation.scorers.base import Scorer
@@ -28,7 +29,7 @@ from spo.evaluation.scorers.clip import (
 from spo.evaluation.scorers.imagereward import imagereward_scorer
 from spo.evaluation.scorers.oracle import OracleScorer
 
-__all__ = ["SCORERS", "Scorer", "build_scorer", "prefer_by_scorer"]
+__all__ = ["SCORERS", "Scorer", "build_scorer", "check_scorer", "prefer_by_scorer"]
 
 NO_ARGUMENT = ("oracle", "toy_pickscore")
 
@@ -45,13 +46,33 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
 }
 
 
-def build_scorer(spec: str, device: str = "cpu") -> Scorer:
-    """A scorer from `name` or `name:argument` (e.g. `spm:runs/toy/spm/final`)."""
+def check_scorer(spec: str, prompts: Sequence[str] = ()) -> None:
+    """The cheap checks of a scorer spec, before any model is built: a known name with its
+    argument, an SPM folder that is whole, and for the oracle, `prompts` it can score (toy-world
+    prompts only)."""
     name, _, arg = spec.partition(":")
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
     if name not in NO_ARGUMENT and not arg:
         raise ConfigError(f"scorer {name!r} needs a model: {name}:<path or hub name>")
+    if name == "spm":
+        from spo.runs import require_path
+
+        check_judge_folder(require_path(arg, "SPM"))
+    if name == "oracle":
+        from spo.toy.render import Prompt
+
+        for text in prompts:
+            try:
+                Prompt.parse(text)
+            except ValueError as e:
+                raise ConfigError(f"the oracle scorer scores toy-world prompts only: {e}") from e
+
+
+def build_scorer(spec: str, device: str = "cpu") -> Scorer:
+    """A scorer from `name` or `name:argument` (e.g. `spm:runs/toy/spm/final`)."""
+    check_scorer(spec)
+    name, _, arg = spec.partition(":")
     return SCORERS[name](arg, device)
 
 

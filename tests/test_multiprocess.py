@@ -1,0 +1,191 @@
+"""Two real CPU processes (`torchrun --nproc_per_node 2`, accelerate on CPU): every trainer
+runs, checkpoints, is killed and resumes to the weights of the uninterrupted run; the same
+command twice gives the same weights; a non-finite loss on one rank stops both; a launch whose
+processes each think they are alone is refused; two runs cannot share a run folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import judge_training_args, one_error_line, spo_args
+from safetensors.torch import load_file
+
+from spo.cli import main
+from spo.runs import RunLock
+
+ROOT = Path(__file__).parents[1]
+FAULTS = Path(__file__).parent / "faults"
+TIMEOUT = 240  # a hang fails the test instead of the suite
+
+
+def torchrun(args: list[str], *, fault: str | None = None, cpu: bool = True):
+    """`torchrun --nproc_per_node 2 -m spo.cli ARGS`; returns the finished process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("SPO_FAULT", None)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    if fault:
+        env["SPO_FAULT"] = fault
+        env["PYTHONPATH"] = f"{FAULTS}{os.pathsep}{ROOT}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--standalone", "-m", "spo.cli", *args]
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # on a hang, the workers go with the launcher
+    )
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(folder / "final" / name)
+
+
+def assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def dpo_args(world: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train-dpo",
+        "--config",
+        str(ROOT / "configs/toy/dpo.yaml"),
+        "--out",
+        str(out),
+        f"base_model={world / 'base_model'}",
+        f"pairs.train={world / 'pairs/train.parquet'}",
+        "batch_size=2",
+        "max_steps=4",
+        "checkpoint_every=2",
+        "validation_images.prompts=[]",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def four_prompts(mini_world) -> Path:
+    path = mini_world / "four_prompts.txt"
+    shapes = ("a red circle", "a blue cross", "a green square", "a yellow star")
+    path.write_text("".join(f"{s} on a white background\n" for s in shapes))
+    return path
+
+
+@pytest.fixture(scope="module")
+def judge(mini_world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("judge")
+    assert main(judge_training_args(mini_world, out, "max_steps=2")) == 0
+    return out / "final"
+
+
+def _cases(world: Path, judge: Path, prompts: Path):
+    """(args builder, weights file) per trainer; each run has a checkpoint before its end."""
+    return {
+        "dpo": (lambda out: dpo_args(world, out), "pytorch_lora_weights.safetensors"),
+        # 15 validation pairs: the two processes' shards differ in size
+        "spm": (
+            lambda out: judge_training_args(world, out, "pairs.max_validation_pairs=15"),
+            "model.safetensors",
+        ),
+        "spo": (
+            lambda out: spo_args(
+                world,
+                judge,
+                out,
+                f"prompts={prompts}",
+                "checkpoint_every=1",
+                "batch_size=1",
+                "gradient_accumulation_steps=2",
+            ),
+            "pytorch_lora_weights.safetensors",
+        ),
+    }
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "spm", "spo"])
+def test_two_processes_repeat_and_resume_to_the_same_weights(
+    trainer, mini_world, judge, four_prompts, tmp_path
+):
+    args, name = _cases(mini_world, judge, four_prompts)[trainer]
+    straight = torchrun(args(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    again = torchrun(args(tmp_path / "b"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_equal(weights(tmp_path / "a", name), weights(tmp_path / "b", name))
+
+    killed = torchrun(args(tmp_path / "k"), fault="kill_after_checkpoint")
+    assert killed.returncode != 0
+    assert not (tmp_path / "k/final" / name).exists()
+    assert (tmp_path / "k/checkpoints/latest").is_file()
+    resumed = torchrun(args(tmp_path / "k"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert_equal(weights(tmp_path / "a", name), weights(tmp_path / "k", name))
+
+
+def test_a_non_finite_loss_on_one_rank_stops_both(mini_world, tmp_path):
+    out = tmp_path / "nan"
+    run = torchrun(dpo_args(mini_world, out, "max_steps=6"), fault="nan_on_rank_1")
+    assert run.returncode != 0  # and no hang: both ranks left the collective
+    errors = [line for line in run.stderr.splitlines() if line.startswith("spo: error:")]
+    # one line per rank that got to print it before torchrun stopped the other
+    assert 1 <= len(errors) <= 2, run.stderr[-2000:]
+    assert all("non-finite DPO loss at step 2 on rank 1" in e for e in errors)
+    assert all("last good checkpoint is" in e and "(step 2)" in e for e in errors)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-2"]
+    assert not (out / "final/pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_world_of_lonely_rank_zeros_is_refused(mini_world, tmp_path):
+    """Without ACCELERATE_USE_CPU on a CPU host, each process believes it is rank 0 of 1: both
+    refuse in one line before anything is created."""
+    run = torchrun(dpo_args(mini_world, tmp_path / "x"), cpu=False)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("spo: error:")]
+    assert len(errors) == 2 and "each sees a world of 1" in errors[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(mini_world, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = RunLock(out)
+    holder.acquire()
+    try:
+        assert main(dpo_args(mini_world, out)) == 2
+        assert "is in use by another run (pid" in one_error_line(capsys)
+        assert not (out / "config.yaml").exists()
+    finally:
+        holder.release()
+    # workers of a killed launcher that still hold the folder
+    code = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+        "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)"
+    )
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", code, str(out / RunLock.RANKS)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert orphan.stdout.readline().strip() == "held"
+        assert main(dpo_args(mini_world, out)) == 2
+        line = one_error_line(capsys)
+        assert f"still written by pid {orphan.pid} of an earlier run" in line
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert main(dpo_args(mini_world, out, "max_steps=1")) == 0  # the kernel dropped its lock
