@@ -2,7 +2,8 @@
 
 For each trainer (SPM, DPO, SPO) on a small toy world: an uninterrupted reference run, then
 `--kills` runs each SIGKILLed (the whole process group) at a random moment and resumed to the
-end with the same command; every one must end bitwise equal to the reference (the tensors of
+end with the same command (the moment drawn uniformly between the reference run opening its run
+folder and its end); every one must end bitwise equal to the reference (the tensors of
 `final/`), with no half-written file left. Then: two runs started together on one run folder,
 a disk too small for the checkpoints (a tmpfs, where the machine lets us mount one), a
 truncated file in the newest checkpoint, and a diverging run (an absurd learning rate). Prints
@@ -182,22 +183,29 @@ class Matrix:
 
     # ------------------------------------------------------------------------ cases
 
-    def reference(self, trainer: str) -> tuple[str, float]:
+    def reference(self, trainer: str) -> tuple[str, tuple[float, float]]:
+        """The uninterrupted run: its weights' digest and (seconds until its run folder was
+        opened, seconds until it ended), the window the kills are drawn from."""
         out = self.root / f"ref-{trainer}"
         shutil.rmtree(out, ignore_errors=True)
-        code, _, err, seconds = self.launcher.run(self.args(trainer, out))
-        if code != 0:
+        start = time.time()
+        proc = self.launcher.start(self.args(trainer, out))
+        while proc.poll() is None and not (out / "config.yaml").is_file():
+            time.sleep(0.05)
+        opened = time.time() - start
+        _, err = proc.communicate()
+        if proc.returncode != 0:
             raise SystemExit(f"reference {trainer} run failed: {err[-800:]}")
-        return final_digest(out, trainer), seconds
+        return final_digest(out, trainer), (opened, time.time() - start)
 
-    def kills(self, trainer: str, n: int, ref: str, seconds: float) -> None:
+    def kills(self, trainer: str, n: int, ref: str, window: tuple[float, float]) -> None:
         phases: dict[str, int] = {}
         equal = clean = 0
         for i in range(n):
             out = self.root / f"kill-{trainer}-{i}"
             shutil.rmtree(out, ignore_errors=True)
             proc = self.launcher.start(self.args(trainer, out))
-            time.sleep(self.rng.uniform(0.5, seconds))
+            time.sleep(self.rng.uniform(*window))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
@@ -216,13 +224,13 @@ class Matrix:
             equal == n and clean == n,
         )
 
-    def launcher_killed(self, ref: str, seconds: float) -> None:
+    def launcher_killed(self, ref: str, window: tuple[float, float]) -> None:
         """SIGKILL the launcher alone (2 processes): its workers must end with it, not write on
         as orphans; the next run on the folder is not refused and resumes to the reference."""
         out = self.root / "orphans"
         shutil.rmtree(out, ignore_errors=True)
         proc = self.launcher.start(self.args("dpo", out))
-        time.sleep(seconds * 0.6)
+        time.sleep(sum(window) / 2)
         os.kill(proc.pid, signal.SIGKILL)  # the launcher only, not its process group
         proc.communicate()
         time.sleep(3)

@@ -218,3 +218,13 @@ def test_an_all_undecodable_judge_micro_batch_is_stepped_over(
     assert main(judge_training_args(mini_world, out, *extra)) == 0
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("bad_pairs", 0) for r in logged) > 0
+
+
+def test_a_run_that_made_no_step_writes_no_result(mini_world, tmp_path, capsys):
+    out = tmp_path / "dpo"
+    assert main(dpo_args(mini_world, out, "max_minutes=0.00001")) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the progress bars, then the error
+    line = err[-1]
+    assert [x for x in err if "error" in x] == [line]
+    assert "DPO made no optimiser step (the time budget max_minutes=1e-05 ran out first)" in line
+    assert not any((out / "final").iterdir())

@@ -200,3 +200,16 @@ def test_bad_input_fails_with_one_line(mini_world, tiny_spm, tmp_path, capsys):
 
     assert main(_args(mini_world, mini_world / "base_model", tmp_path / "d")) == 2
     assert "is not a step-aware judge checkpoint" in one_error_line(capsys)
+
+
+def test_a_run_that_kept_no_pair_writes_no_result(mini_world, tiny_spm, tmp_path, capsys):
+    """No pair passes the threshold: no optimiser step, so no `final/` and one line saying why
+    (it used to report a result: the untouched base model)."""
+    out = tmp_path / "none"
+    assert main(_args(mini_world, tiny_spm, out, "sampler.threshold=0.999")) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the progress bars, then the error
+    line = err[-1]
+    assert [x for x in err if "error" in x] == [line]
+    assert "SPO made no optimiser step (0 pairs kept in 2 epochs" in line
+    assert "lower sampler.threshold" in line
+    assert not any((out / "final").iterdir())

@@ -112,11 +112,12 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             return spm.score(inputs, texts, t, value_range="-1-1")  # decoded x0_hat
 
         sampler = PoolSampler(model, judge, cfg.sampler, latent=cfg.judge == "latent")
-        epoch = resumed.get("epoch", 0)
+        epoch, kept_total = resumed.get("epoch", 0), 0
         loop.baseline_images(model)
         while loop.running() and epoch < cfg.max_epochs:
             pairs, stats = _sampling_epoch(cfg, accelerator, sampler, policy, prompts, epoch)
             pairs = _gather(accelerator, pairs)
+            kept_total += len(pairs)
             loop.logger.log(loop.step, {"epoch": epoch, "kept_pairs": len(pairs), **stats})
             _training_epoch(cfg, loop, model, sampler, policy, pairs, epoch)
             epoch += 1
@@ -129,7 +130,13 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             "mode": cfg.policy.mode,
             "family": model.family,
         }
-        loop.finish(policy.save, summary, images_of=model)
+        needed = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+        idle = (
+            f"{kept_total} pairs kept in {epoch} epochs, each epoch needs {needed} for one step "
+            "(batch_size x processes x gradient_accumulation_steps); lower sampler.threshold "
+            "or give more prompts"
+        )
+        loop.finish(policy.save, summary, images_of=model, idle_reason=idle)
     return summary
 
 

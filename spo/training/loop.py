@@ -364,11 +364,23 @@ class TrainLoop:
         *,
         images_of=None,
         after: Callable[[], None] | None = None,
+        idle_reason: str | None = None,
     ) -> None:
         """Write `final/` atomically on the main process (`save(folder)`, plus
         train_summary.json with a `summary`), then the last validation images of `images_of`
-        (a DiffusionModel) and `after()` there, and close the tracker."""
+        (a DiffusionModel) and `after()` there, and close the tracker. A run that made no
+        optimiser step at all writes nothing and stops with one line (`idle_reason`, or the
+        time budget) rather than hand over its untrained model as a result."""
         accelerator = self.accelerator
+        if self.step == 0:
+            reason = idle_reason or (
+                f"the time budget max_minutes={self.max_minutes:g} ran out first"
+                if self.max_minutes is not None
+                else "no data"
+            )
+            raise TrainingError(
+                f"{self.name.upper()} made no optimiser step ({reason}); no result written"
+            )
         accelerator.wait_for_everyone()
         if self.main:
             with atomic_dir(self.run.final) as tmp:
