@@ -274,8 +274,8 @@ class Matrix:
     def full_disk(self, ref_dpo: str, room_in_checkpoints: float, limit: int) -> None:
         """DPO on a tmpfs with room for `room_in_checkpoints` checkpoints. Less than 2 with a
         limit of 1: one line 'disk full', the last checkpoint intact, leftovers none, and the
-        folder, copied to a larger disk, resumes to the reference weights. Room for 2 with a
-        limit of 2: the run completes (old checkpoints go early)."""
+        folder, copied to a larger disk, resumes to the reference weights. Room for 2 and
+        final/ with a limit of 2: the run completes (old checkpoints go early)."""
         ckpt = self.root / "ref-dpo/checkpoints"
         size = max(
             sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in ckpt.glob("step-*")
@@ -353,7 +353,8 @@ class Matrix:
             all(torch.isfinite(t).all() for t in load_file(f).values())
             for f in (out / "checkpoints").rglob("*.safetensors")
         )
-        ok = code == 2 and bool(lines) and "non-finite" in lines[0] and finite
+        said = lines[0] if lines else ""
+        ok = code == 2 and ("non-finite" in said or "not finite" in said) and finite
         self.row(
             "DPO with optim.lr=1e6 (diverges)",
             f"exit {code}: `{lines[0] if lines else '?'}`; every kept checkpoint finite: {finite}",
@@ -389,7 +390,7 @@ def main() -> None:
             m.launcher_killed(*refs["dpo"])
         m.concurrent()
         m.full_disk(refs["dpo"][0], 1.5, limit=1)
-        m.full_disk(refs["dpo"][0], 2.3, limit=2)
+        m.full_disk(refs["dpo"][0], 2.6, limit=2)  # two checkpoints and final/
         m.diverging()
     for trainer in trainers:
         m.corrupt_latest(trainer, refs[trainer][0])

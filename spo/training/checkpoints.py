@@ -40,7 +40,7 @@ def folder_bytes(path: Path) -> int:
 
 def _mb(n: float) -> str:
     if n >= 1e6:
-        return f"{n / 1e6:,.0f} MB"
+        return f"{n / 1e6:,.1f} MB"
     return f"{n / 1e3:,.0f} kB" if n >= 1e3 else f"{n:.0f} bytes"
 
 
@@ -113,7 +113,7 @@ class Checkpointer:
         done = self._complete()
         if done:
             return folder_bytes(max(done, key=_step_of))
-        return 3 * sum(p.numel() * p.element_size() for p in params) + 1_000_000
+        return 3 * sum(p.numel() * p.element_size() for p in params) + 64_000
 
     def _make_room(self, step: int, needed: int) -> None:
         """Delete old checkpoints early (never the newest) when the disk cannot hold one

@@ -26,6 +26,7 @@ budget, a checkpoint that does not load) is taken by all processes together
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import time
@@ -382,16 +383,27 @@ class TrainLoop:
                 f"{self.name.upper()} made no optimiser step ({reason}); no result written"
             )
         accelerator.wait_for_everyone()
-        if self.main:
-            with atomic_dir(self.run.final) as tmp:
-                save(tmp)
-                if summary is not None:
-                    (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+        def write_final() -> None:  # main process; an error is raised on every rank
+            try:
+                with atomic_dir(self.run.final) as tmp:
+                    save(tmp)
+                    if summary is not None:
+                        text = json.dumps(summary, indent=2) + "\n"
+                        (tmp / "train_summary.json").write_text(text)
+            except OSError as e:
+                full = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
+                raise TrainingError(
+                    f"{full}: final/ of {self.run.root} was not written ({e.strerror or e}). "
+                    f"{self.checkpoints.last_good()}"
+                ) from e
             v = self.validator
             if images_of is not None and v is not None and v.enabled:
                 v.run(images_of, self._image_folder, self.step, self.logger, self.train_seconds())
             if after is not None:
                 after()
+
+        on_main(accelerator, write_final)
         if self.tracker:
             accelerator.end_training()
         accelerator.wait_for_everyone()
