@@ -174,7 +174,7 @@ def run_facts(folder: Path) -> dict:
     seconds = None
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        seconds = row.get("val/train_seconds", row.get("elapsed_s", seconds))
+        seconds = row.get("val/train_seconds", row.get("train/elapsed_s", seconds))
     return {"steps": summary["step"], "train_seconds": seconds}
 
 

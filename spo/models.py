@@ -171,10 +171,12 @@ class DiffusionModel:
         return cls(pipe)
 
     @classmethod
-    def for_training(cls, cfg, device: str | torch.device) -> DiffusionModel:
-        """The base pipeline of a DPO / SPO config (`base_model`, `vae`) with its frozen
-        weights in the dtype of `mixed_precision`."""
-        dtype = weight_dtype(cfg.mixed_precision)
+    def for_training(cls, cfg, accelerator) -> DiffusionModel:
+        """The base pipeline of a DPO / SPO config (`base_model`, `vae`) on the accelerator's
+        device, its frozen weights in the dtype of the run's mixed precision (the config's, or
+        the launcher's when the config leaves it unset)."""
+        dtype = weight_dtype(accelerator.mixed_precision)
+        device = accelerator.device
         return cls.from_pretrained(cfg.base_model, dtype=dtype, device=device, vae=cfg.vae)
 
     def fast_decode(self, *, compile_decoder: bool = False) -> None:

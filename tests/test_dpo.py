@@ -127,7 +127,7 @@ def test_sdxl_family_trains(mini_world, tmp_path, mode):
     summary = json.loads((out / "final/train_summary.json").read_text())
     assert summary["family"] == "sdxl" and summary["step"] == 2
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
+    assert all(math.isfinite(x["train/loss"]) for x in lines if "train/loss" in x)
 
 
 def test_killed_run_resumes_to_the_same_weights(mini_world, tmp_path):

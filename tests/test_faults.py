@@ -44,7 +44,7 @@ def dpo_args(world: Path, out: Path, *extra: str) -> list[str]:
 
 def steps_logged(out: Path) -> Counter:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return Counter(r["step"] for r in rows if "loss" in r or "train/loss" in r)
+    return Counter(r["step"] for r in rows if "train/loss" in r)
 
 
 def test_leftovers_of_killed_writes_are_removed_and_a_moved_final_restored(tmp_path):
@@ -206,7 +206,7 @@ def test_an_all_undecodable_micro_batch_keeps_the_optimiser_in_step(
     summary = json.loads((out / "final/train_summary.json").read_text())
     assert summary["step"] == 8
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1]["bad_pairs"] > 0  # the broken pairs were met and counted
+    assert logged[-1]["train/bad_pairs"] > 0  # the broken pairs were met and counted
 
 
 def test_an_all_undecodable_judge_micro_batch_is_stepped_over(
@@ -217,7 +217,7 @@ def test_an_all_undecodable_judge_micro_batch_is_stepped_over(
     extra += ["pairs.max_bad_image_share=0.5", "validation_timesteps=[0]"]
     assert main(judge_training_args(mini_world, out, *extra)) == 0
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert max(r.get("bad_pairs", 0) for r in logged) > 0
+    assert max(r.get("train/bad_pairs", 0) for r in logged) > 0
 
 
 def test_a_run_that_made_no_step_writes_no_result(mini_world, tmp_path, capsys):

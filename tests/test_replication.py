@@ -87,7 +87,7 @@ def test_summary_pools_seeds_and_pairs_with_base(replication, tmp_path):
     for i, name in enumerate(["spo-s0", "spo-s1", "dpo-s0", "dpo-s1"]):
         (out / "runs" / name / "final").mkdir(parents=True)
         (out / "runs" / name / "final/train_summary.json").write_text(json.dumps({"step": 10 + i}))
-        rows = [{"step": 5, "elapsed_s": 50.0}]
+        rows = [{"step": 5, "train/elapsed_s": 50.0}]
         rows.append({"step": 10 + i, "val/train_seconds": 210.0 + i, "val/oracle": 0.7})
         (out / "runs" / name / "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows)

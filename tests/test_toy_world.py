@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from spo.cli import main
 from spo.toy.base_model import BASE_MODEL_DIR, vae_round_trip
@@ -91,6 +92,15 @@ def test_toy_world_writes_every_part(tmp_path):
     from PIL import Image
 
     assert Image.open(BytesIO(ds["train"][0]["jpg_0"])).size == (64, 64)
+    # plain diffusers, no dtype: every component in one dtype, so it samples (issue: the text
+    # encoder came in its stored fp16 beside a float32 UNet, "mat1 and mat2 ... Half and Float")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "base_model"))
+    dtypes = {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()}
+    assert dtypes == {torch.float32}
+    image = pipe("a red circle on a white background", num_inference_steps=2, output_type="np")
+    assert image.images.shape == (1, 64, 64, 3)
     summary = json.loads((out / "world.json").read_text())
     base = summary["base_model"]
     assert base["samples"] == 16 * 2

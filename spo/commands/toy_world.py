@@ -1,6 +1,6 @@
 """`spo toy-world`: write the toy world that every toy config reads.
 
-OUT/base_model/               the shipped tiny StableDiffusionPipeline (copied)
+OUT/base_model/               the shipped tiny StableDiffusionPipeline, in float32
 OUT/prompts/{train,eval}.txt  eval holds colour/shape/background combinations never in train
 OUT/pairs/{train,validation}.parquet  Pick-a-Pic schema; validation pairs use the eval prompts
 OUT/base_samples.png          a grid of base samples on eval prompts with their oracle rewards
@@ -11,7 +11,6 @@ OUT/world.json                pair statistics and the base model's report (recog
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +136,15 @@ def run(cfg: ToyWorldConfig) -> int:
     return 0
 
 
+def base_model_in_float32():
+    """The shipped base model with every component in float32: its files are stored in fp16 to
+    keep the repository small, and a plain `from_pretrained` without a dtype would load the
+    text encoder in its stored fp16 beside a float32 UNet, which fails at the first prompt."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(BASE_MODEL_DIR), torch_dtype=torch.float32)
+
+
 def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
     """Write every part of the toy world into run.root (see the module docstring)."""
     if not (BASE_MODEL_DIR / "model_index.json").exists():
@@ -145,8 +153,8 @@ def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
             "rebuild it with `python scripts/build_toy_base_model.py`"
         )
     root = run.root
-    with atomic_dir(root / "base_model") as tmp:
-        shutil.copytree(BASE_MODEL_DIR, tmp, dirs_exist_ok=True)
+    with atomic_dir(root / "base_model") as tmp:  # float32 throughout (shipped: fp16)
+        base_model_in_float32().save_pretrained(tmp)
 
     train_prompts, eval_prompts = split_prompts()
     (root / "prompts").mkdir(exist_ok=True)

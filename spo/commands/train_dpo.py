@@ -33,7 +33,7 @@ from spo.models import DiffusionModel, TextConditioning
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.runs import made_by, require_model
 from spo.training.distributed import sum_over_ranks
-from spo.training.loop import TrainLoop, micro_batch_rows, seeded_generator
+from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
 
 KIND = "dpo_training"
 
@@ -252,6 +252,7 @@ def run(cfg: DPOTrainConfig) -> int:
 def train_dpo(cfg: DPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also written to OUT/final/train_summary.json)."""
     # Cheap checks first: inputs, resume target, before any model is loaded.
+    check_precision(cfg)
     require_model(cfg.base_model)
     table, labels, n_rows = load_dpo_pairs(cfg)
     BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train).probe(table)
@@ -259,13 +260,15 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         check_scorer(cfg.relabel_with)
     check_lora_targets(cfg.base_model, cfg.policy)
     loop = TrainLoop.for_diffusion(cfg, kind=KIND, name="dpo")
+    if loop.already_finished:
+        return loop.previous_result()
     if cfg.relabel_with == "none":
         _usable_rows(cfg, labels)
 
     with loop:
         accelerator = loop.make_accelerator()
         set_seed(cfg.seed)
-        model = DiffusionModel.for_training(cfg, accelerator.device)
+        model = DiffusionModel.for_training(cfg, accelerator)
         if cfg.relabel_with != "none":
             labels = relabel(cfg, table, accelerator.device, model.resolution)
         decided = _usable_rows(cfg, labels)
@@ -292,10 +295,9 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train, n_rows)
         cache = _latent_cache(cfg, model, dataset, loop.main)  # its time counts as training time
         bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
-        if loop.main:
-            loop.run.log_metrics(
-                loop.step, pairs=n_rows, ties_dropped=int(n_rows - len(decided)), effective_lr=lr
-            )
+        ties = int(n_rows - len(decided))
+        data = {"data/pairs": n_rows, "data/ties_dropped": ties, "train/effective_lr": lr}
+        loop.logger.log(loop.step, data)
 
         def state() -> dict:
             return {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.policy.mode}
@@ -352,5 +354,5 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
 
         summary = {"step": loop.step, "pairs": n_rows, "ties_dropped": int(n_rows - len(decided))}
         summary |= {"effective_lr": lr, "mode": cfg.policy.mode, "family": model.family}
-        loop.finish(policy.save, summary, images_of=model)
+        loop.finish(policy.save, summary, images_of=model, state=state())
     return summary

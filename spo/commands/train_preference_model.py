@@ -41,7 +41,7 @@ from spo.errors import ConfigError
 from spo.models import DTYPES, DiffusionModel
 from spo.runs import atomic_write_bytes, made_by, require_model
 from spo.training.distributed import sum_over_ranks
-from spo.training.loop import TrainLoop, micro_batch_rows, seeded_generator
+from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
 
 KIND = "spm_training"
 
@@ -226,6 +226,7 @@ def run(cfg: SPMTrainConfig) -> int:
 def train_preference_model(cfg: SPMTrainConfig) -> dict:
     """Run the recipe; returns the final evaluation written to OUT/eval.json."""
     # Everything that can fail cheaply fails here, before the run folder or any compute.
+    check_precision(cfg)
     require_model(cfg.base_model)
     if cfg.judge == "pixel":
         check_backbone(cfg)
@@ -239,6 +240,8 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     loop = TrainLoop(
         cfg, kind=KIND, name="spm", mode=cfg.judge, mode_key="judge", mode_default="pixel"
     )
+    if loop.already_finished:
+        return loop.previous_result("eval.json")
     set_seed(cfg.seed)  # the time-conditioning MLP (and a random backbone) start the same
     spm = build_spm(cfg) if cfg.judge == "pixel" else None
     with loop:
@@ -348,9 +351,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
 
         def write_evaluation() -> None:
             atomic_write_bytes(loop.run.root / "eval.json", json.dumps(result, indent=2).encode())
-            loop.run.log_metrics(
-                loop.step, **{f"val/accuracy_t{t}": a for t, a in final_accuracy.items()}
-            )
+            loop.logger.log(loop.step, {f"val/accuracy_t{t}": a for t, a in final_accuracy.items()})
 
-        loop.finish(save, after=write_evaluation)
+        loop.finish(save, after=write_evaluation, state=state())
     return result

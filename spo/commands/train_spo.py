@@ -30,7 +30,7 @@ from spo.models import DTYPES, DiffusionModel
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
 from spo.runs import made_by, require_model, require_path
-from spo.training.loop import TrainLoop, seeded_generator
+from spo.training.loop import TrainLoop, check_precision, seeded_generator
 
 KIND = "spo_training"
 
@@ -84,6 +84,7 @@ def run(cfg: SPOTrainConfig) -> int:
 
 def train_spo(cfg: SPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also in OUT/final/train_summary.json)."""
+    check_precision(cfg)
     require_model(cfg.base_model)
     require_path(cfg.spm, "SPM")
     check_judge_kind(cfg)
@@ -93,11 +94,12 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)
     )[: cfg.max_prompts]
     loop = TrainLoop.for_diffusion(cfg, kind=KIND, name="spo")
-
+    if loop.already_finished:
+        return loop.previous_result()
     with loop:
         accelerator = loop.make_accelerator()
         set_seed(cfg.seed)
-        model = DiffusionModel.for_training(cfg, accelerator.device)
+        model = DiffusionModel.for_training(cfg, accelerator)
         spm = load_spm(cfg, model)
         if cfg.speed.fast_decode:
             model.fast_decode(compile_decoder=cfg.speed.compile_vae)
@@ -136,7 +138,8 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             "(batch_size x processes x gradient_accumulation_steps); lower sampler.threshold "
             "or give more prompts"
         )
-        loop.finish(policy.save, summary, images_of=model, idle_reason=idle)
+        state = {"epoch": epoch, "mode": cfg.policy.mode}
+        loop.finish(policy.save, summary, images_of=model, idle_reason=idle, state=state)
     return summary
 
 

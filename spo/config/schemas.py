@@ -159,10 +159,10 @@ def _validate_loop(cfg: Any) -> None:
         "must be >= 0 (0: none)",
     )
     _require(
-        cfg.mixed_precision in MIXED_PRECISION,
+        cfg.mixed_precision is None or cfg.mixed_precision in MIXED_PRECISION,
         "mixed_precision",
         cfg.mixed_precision,
-        "must be one of " + ", ".join(MIXED_PRECISION),
+        "must be one of " + ", ".join(MIXED_PRECISION) + " or null (the launcher's)",
     )
     _require(
         cfg.tracker in TRACKERS, "tracker", cfg.tracker, "must be one of " + ", ".join(TRACKERS)
@@ -225,7 +225,7 @@ class SPMTrainConfig:
     batch_size: int = 16  # pairs per process per micro-batch
     gradient_accumulation_steps: int = 1
     max_steps: int = 400  # optimiser steps
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str | None = None  # no | fp16 | bf16; null: what accelerate launch says
     log_every: int = 10  # optimiser steps between metrics.jsonl lines
     tracker: str = "none"  # none | tensorboard | wandb (metrics.jsonl is always written)
     validation_every: int = 0  # optimiser steps between validations (0: only at the end)
@@ -369,7 +369,7 @@ class DPOTrainConfig:
     gradient_accumulation_steps: int = 1
     max_steps: int = 2000  # optimiser steps
     max_minutes: float | None = None  # wall-clock budget of the training loop (None: no limit)
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str | None = None  # no | fp16 | bf16; null: what accelerate launch says
     log_every: int = 10
     tracker: str = "none"
     validation_images: ValidationImagesConfig = field(default_factory=ValidationImagesConfig)
@@ -522,7 +522,7 @@ class SPOTrainConfig:
     gradient_accumulation_steps: int = 1
     max_steps: int = 10_000  # optimiser steps
     max_minutes: float | None = None  # wall-clock budget, checked after every step
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # no | fp16 | bf16; null: what accelerate launch says
     log_every: int = 10
     tracker: str = "none"
     validation_images: ValidationImagesConfig = field(default_factory=ValidationImagesConfig)

@@ -107,6 +107,18 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         return final
 
+    def mark(self, accelerator, step: int, **fields: Any) -> None:
+        """Add `fields` to checkpoint step-N's trainer state (main process, atomically)."""
+        if accelerator.is_main_process:
+            path = self.root / f"step-{step}" / STATE_FILE
+            state = json.loads(path.read_text()) | fields
+            atomic_write_bytes(path, json.dumps(state, indent=2).encode())
+        accelerator.wait_for_everyone()
+
+    def newest_step(self) -> int | None:
+        done = self._complete()
+        return max(map(_step_of, done)) if done else None
+
     def _needed_bytes(self, params) -> int:
         """The room a new checkpoint needs: the newest one's size, else three times the
         trainable weights (weights and two Adam moments)."""

@@ -26,9 +26,11 @@ budget, a checkpoint that does not load) is taken by all processes together
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,9 +123,23 @@ def micro_batch_rows(
     return epoch, order[start : start + batch_size]
 
 
+def metric_name(key: str) -> str:
+    """One naming for every trainer: `train/<name>` unless the key names its group already
+    (`val/...`)."""
+    return key if "/" in key else f"train/{key}"
+
+
+def hyperparameters(cfg: Any) -> dict[str, Any]:
+    """The run's whole config as flat scalars (dotted keys; lists and None as text), which
+    trackers take as hyperparameters."""
+    flat = _flat(cfg)
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
+
+
 class MetricLogger:
     """Averages metrics over the steps between two log lines and writes them to
-    `metrics.jsonl` (main process) and to the accelerate tracker, if any."""
+    `metrics.jsonl` (main process) and to the accelerate tracker, if any, each named by
+    `metric_name`."""
 
     def __init__(self, run, accelerator, tracker: bool) -> None:
         self.run, self.accelerator, self.tracker = run, accelerator, tracker
@@ -142,9 +158,21 @@ class MetricLogger:
         metrics.update(extra)
         self.window = {}
         self.log(step, metrics)
-        return metrics
+        return {metric_name(k): v for k, v in metrics.items()}
+
+    def log_images(self, step: int, name: str, images) -> None:
+        """Images (N, 3, H, W) in [0, 1] to the tracker (TensorBoard, W&B), if any."""
+        if not self.tracker:
+            return
+        arrays = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: arrays}, step, dataformats="NHWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({name: list(arrays)}, step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        metrics = {metric_name(k): v for k, v in metrics.items()}
         if self.accelerator.is_main_process:
             self.run.log_metrics(step, **metrics)
         if self.tracker:
@@ -156,8 +184,71 @@ def out_of_time(max_minutes: float | None, seconds: float) -> bool:
     return max_minutes is not None and seconds >= 60 * max_minutes
 
 
+def launcher_precision() -> str:
+    """The mixed precision `accelerate launch` (its flag or `accelerate config`) asks for."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
+def check_precision(cfg) -> None:
+    """Before any model loads: fp16 (mixed precision, or a frozen model's dtype) needs a GPU;
+    a config that overrides the launcher's precision says so."""
+    precision = cfg.mixed_precision or launcher_precision()
+    on_gpu = torch.cuda.is_available()
+    if precision == "fp16" and not on_gpu:
+        where = "mixed_precision=fp16" if cfg.mixed_precision else "accelerate launch's fp16"
+        raise ConfigError(f"{where} needs a GPU; on a CPU use mixed_precision=bf16 or no")
+    if getattr(cfg, "base_dtype", None) == "float16" and not on_gpu:
+        raise ConfigError("base_dtype=float16 needs a GPU; on a CPU use float32 or bfloat16")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if cfg.mixed_precision and launcher and launcher.lower() != cfg.mixed_precision:
+        print(
+            f"mixed_precision={cfg.mixed_precision} from the config overrides the launcher's "
+            f"{launcher} (mixed_precision=null defers to the launcher)"
+        )
+
+
+# Keys a resumed run may change: they change how a run is watched, kept or how long it goes,
+# not what a step trains. Any other change to a run folder's recorded config is refused.
+RESUMABLE_CHANGES = (
+    "out",
+    "resume",
+    "log_every",
+    "tracker",
+    "checkpoint_every",
+    "checkpoints_total_limit",
+    "max_steps",
+    "max_minutes",
+    "max_epochs",
+    "validation_every",
+    "validation_pairs_periodic",
+    "validation_images.",
+    "push_to_hub",
+    "hub_model_id",
+)
+EXTENDING = ("max_steps", "max_minutes", "max_epochs")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out |= _flat(v, f"{prefix}{k}.")
+        return out
+    return {prefix[:-1]: value}
+
+
+def config_changes(recorded: Any, cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (recorded value, new value)} of every key that differs."""
+    old, new = _flat(recorded), _flat(cfg)
+    keys = sorted(set(old) | set(new))
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+
+
 def make_accelerator(cfg):
-    """The run's Accelerator: mixed precision, gradient accumulation, tracker, project folder."""
+    """The run's Accelerator: mixed precision (the config's, else the launcher's), gradient
+    accumulation, tracker, project folder."""
     from accelerate import Accelerator
 
     return Accelerator(
@@ -192,10 +283,6 @@ class TrainLoop:
         self.validator, self.max_minutes = validator, max_minutes
         self.tracker = cfg.tracker != "none"
         check_writable(cfg.out)
-        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError(
-                "mixed_precision=fp16 needs a GPU; on a CPU use mixed_precision=bf16 or no"
-            )
         self.checkpoints = Checkpointer(
             Path(cfg.out) / "checkpoints", kind, cfg.checkpoints_total_limit
         )
@@ -206,6 +293,43 @@ class TrainLoop:
         self.accelerator = None
         self.lock = RunLock(cfg.out)
         self.progress = None
+        self.already_finished = self._check_resumed_config()
+
+    def _check_resumed_config(self) -> bool:
+        """A resumed run must train what its folder's recorded config says: a change to any
+        key outside `RESUMABLE_CHANGES` is refused in one line. Returns whether the run is
+        already finished (its last checkpoint marked so, `final/` written, and no longer
+        budget asked for): then there is nothing to do."""
+        if not self.resume_from:
+            return False
+        from spo.config.loader import load_config
+
+        recorded_file = Path(self.cfg.out) / "config.yaml"
+        if not recorded_file.is_file():
+            return False
+        recorded = load_config(type(self.cfg), recorded_file)
+        changes = config_changes(recorded, self.cfg)
+        trained = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
+        if trained:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(trained.items())[:3])
+            more = f" (and {len(trained) - 3} more)" if len(trained) > 3 else ""
+            raise ConfigError(
+                f"{self.cfg.out} holds a run trained with another config ({shown}{more}); "
+                "resume=none starts afresh there (its checkpoints are replaced), or choose "
+                "another --out"
+            )
+        state = self.checkpoints.read_state(self.resume_from[0])
+        extended = any(k in changes for k in EXTENDING)
+        return bool(state.get("final_written")) and not extended
+
+    def previous_result(self, name: str = "final/train_summary.json") -> dict:
+        """The result a finished run wrote (`name` in its folder), said to be reused."""
+        path = Path(self.cfg.out) / name
+        print(
+            f"{self.cfg.out}: this run already finished (final/ written); nothing to do "
+            "(raise max_steps to train on, or resume=none to start afresh)"
+        )
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     @classmethod
     def for_diffusion(cls, cfg, *, kind: str, name: str) -> TrainLoop:
@@ -235,7 +359,10 @@ class TrainLoop:
             self.lock.acquire()
             for name in clean_leftovers(root):
                 print(f"run folder: removed {name} left by an interrupted run")
-            return prepare_run_dir(root, self.cfg)
+            run = prepare_run_dir(root, self.cfg)
+            if not self.resume_from:  # a new run: the metrics of an earlier one go
+                run.metrics_path.write_text("")
+            return run
 
         self.run = on_main(accelerator, open_run) or RunDir(Path(self.cfg.out))
         accelerator.wait_for_everyone()
@@ -260,11 +387,20 @@ class TrainLoop:
         state = self.checkpoints.load(accelerator, self.resume_from)
         self.step = state.get("step", 0)
         if self.tracker:
-            accelerator.init_trackers(self.name, config={"out": cfg.out, "seed": cfg.seed})
+            accelerator.init_trackers(self.name, config=hyperparameters(cfg))
         self.logger = MetricLogger(self.run, accelerator, self.tracker)
-        self.progress = tqdm(
-            total=cfg.max_steps, initial=self.step, desc=desc, disable=not self.main
-        )
+        if self.max_minutes is None:
+            self.progress = tqdm(
+                total=cfg.max_steps, initial=self.step, desc=desc, disable=not self.main
+            )
+        else:  # a time budget: the bar is the budget, the steps go in its postfix
+            self.progress = tqdm(
+                total=round(60 * self.max_minutes),
+                desc=desc,
+                unit="s",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s of budget{postfix}",
+                disable=not self.main,
+            )
         if self.main and self.validator is not None:
             self.validator.start(accelerator.device)
         self.started = time.time()
@@ -317,7 +453,11 @@ class TrainLoop:
         """One optimiser step done: the progress bar, and every `log_every` steps (and at the
         last) the averaged metrics with the lr, `extra` and the training seconds."""
         self.step += 1
-        self.progress.update(1)
+        if self.max_minutes is None:
+            self.progress.update(1)
+        else:
+            self.progress.n = min(self.progress.total, round(self.train_seconds()))
+            self.progress.set_postfix(step=self.step, refresh=True)
         if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
             metrics = self.logger.flush(
                 self.step,
@@ -325,7 +465,8 @@ class TrainLoop:
                 **extra,
                 elapsed_s=self.train_seconds(),
             )
-            self.progress.set_postfix(loss=f"{metrics.get(loss_key, math.nan):.4f}")
+            loss = metrics.get(metric_name(loss_key), math.nan)
+            self.progress.set_postfix(step=self.step, loss=f"{loss:.4f}")
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """A resumable checkpoint at this step (refused, on every rank, when the trainable
@@ -366,12 +507,16 @@ class TrainLoop:
         images_of=None,
         after: Callable[[], None] | None = None,
         idle_reason: str | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
-        """Write `final/` atomically on the main process (`save(folder)`, plus
-        train_summary.json with a `summary`), then the last validation images of `images_of`
-        (a DiffusionModel) and `after()` there, and close the tracker. A run that made no
-        optimiser step at all writes nothing and stops with one line (`idle_reason`, or the
-        time budget) rather than hand over its untrained model as a result."""
+        """The last step's checkpoint (with the trainer `state`, marked finished; unless
+        checkpoint_every is 0), then `final/` written atomically on the main process
+        (`save(folder)`, plus train_summary.json with a `summary`), the last validation images
+        of `images_of` (a DiffusionModel) and `after()` there; then the checkpoint is marked
+        `final_written`, so that the same command run again has nothing to do, and the
+        tracker is closed. A run that made no optimiser step at all writes nothing and stops
+        with one line (`idle_reason`, or the time budget) rather than hand over its untrained
+        model as a result."""
         accelerator = self.accelerator
         if self.step == 0:
             reason = idle_reason or (
@@ -382,6 +527,11 @@ class TrainLoop:
             raise TrainingError(
                 f"{self.name.upper()} made no optimiser step ({reason}); no result written"
             )
+        checkpointed = bool(self.cfg.checkpoint_every) and state is not None
+        if checkpointed and self.checkpoints.newest_step() != self.step:
+            self.save_checkpoint(state)
+        if checkpointed:
+            self.checkpoints.mark(accelerator, self.step, finished=True)
         accelerator.wait_for_everyone()
 
         def write_final() -> None:  # main process; an error is raised on every rank
@@ -389,6 +539,7 @@ class TrainLoop:
                 with atomic_dir(self.run.final) as tmp:
                     save(tmp)
                     if summary is not None:
+                        summary["mixed_precision"] = accelerator.mixed_precision
                         text = json.dumps(summary, indent=2) + "\n"
                         (tmp / "train_summary.json").write_text(text)
             except OSError as e:
@@ -404,6 +555,8 @@ class TrainLoop:
                 after()
 
         on_main(accelerator, write_final)
+        if checkpointed:
+            self.checkpoints.mark(accelerator, self.step, final_written=True)
         if self.tracker:
             accelerator.end_training()
         accelerator.wait_for_everyone()

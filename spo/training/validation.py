@@ -60,6 +60,7 @@ class Validator:
         images = model.generate(self.texts, self.seeds, v.num_inference_steps, v.guidance_scale)
         folder.mkdir(parents=True, exist_ok=True)
         save_image(images, folder / f"step-{step}.png", nrow=max(v.images_per_prompt, 4))
+        logger.log_images(step, "val/images", images)
         if self.scorer is not None:
             score = float(self.scorer(images, self.texts).mean())
             logger.log(step, {f"val/{v.scorer}": score, "val/train_seconds": elapsed_s})
