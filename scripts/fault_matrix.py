@@ -114,6 +114,11 @@ class Matrix:
         self.rows: list[tuple[str, str, str]] = []
         self.world = root / "world"
 
+    def refused(self, code: int) -> bool:
+        """The exit code of a run stopped with one line: 2 (torchrun reports 1 for any
+        failed worker)."""
+        return code == 2 if self.launcher.processes == 1 else code != 0
+
     def row(self, case: str, result: str, ok: bool) -> None:
         self.rows.append((case, result, "yes" if ok else "**NO**"))
         print(f"{case}: {result} [{'ok' if ok else 'FAILED'}]", flush=True)
@@ -312,7 +317,7 @@ class Matrix:
             return
         code2, _, _, _ = self.launcher.run(self.args("dpo", moved))
         equal = code2 == 0 and final_digest(moved, "dpo") == ref_dpo
-        full = code == 2 and bool(lines) and "disk full" in lines[0]
+        full = self.refused(code) and bool(lines) and "disk full" in lines[0]
         result = (
             f"exit {code}: `{lines[0] if lines else '?'}`; kept {kept}, leftovers "
             f"{left or 'none'}; copied to a larger disk it resumed to the reference: {equal}"
@@ -354,7 +359,7 @@ class Matrix:
             for f in (out / "checkpoints").rglob("*.safetensors")
         )
         said = lines[0] if lines else ""
-        ok = code == 2 and ("non-finite" in said or "not finite" in said) and finite
+        ok = self.refused(code) and ("non-finite" in said or "not finite" in said) and finite
         self.row(
             "DPO with optim.lr=1e6 (diverges)",
             f"exit {code}: `{lines[0] if lines else '?'}`; every kept checkpoint finite: {finite}",

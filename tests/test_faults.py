@@ -73,21 +73,18 @@ def test_a_resume_rewinds_the_metrics_and_falls_back_past_a_damaged_checkpoint(
     args = dpo_args(mini_world, out, "max_steps=6")
     assert main(args) == 0
     assert set(steps_logged(out).values()) == {1}
-    # as if killed after step 6 was logged but before final/ was written: the resume must
-    # start from step 4 and log steps 5 and 6 once more, not twice
-    shutil.rmtree(out / "final")
-    assert main(args) == 0
-    assert "resumed from" in capsys.readouterr().out
-    assert steps_logged(out) == Counter({s: 1 for s in range(1, 7)})
-
+    # the last step's checkpoint is damaged and final/ lost: the resume falls back to step 4
+    # and logs steps 5 and 6 once more, not twice
     latest = out / "checkpoints" / (out / "checkpoints/latest").read_text()
-    assert latest.name == "step-4"
+    assert latest.name == "step-6"
     weights = latest / "pytorch_lora_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     shutil.rmtree(out / "final")
+    capsys.readouterr()
     assert main(args) == 0
     said = capsys.readouterr().out
-    assert "step-4 does not load" in said and "falling back to" in said and "step-2" in said
+    assert "step-6 does not load" in said and "falling back to" in said and "step-4" in said
+    assert "resumed from" in said
     assert steps_logged(out) == Counter({s: 1 for s in range(1, 7)})
 
 
@@ -95,13 +92,14 @@ def test_a_damaged_only_checkpoint_is_one_line(mini_world, tmp_path, capsys):
     out = tmp_path / "run"
     args = dpo_args(mini_world, out, "checkpoints_total_limit=1")
     assert main(args) == 0
-    weights = out / "checkpoints/step-2/pytorch_lora_weights.safetensors"
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-4"]
+    weights = out / "checkpoints/step-4/pytorch_lora_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     shutil.rmtree(out / "final")
     capsys.readouterr()
     assert main(args) == 2
     line = one_error_line(capsys)
-    assert "step-2 does not load" in line and "resume=none starts afresh" in line
+    assert "step-4 does not load" in line and "resume=none starts afresh" in line
 
 
 class _Accelerator:

@@ -320,7 +320,9 @@ class TrainLoop:
             )
         state = self.checkpoints.read_state(self.resume_from[0])
         extended = any(k in changes for k in EXTENDING)
-        return bool(state.get("final_written")) and not extended
+        final = Path(self.cfg.out) / "final"
+        written = bool(state.get("final_written")) and final.is_dir() and any(final.iterdir())
+        return written and not extended
 
     def previous_result(self, name: str = "final/train_summary.json") -> dict:
         """The result a finished run wrote (`name` in its folder), said to be reused."""
