@@ -16,7 +16,7 @@ only in how they load their models and compute a loss. A recipe reads top to bot
             loop.end_step()                      # step + 1, progress, metrics every log_every
             if loop.due(cfg.checkpoint_every):
                 loop.save_checkpoint(state())
-        loop.finish(policy.save, summary=summary)
+        loop.finish(policy.save, summary=summary)  # final/; with push_to_hub, uploaded
 
 Randomness derives from (seed, step, rank) through `seeded_generator`, so a killed and resumed
 run takes the same path. Every decision that stops or skips (a non-finite loss, the time
@@ -42,6 +42,7 @@ from spo.errors import ConfigError, TrainingError
 from spo.runs import RunDir, RunLock, atomic_dir, check_writable, clean_leftovers, prepare_run_dir
 from spo.training.checkpoints import Checkpointer
 from spo.training.distributed import check_world, die_with_launcher, on_main, ranks_where
+from spo.training.publish import check_hub_token, push_folder
 from spo.training.validation import Validator
 
 
@@ -182,15 +183,19 @@ class TrainLoop:
         mode_default: str | None = None,
         validator: Validator | None = None,
         max_minutes: float | None = None,
+        hub_model_id: str | None = None,
     ) -> None:
         """Cheap checks only, before any model loads: the run folder can be written, the
         precision exists on this machine, the resume target exists and is a checkpoint of this
         `kind` and `mode` (the config key `mode_key`; `mode_default` for checkpoints that
-        record none)."""
+        record none), and a Hub token exists when `final/` is to be pushed to `hub_model_id`."""
         self.cfg, self.name, self.mode = cfg, name, mode
         self.validator, self.max_minutes = validator, max_minutes
+        self.hub_model_id = hub_model_id
         self.tracker = cfg.tracker != "none"
         check_writable(cfg.out)
+        if hub_model_id is not None:
+            check_hub_token()
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError(
                 "mixed_precision=fp16 needs a GPU; on a CPU use mixed_precision=bf16 or no"
@@ -202,14 +207,15 @@ class TrainLoop:
         if mode is not None:
             self.checkpoints.check_mode(self.resume_from, mode, mode_key, mode_default)
         self.step = 0
+        self.last_logged: dict[str, float | None] = {}  # the newest metrics window, its step
         self.accelerator = None
         self.lock = RunLock(cfg.out)
         self.progress = None
 
     @classmethod
     def for_diffusion(cls, cfg, *, kind: str, name: str) -> TrainLoop:
-        """The loop of a diffusion trainer (DPO, SPO): its policy mode, validation images and
-        wall-clock budget."""
+        """The loop of a diffusion trainer (DPO, SPO): its policy mode, validation images,
+        wall-clock budget and Hub upload."""
         return cls(
             cfg,
             kind=kind,
@@ -217,6 +223,7 @@ class TrainLoop:
             mode=cfg.policy.mode,
             validator=Validator(cfg.validation_images),
             max_minutes=cfg.max_minutes,
+            hub_model_id=cfg.hub_model_id if cfg.push_to_hub else None,
         )
 
     def make_accelerator(self):
@@ -325,6 +332,8 @@ class TrainLoop:
                 elapsed_s=self.train_seconds(),
             )
             self.progress.set_postfix(loss=f"{metrics.get(loss_key, math.nan):.4f}")
+            finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+            self.last_logged = {"step": self.step, **finite}  # None: valid JSON for nan
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """A resumable checkpoint at this step (refused, on every rank, when the trainable
@@ -357,6 +366,12 @@ class TrainLoop:
 
     # ------------------------------------------------------------------------------ closing
 
+    @property
+    def result_location(self) -> str:
+        """Where users load the result from: the Hub repository it is pushed to, else
+        `final/`."""
+        return self.hub_model_id or str(Path(self.cfg.out) / "final")
+
     def finish(
         self,
         save: Callable[[Path], None],
@@ -368,7 +383,8 @@ class TrainLoop:
     ) -> None:
         """Write `final/` atomically on the main process (`save(folder)`, plus
         train_summary.json with a `summary`), then the last validation images of `images_of`
-        (a DiffusionModel) and `after()` there, and close the tracker. A run that made no
+        (a DiffusionModel) and `after()` there, upload `final/` to `hub_model_id` if given (a
+        failed upload stops every rank with one line), and close the tracker. A run that made no
         optimiser step at all writes nothing and stops with one line (`idle_reason`, or the
         time budget) rather than hand over its untrained model as a result."""
         accelerator = self.accelerator
@@ -392,6 +408,10 @@ class TrainLoop:
                 v.run(images_of, self._image_folder, self.step, self.logger, self.train_seconds())
             if after is not None:
                 after()
+        if self.hub_model_id is not None:
+            pushed = on_main(accelerator, lambda: push_folder(self.run.final, self.hub_model_id))
+            if pushed is not None:
+                print(f"{self.run.final} uploaded to https://huggingface.co/{pushed}")
         if self.tracker:
             accelerator.end_training()
         accelerator.wait_for_everyone()
