@@ -3,8 +3,10 @@
 Why one place: DPO and SPO both need "the policy" and "the reference" (method.md 1 and 3). With
 LoRA the reference is the same UNet with its adapters disabled, so no second UNet is held in
 memory; with full fine-tuning it is a frozen copy, optionally kept in CPU memory and streamed
-to the device per call. Results are written in the formats stock diffusers loads:
-`pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(dir)`) or a `unet/` folder.
+to the device per call. Results are written in the formats their consumers load: a LoRA as
+`pytorch_lora_weights.safetensors` for diffusers (`pipe.load_lora_weights(dir)`, its rank and
+alpha in the file's metadata) and as `adapter_config.json` + `adapter_model.safetensors` for
+peft (`PeftModel.from_pretrained(unet, dir)`); a full fine-tune as a `unet/` folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,15 +107,28 @@ class Policy:
         finally:
             target.enable_adapters()
 
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapters in diffusers' key format (what `save_lora_weights` writes)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+    def _peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapters in peft's key format, float32 on the CPU."""
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.unet)
-        return convert_state_dict_to_diffusers(
-            {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        )
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapters in diffusers' key format (what `save_lora_weights` writes)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(self._peft_state_dict())
+
+    def lora_config(self) -> dict[str, Any]:
+        """The adapters' peft `LoraConfig` as JSON-ready values: what diffusers reads back from
+        the weights' metadata and peft from adapter_config.json, so both apply alpha / rank as
+        trained (without it diffusers assumes alpha = rank). The targets are sorted, so two
+        identical runs write identical files, and the base model is named."""
+        config = self.unet.peft_config["default"].to_dict()
+        config["target_modules"] = sorted(config["target_modules"])
+        config["base_model_name_or_path"] = str(self.model.pipe.name_or_path)
+        return config
 
     def load_lora_state_dict(self, folder: Path) -> None:
         """Load adapters written by `save` (resume)."""
@@ -127,20 +143,48 @@ class Policy:
         if unexpected:
             raise ConfigError(f"{folder}: LoRA weights do not fit this UNet ({unexpected[0]})")
 
-    def save(self, folder: Path) -> None:
-        """Write the result as stock diffusers loads it, plus `policy.json` naming the mode."""
+    def describe(self) -> dict[str, Any]:
+        """What `policy.json` records: the mode, model family and base model, and for LoRA the
+        rank, alpha and targets."""
+        info: dict[str, Any] = {
+            "mode": self.cfg.mode,
+            "family": self.model.family,
+            "base_model": str(self.model.pipe.name_or_path),
+        }
+        if self.cfg.mode == "lora":
+            info |= {
+                "rank": self.cfg.lora_rank,
+                "alpha": self.cfg.lora_alpha or self.cfg.lora_rank,
+                "targets": list(self.cfg.lora_targets),
+            }
+        return info
+
+    def save(self, folder: Path, card: str | None = None) -> None:
+        """Write the result for diffusers (and, for LoRA, peft), `policy.json`, and the model
+        card `card` as README.md when given."""
         folder.mkdir(parents=True, exist_ok=True)
         if self.cfg.mode == "lora":
-            pipeline_cls = type(self.model.pipe)
-            pipeline_cls.save_lora_weights(
-                folder, unet_lora_layers=self.lora_state_dict(), safe_serialization=True
+            from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+            from safetensors.torch import save_file
+
+            config = self.lora_config()
+            type(self.model.pipe).save_lora_weights(
+                folder,
+                unet_lora_layers=self.lora_state_dict(),
+                safe_serialization=True,
+                unet_lora_adapter_metadata=config,
             )
+            # peft's own layout (what PeftModel.save_pretrained writes): its keys are the
+            # wrapped model's, `base_model.model.<module>.lora_A.weight`.
+            peft_state = {f"base_model.model.{k}": v for k, v in self._peft_state_dict().items()}
+            save_file(peft_state, folder / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+            text = json.dumps(config, indent=2, sort_keys=True)
+            (folder / CONFIG_NAME).write_text(text + "\n")
         else:
             self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        info = {"mode": self.cfg.mode, "family": self.model.family}
-        if self.cfg.mode == "lora":
-            info |= {"rank": self.cfg.lora_rank, "targets": list(self.cfg.lora_targets)}
-        (folder / "policy.json").write_text(json.dumps(info, indent=2) + "\n")
+        (folder / "policy.json").write_text(json.dumps(self.describe(), indent=2) + "\n")
+        if card is not None:
+            (folder / "README.md").write_text(card)
 
 
 def register_lora_checkpoint_hooks(accelerator, policy: Policy) -> None:

@@ -117,6 +117,9 @@ def test_full_fine_tune_unet_loads_with_from_pretrained(mini_world, tmp_path):
     base = UNet2DConditionModel.from_pretrained(mini_world / "base_model/unet")
     changed = [n for n, p in unet.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert changed  # trained, and saved in diffusers' own layout
+    card = (out / "final/README.md").read_text()
+    assert f'UNet2DConditionModel.from_pretrained("{out / "final"}", subfolder="unet")' in card
+    assert "# Diffusion-DPO UNet for" in card and "LoRA" not in card
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

@@ -9,6 +9,7 @@ the noise of all 2B latents, and the loss compares their errors on winner and lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hook
 from spo.runs import made_by, require_model
 from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
+from spo.training.publish import model_card
 
 KIND = "dpo_training"
 
@@ -354,5 +356,31 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
 
         summary = {"step": loop.step, "pairs": n_rows, "ties_dropped": int(n_rows - len(decided))}
         summary |= {"effective_lr": lr, "mode": cfg.policy.mode, "family": model.family}
-        loop.finish(policy.save, summary, images_of=model, state=state())
+        summary["final_metrics"] = loop.last_logged
+        card = model_card(
+            method="Diffusion-DPO",
+            command="spo train-dpo",
+            policy=policy.describe(),
+            settings=card_settings(cfg, lr, accelerator.num_processes),
+            summary=summary,
+            location=loop.result_location,
+        )
+        loop.finish(partial(policy.save, card=card), summary, images_of=model, state=state())
     return summary
+
+
+def card_settings(cfg: DPOTrainConfig, lr: float, num_processes: int) -> dict:
+    """The key settings the model card lists."""
+    return {
+        "pairs": cfg.pairs.train,
+        "loss": cfg.loss,
+        "beta": cfg.beta,
+        "beta_scale": cfg.beta_scale,
+        "learning rate": lr,
+        "lr schedule": f"{cfg.optim.lr_schedule}, {cfg.optim.warmup_steps} warm-up steps",
+        "optimizer": cfg.optimizer,
+        "pairs per step": cfg.batch_size * cfg.gradient_accumulation_steps * num_processes,
+        "max_steps": cfg.max_steps,
+        "mixed precision": cfg.mixed_precision,
+        "seed": cfg.seed,
+    }

@@ -10,6 +10,7 @@ the epochs an uninterrupted one would run.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hook
 from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
 from spo.runs import made_by, require_model, require_path
 from spo.training.loop import TrainLoop, check_precision, seeded_generator
+from spo.training.publish import model_card
 
 KIND = "spo_training"
 
@@ -131,6 +133,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             "epochs": epoch,
             "mode": cfg.policy.mode,
             "family": model.family,
+            "final_metrics": loop.last_logged,
         }
         needed = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
         idle = (
@@ -139,8 +142,44 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             "or give more prompts"
         )
         state = {"epoch": epoch, "mode": cfg.policy.mode}
-        loop.finish(policy.save, summary, images_of=model, idle_reason=idle, state=state)
+        card = model_card(
+            method="SPO",
+            command="spo train-spo",
+            policy=policy.describe(),
+            settings=card_settings(cfg, accelerator.num_processes),
+            summary=summary,
+            location=loop.result_location,
+        )
+        loop.finish(
+            partial(policy.save, card=card),
+            summary,
+            images_of=model,
+            idle_reason=idle,
+            state=state,
+        )
     return summary
+
+
+def card_settings(cfg: SPOTrainConfig, num_processes: int) -> dict:
+    """The key settings the model card lists."""
+    s = cfg.sampler
+    return {
+        "prompts": cfg.prompts,
+        "judge": f"{cfg.judge}: {cfg.spm}",
+        "sampler": (
+            f"{s.num_steps} DDIM steps (eta {s.eta:g}, CFG {s.guidance_scale:g}), {s.k} "
+            f"candidates per step from step {s.divert_step}, threshold {s.threshold:g}"
+        ),
+        "beta": cfg.beta,
+        "ratio_clip": cfg.ratio_clip,
+        "learning rate": cfg.optim.lr,
+        "lr schedule": f"{cfg.optim.lr_schedule}, {cfg.optim.warmup_steps} warm-up steps",
+        "kept pairs per step": cfg.batch_size * cfg.gradient_accumulation_steps * num_processes,
+        "max_steps": cfg.max_steps,
+        "max_epochs": cfg.max_epochs,
+        "mixed precision": cfg.mixed_precision,
+        "seed": cfg.seed,
+    }
 
 
 def _sampling_epoch(cfg, accelerator, sampler, policy, prompts, epoch):

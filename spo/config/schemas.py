@@ -203,6 +203,22 @@ class LatentJudgeSettings:
         _require(0 <= t < 1000, "latent.max_timestep", t, "must be in [0, 1000)")
 
 
+def _validate_hub(cfg: Any) -> None:
+    """push_to_hub needs a repository id the Hub accepts."""
+    if not cfg.push_to_hub:
+        return
+    _require(
+        cfg.hub_model_id is not None, "hub_model_id", None, "must be set when push_to_hub=true"
+    )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(cfg.hub_model_id)
+    except HFValidationError as e:
+        rule = str(e).strip().splitlines()[0]
+        _require(False, "hub_model_id", cfg.hub_model_id, f"not a Hub repository id ({rule})")
+
+
 @dataclass
 class SPMTrainConfig:
     """`spo train-preference-model`: train a step-aware preference model (method.md 2)."""
@@ -376,10 +392,15 @@ class DPOTrainConfig:
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 2
     resume: str = "latest"  # latest (if any) | none | a checkpoint folder
+    # Upload final/ (weights, model card, summary) once written to the Hub model repository
+    # hub_model_id, with huggingface_hub's upload_folder (needs a token: `hf auth login`)
+    push_to_hub: bool = False
+    hub_model_id: str | None = None  # "namespace/name", or "name" in the token's namespace
 
     def validate(self) -> None:
         """Reject nonsensical values before any work starts (one-line ConfigError)."""
         _validate_loop(self)
+        _validate_hub(self)
         self.pairs.validate()
         self.policy.validate()
         _require(self.loss in ("dpo", "sft"), "loss", self.loss, "must be dpo or sft")
@@ -529,10 +550,15 @@ class SPOTrainConfig:
     checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
     checkpoints_total_limit: int = 2
     resume: str = "latest"
+    # Upload final/ (weights, model card, summary) once written to the Hub model repository
+    # hub_model_id, with huggingface_hub's upload_folder (needs a token: `hf auth login`)
+    push_to_hub: bool = False
+    hub_model_id: str | None = None  # "namespace/name", or "name" in the token's namespace
 
     def validate(self) -> None:
         """Reject nonsensical values before any work starts (one-line ConfigError)."""
         _validate_loop(self)
+        _validate_hub(self)
         self.policy.validate()
         self.sampler.validate()
         self.speed.validate()

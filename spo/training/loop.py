@@ -16,7 +16,7 @@ only in how they load their models and compute a loss. A recipe reads top to bot
             loop.end_step()                      # step + 1, progress, metrics every log_every
             if loop.due(cfg.checkpoint_every):
                 loop.save_checkpoint(state())
-        loop.finish(policy.save, summary=summary)
+        loop.finish(policy.save, summary=summary)  # final/; with push_to_hub, uploaded
 
 Randomness derives from (seed, step, rank) through `seeded_generator`, so a killed and resumed
 run takes the same path. Every decision that stops or skips (a non-finite loss, the time
@@ -45,6 +45,7 @@ from spo.errors import ConfigError, TrainingError
 from spo.runs import RunDir, RunLock, atomic_dir, check_writable, clean_leftovers, prepare_run_dir
 from spo.training.checkpoints import Checkpointer
 from spo.training.distributed import check_world, die_with_launcher, on_main, ranks_where
+from spo.training.publish import check_hub_token, push_folder
 from spo.training.validation import Validator
 
 
@@ -274,15 +275,19 @@ class TrainLoop:
         mode_default: str | None = None,
         validator: Validator | None = None,
         max_minutes: float | None = None,
+        hub_model_id: str | None = None,
     ) -> None:
         """Cheap checks only, before any model loads: the run folder can be written, the
         precision exists on this machine, the resume target exists and is a checkpoint of this
         `kind` and `mode` (the config key `mode_key`; `mode_default` for checkpoints that
-        record none)."""
+        record none), and a Hub token exists when `final/` is to be pushed to `hub_model_id`."""
         self.cfg, self.name, self.mode = cfg, name, mode
         self.validator, self.max_minutes = validator, max_minutes
+        self.hub_model_id = hub_model_id
         self.tracker = cfg.tracker != "none"
         check_writable(cfg.out)
+        if hub_model_id is not None:
+            check_hub_token()
         self.checkpoints = Checkpointer(
             Path(cfg.out) / "checkpoints", kind, cfg.checkpoints_total_limit
         )
@@ -290,6 +295,7 @@ class TrainLoop:
         if mode is not None:
             self.checkpoints.check_mode(self.resume_from, mode, mode_key, mode_default)
         self.step = 0
+        self.last_logged: dict[str, float | None] = {}  # the newest metrics window, its step
         self.accelerator = None
         self.lock = RunLock(cfg.out)
         self.progress = None
@@ -335,8 +341,8 @@ class TrainLoop:
 
     @classmethod
     def for_diffusion(cls, cfg, *, kind: str, name: str) -> TrainLoop:
-        """The loop of a diffusion trainer (DPO, SPO): its policy mode, validation images and
-        wall-clock budget."""
+        """The loop of a diffusion trainer (DPO, SPO): its policy mode, validation images,
+        wall-clock budget and Hub upload."""
         return cls(
             cfg,
             kind=kind,
@@ -344,6 +350,7 @@ class TrainLoop:
             mode=cfg.policy.mode,
             validator=Validator(cfg.validation_images),
             max_minutes=cfg.max_minutes,
+            hub_model_id=cfg.hub_model_id if cfg.push_to_hub else None,
         )
 
     def make_accelerator(self):
@@ -469,6 +476,8 @@ class TrainLoop:
             )
             loss = metrics.get(metric_name(loss_key), math.nan)
             self.progress.set_postfix(step=self.step, loss=f"{loss:.4f}")
+            finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+            self.last_logged = {"step": self.step, **finite}  # None: valid JSON for nan
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """A resumable checkpoint at this step (refused, on every rank, when the trainable
@@ -501,6 +510,12 @@ class TrainLoop:
 
     # ------------------------------------------------------------------------------ closing
 
+    @property
+    def result_location(self) -> str:
+        """Where users load the result from: the Hub repository it is pushed to, else
+        `final/`."""
+        return self.hub_model_id or str(Path(self.cfg.out) / "final")
+
     def finish(
         self,
         save: Callable[[Path], None],
@@ -514,11 +529,12 @@ class TrainLoop:
         """The last step's checkpoint (with the trainer `state`, marked finished; unless
         checkpoint_every is 0), then `final/` written atomically on the main process
         (`save(folder)`, plus train_summary.json with a `summary`), the last validation images
-        of `images_of` (a DiffusionModel) and `after()` there; then the checkpoint is marked
-        `final_written`, so that the same command run again has nothing to do, and the
-        tracker is closed. A run that made no optimiser step at all writes nothing and stops
-        with one line (`idle_reason`, or the time budget) rather than hand over its untrained
-        model as a result."""
+        of `images_of` (a DiffusionModel) and `after()` there, `final/` uploaded to
+        `hub_model_id` if given (a failed upload stops every rank with one line); then the
+        checkpoint is marked `final_written`, so that the same command run again has nothing to
+        do, and the tracker is closed. A run that made no optimiser step at all writes nothing
+        and stops with one line (`idle_reason`, or the time budget) rather than hand over its
+        untrained model as a result."""
         accelerator = self.accelerator
         if self.step == 0:
             reason = idle_reason or (
@@ -557,6 +573,10 @@ class TrainLoop:
                 after()
 
         on_main(accelerator, write_final)
+        if self.hub_model_id is not None:
+            pushed = on_main(accelerator, lambda: push_folder(self.run.final, self.hub_model_id))
+            if pushed is not None:
+                print(f"{self.run.final} uploaded to https://huggingface.co/{pushed}")
         if checkpointed:
             self.checkpoints.mark(accelerator, self.step, final_written=True)
         if self.tracker:
