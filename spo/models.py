@@ -337,14 +337,19 @@ class DiffusionModel:
         """Images (N, 3, H, W) in [0, 1] from the pipeline as it is now (the policy in place);
         image i depends only on (prompts[i], seeds[i])."""
         out = []
-        for i in range(0, len(prompts), batch_size):
-            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-            images = self.pipe(
-                list(prompts[i : i + batch_size]),
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=gens,
-                output_type="pt",
-            ).images
-            out.append(images.float().clamp(0, 1).cpu())
+        # Frozen weights in bf16 / fp16 beside a float32 LoRA: the UNet hands float32 latents
+        # to a half-precision VAE, so sample under autocast as training does.
+        dtype = next(self.vae.parameters()).dtype
+        low = dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=dtype, enabled=low):
+            for i in range(0, len(prompts), batch_size):
+                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
+                images = self.pipe(
+                    list(prompts[i : i + batch_size]),
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=gens,
+                    output_type="pt",
+                ).images
+                out.append(images.float().clamp(0, 1).cpu())
         return torch.cat(out)

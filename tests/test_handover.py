@@ -191,3 +191,13 @@ def test_the_python_api_validates_like_the_cli(mini_world, tmp_path):
     with pytest.raises(ConfigError, match="optim.max_grad_norm': must be a finite number"):
         spo.train_dpo(cfg)
     assert {"train_spo", "train_dpo", "train_preference_model", "compare"} <= set(spo.__all__)
+
+
+def test_validation_images_under_bf16_beside_a_float32_lora(mini_world, tmp_path):
+    """Frozen weights in bf16 (the launcher's or the config's precision), LoRA in float32: the
+    validation sampler used to hand float32 latents to the bf16 VAE and fail ("Input type
+    (float) and bias type (c10::BFloat16) should be the same")."""
+    extra = ["mixed_precision=bf16", "max_steps=1", "validation_images.prompts=[a red circle]"]
+    extra += ["validation_images.num_inference_steps=2"]
+    assert main(dpo_args(mini_world, tmp_path / "bf16", *extra)) == 0
+    assert (tmp_path / "bf16/validation/step-1.png").is_file()
