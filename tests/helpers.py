@@ -122,3 +122,23 @@ def judge_training_args(world: Path, out: Path, *extra: str, config: str = "spm.
         "checkpoint_every=2",
         *extra,
     ]
+
+
+def dpo_args(world: Path, out: Path, *extra: str) -> list[str]:
+    """A short `spo train-dpo` on the mini world with the toy config: 4 steps of 2 pairs, a
+    checkpoint every 2, metrics every step, no validation images; `extra` overrides win."""
+    return [
+        "train-dpo",
+        "--config",
+        str(Path(__file__).parents[1] / "configs/toy/dpo.yaml"),
+        "--out",
+        str(out),
+        f"base_model={world / 'base_model'}",
+        f"pairs.train={world / 'pairs/train.parquet'}",
+        "batch_size=2",
+        "max_steps=4",
+        "log_every=1",
+        "checkpoint_every=2",
+        "validation_images.prompts=[]",
+        *extra,
+    ]

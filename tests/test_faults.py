@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import judge_training_args, one_error_line
+from helpers import dpo_args, judge_training_args, one_error_line
 
 from spo.cli import main
 from spo.errors import TrainingError
@@ -22,24 +22,6 @@ from spo.runs import clean_leftovers
 from spo.training.checkpoints import Checkpointer
 
 ROOT = Path(__file__).parents[1]
-
-
-def dpo_args(world: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train-dpo",
-        "--config",
-        str(ROOT / "configs/toy/dpo.yaml"),
-        "--out",
-        str(out),
-        f"base_model={world / 'base_model'}",
-        f"pairs.train={world / 'pairs/train.parquet'}",
-        "batch_size=2",
-        "max_steps=4",
-        "log_every=1",
-        "checkpoint_every=2",
-        "validation_images.prompts=[]",
-        *extra,
-    ]
 
 
 def steps_logged(out: Path) -> Counter:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import judge_training_args, one_error_line, spo_args
+from helpers import dpo_args, judge_training_args, one_error_line, spo_args
 
 import spo
 from spo.cli import main
@@ -26,24 +26,6 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def dpo_args(world: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train-dpo",
-        "--config",
-        str(ROOT / "configs/toy/dpo.yaml"),
-        "--out",
-        str(out),
-        f"base_model={world / 'base_model'}",
-        f"pairs.train={world / 'pairs/train.parquet'}",
-        "batch_size=2",
-        "max_steps=4",
-        "log_every=1",
-        "checkpoint_every=2",
-        "validation_images.prompts=[]",
-        *extra,
-    ]
 
 
 def metrics(out: Path) -> list[dict]:

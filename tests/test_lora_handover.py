@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import one_error_line
+from helpers import dpo_args, one_error_line
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -29,21 +29,7 @@ SAME = 1e-4  # largest pixel difference (images in [0, 1]) between two loaders o
 
 
 def _dpo_args(world: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train-dpo",
-        "--config",
-        str(ROOT / "configs/toy/dpo.yaml"),
-        "--out",
-        str(out),
-        f"base_model={world / 'base_model'}",
-        f"pairs.train={world / 'pairs/train.parquet'}",
-        "batch_size=2",
-        "log_every=1",
-        "checkpoint_every=0",
-        "optim.warmup_steps=0",
-        "validation_images.prompts=[]",
-        *extra,
-    ]
+    return dpo_args(world, out, "checkpoint_every=0", "optim.warmup_steps=0", *extra)
 
 
 def _images(model: DiffusionModel, seeds=(0, 1)) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import judge_training_args, one_error_line, spo_args
+from helpers import dpo_args, judge_training_args, one_error_line, spo_args
 from safetensors.torch import load_file
 
 from spo.cli import main
@@ -59,23 +59,6 @@ def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 def assert_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def dpo_args(world: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train-dpo",
-        "--config",
-        str(ROOT / "configs/toy/dpo.yaml"),
-        "--out",
-        str(out),
-        f"base_model={world / 'base_model'}",
-        f"pairs.train={world / 'pairs/train.parquet'}",
-        "batch_size=2",
-        "max_steps=4",
-        "checkpoint_every=2",
-        "validation_images.prompts=[]",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
