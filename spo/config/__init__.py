@@ -3,7 +3,8 @@
 Why: every command must reject a bad config (unknown key, wrong type, missing file, malformed
 override) with one clear line *before* spending compute, and every run folder records the
 exact, fully resolved config it ran with. `loader` holds the machinery, `schemas` the
-dataclass of each command, `shipped` finds the configs that ship in the package.
+dataclass of each command, `shipped` finds the configs that ship in the package, `commented`
+prints a config with its comments (`--print-config`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from spo.config.commented import commented_yaml
 from spo.config.loader import dump_config, load_config
 from spo.config.schemas import (
     COMMAND_CONFIGS,
@@ -48,6 +50,7 @@ __all__ = [
     "ToyWorldConfig",
     "ValidationImagesConfig",
     "command_config",
+    "commented_yaml",
     "dump_config",
     "load_config",
     "shipped_configs",
