@@ -22,8 +22,13 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from spo import __version__
-from spo.config import COMMAND_CONFIGS, TOY_CONFIGS, command_config, commented_yaml
-from spo.config import shipped_configs as shipped
+from spo.config import (
+    COMMAND_CONFIGS,
+    TOY_CONFIGS,
+    command_config,
+    commented_yaml,
+    shipped_configs,
+)
 from spo.errors import INPUT_ERRORS
 
 EXIT_USAGE = 2  # bad config, bad input, bad command line, or a stopped run
@@ -122,7 +127,7 @@ def _epilog(name: str) -> str:
 
 def _config_help(name: str) -> str:
     """The --config help: the shipped configs of the command, and what no config means."""
-    names = shipped(name)
+    names = shipped_configs(name)
     if not names:
         return "a YAML file (default: the built-in defaults)"
     return (
