@@ -237,7 +237,7 @@ def init_from_pipeline(work: Path, folder: Path) -> None:
     text encoder the starting point of the UNet stage (`init.pt`)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
     vae = new_vae()
     vae.load_state_dict(pipe.vae.state_dict())
     torch.save({"model": vae.state_dict(), "step": 0}, work / "vae.pt")

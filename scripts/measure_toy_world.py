@@ -30,7 +30,7 @@ def main() -> None:
     chosen = [prompts[i] for i in rng.integers(len(prompts), size=args.n)]
     qs = rng.uniform(size=args.n)
     imgs = np.stack([render(p, q, rng) for p, q in zip(chosen, qs, strict=True)])
-    vae = AutoencoderKL.from_pretrained(BASE_MODEL_DIR / "vae", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(BASE_MODEL_DIR / "vae", dtype=torch.float32)
     rec = vae_round_trip(vae, imgs)
     result: dict = {"renders": args.n}
     for name, batch in (("render", imgs), ("vae_round_trip", rec)):

@@ -55,7 +55,7 @@ def stock_lora_change(pipeline: Path, lora: Path, prompt: str, steps: int) -> fl
         import sys, torch
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         pipe = StableDiffusionPipeline.from_pretrained({str(pipeline)!r},
-                                                       torch_dtype=torch.float32)
+                                                       dtype=torch.float32)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         def sample():
             g = torch.Generator().manual_seed(0)

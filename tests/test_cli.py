@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spo import cli
-from spo.config import ToyWorldConfig, load_config
+from spo.config import ToyWorldConfig, command_config, load_config
 from spo.runs import RunDir
 
 COMMANDS = ["toy-world", "train-preference-model", "train-dpo", "train-spo", "compare", "demo"]
@@ -141,3 +141,38 @@ def test_python_dash_m_spo_runs_the_cli():
     assert proc.returncode == 2
     expected = "spo: error: invalid value 0.0 for config key 'budget_minutes': must be > 0"
     assert proc.stderr.strip() == expected
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_subcommand_help_lists_its_config_keys_and_a_real_example(capsys, name):
+    assert cli.main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--print-config" in out
+    for key in cli.config_keys(name):
+        assert key in out
+    example = cli.COMMANDS[name].example
+    assert f"(e.g. {example})" in " ".join(out.split())
+    command_config(name, None, [example])  # a key the command has, with a valid value
+    assert ("train_pairs" in out) == (name == "toy-world")
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "run_command", lambda *a: pytest.fail("the command ran"))
+    argv = ["train-dpo", "--config", "toy/dpo", "mixed_precision=no", "beta=100", "--out", "x"]
+    assert cli.main([*argv, "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert_nothing_created(tmp_path)
+    out = captured.out
+    assert out.startswith("# `spo train-dpo`: the Diffusion-DPO baseline")
+    assert "\nbeta: 100.0  # the paper's SD1.5 value" in out
+    assert "\nmixed_precision: 'no'  # no | fp16 | bf16" in out
+    assert "\n  lr: 0.001  # peak learning rate" in out  # a section's keys, indented
+    (tmp_path / "printed.yaml").write_text(out)
+    expected = command_config("train-dpo", "toy/dpo", argv[3:5], "x")
+    assert command_config("train-dpo", "printed.yaml", []) == expected
+
+
+def test_print_config_still_rejects_a_bad_config(tmp_path, capsys):
+    assert cli.main(["train-dpo", "--print-config", "beta=-1"]) == 2
+    assert single_error_line(capsys).startswith("spo: error: invalid value -1.0 for config key")

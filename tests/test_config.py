@@ -211,6 +211,67 @@ def test_dump_and_load_round_trip(tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["c.yaml"]  # no temp file left
 
 
+@dataclass
+class TextCfg:
+    name: str = "x"
+    maybe: str | None = "y"
+    names: list[str] = field(default_factory=list)
+    flag: bool = False
+    nested: NestedCfg = field(default_factory=NestedCfg)
+
+
+# YAML 1.1 reads these as booleans or numbers; a string key must keep them as written.
+AMBIGUOUS_TEXT = ["no", "NO", "off", "On", "yes", "y", "0123", "1e5", "12:30", "0x1F", ".inf"]
+
+
+@pytest.mark.parametrize("text", AMBIGUOUS_TEXT)
+def test_string_key_keeps_the_override_text(text):
+    cfg = load_config(TextCfg, None, [f"name={text}", f"maybe={text}", f"nested.out={text}"])
+    assert (cfg.name, cfg.maybe, cfg.nested.out) == (text, text, text)
+    assert load_config(TextCfg, None, [f"names=[{text}, b]"]).names == [text, "b"]
+
+
+@pytest.mark.parametrize("text", AMBIGUOUS_TEXT)
+def test_string_key_keeps_the_yaml_text(tmp_path, text):
+    path = write(tmp_path / "t.yaml", f"name: {text}\nmaybe: {text}\nnames: [{text}]\n")
+    cfg = load_config(TextCfg, path)
+    assert (cfg.name, cfg.maybe, cfg.names) == (text, text, [text])
+
+
+def test_mixed_precision_no_is_valid():
+    """The issue's case: `spo train-dpo mixed_precision=no` was "False" and rejected."""
+    cfg = load_config(COMMAND_CONFIGS["train-dpo"], None, ["mixed_precision=no", "resume=NO"])
+    assert (cfg.mixed_precision, cfg.resume) == ("no", "NO")
+    cfg.validate()
+
+
+def test_null_quotes_and_real_booleans_still_parse(tmp_path):
+    cfg = load_config(TextCfg, None, ["maybe=null", "flag=true", 'name="a b"'])
+    assert (cfg.maybe, cfg.flag, cfg.name) == (None, True, "a b")
+    path = write(tmp_path / "t.yaml", "maybe: ~\nflag: true\nname: 'no'\n")
+    cfg = load_config(TextCfg, path)
+    assert (cfg.maybe, cfg.flag, cfg.name) == (None, True, "no")
+    assert load_config(TextCfg, None, ["flag=false"]).flag is False
+
+
+def test_string_key_takes_text_that_is_not_yaml():
+    cfg = load_config(TextCfg, None, ["name=@home", "maybe=*x"])
+    assert (cfg.name, cfg.maybe) == ("@home", "*x")
+
+
+def test_override_that_is_not_yaml_is_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(NestedCfg, None, ["optim.betas=[0.1"])
+    assert one_line(err).startswith("invalid value '[0.1' for config key 'optim.betas'")
+    with pytest.raises(ConfigError, match="'steps'.*not YAML"):
+        load_config(NestedCfg, None, ["steps=@"])
+
+
+def test_yaml_float_without_a_dot(tmp_path):
+    path = write(tmp_path / "n.yaml", "optim:\n  betas: [1e-3, 2E+2]\n")
+    assert load_config(NestedCfg, path).optim.betas == [1e-3, 200.0]
+
+
 # ---------------------------------------------------------------------------------------------
 # run folder
 

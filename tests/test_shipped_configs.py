@@ -1,48 +1,136 @@
-"""Every shipped config loads into its command's schema and passes its checks."""
+"""Every shipped config loads into its command's schema and passes its checks; the built-in
+defaults are the toy experiment; configs are found by short name from anywhere."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from spo.config import COMMAND_CONFIGS, load_config
+from spo.config import COMMAND_CONFIGS, TOY_CONFIGS, load_config, shipped_configs
+from spo.config.shipped import CONFIG_COMMANDS, resolve_config
+from spo.errors import ConfigError
 
 ROOT = Path(__file__).parents[1]
-COMMAND_OF = {
-    "world": "toy-world",
-    "spm": "train-preference-model",
-    "dpo": "train-dpo",
-    "dpo_lora": "train-dpo",
-    "spo": "train-spo",
-    "compare": "compare",
-    "latent_judge": "train-preference-model",
-    "spo_latent": "train-spo",
-}
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/*/*.yaml")), ids=lambda p: str(p))
-def test_config_loads_and_validates(path: Path):
-    cfg = load_config(COMMAND_CONFIGS[COMMAND_OF[path.stem]], path)
+def shipped(name: str):
+    return load_config(
+        COMMAND_CONFIGS[CONFIG_COMMANDS[name.split("/")[1]]], resolve_config(name, "")
+    )
+
+
+def test_every_shipped_config_is_listed_and_the_checkout_link_points_at_them():
+    names = shipped_configs()
+    assert len(names) == 21 and "toy/dpo" in names and "sdxl/spo_latent" in names
+    assert (ROOT / "configs").resolve() == (ROOT / "spo/configs").resolve()
+    on_disk = sorted(f"{p.parent.name}/{p.stem}" for p in ROOT.glob("configs/*/*.yaml"))
+    assert names == on_disk
+    assert shipped_configs("train-dpo") == [
+        "sd15/dpo",
+        "sd15/dpo_lora",
+        "sdxl/dpo",
+        "sdxl/dpo_lora",
+        "toy/dpo",
+    ]
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_config_loads_and_validates(name: str):
+    cfg = shipped(name)
     cfg.validate()
-    assert cfg.out.startswith(f"runs/{path.parent.name}/")
+    assert cfg.out.startswith(f"runs/{name.split('/')[0]}/")
+
+
+@pytest.mark.parametrize("command", sorted(TOY_CONFIGS))
+def test_the_defaults_are_the_toy_experiment(command: str):
+    """`spo <command>` with no config runs the documented toy run (the demo's stage)."""
+    schema = COMMAND_CONFIGS[command]
+    assert load_config(schema, resolve_config(TOY_CONFIGS[command], command)) == schema()
+
+
+def test_the_defaults_hold_the_toy_values_the_docs_report():
+    dpo = COMMAND_CONFIGS["train-dpo"]()
+    assert (dpo.beta, dpo.optim.lr, dpo.batch_size, dpo.max_steps) == (2000.0, 1e-3, 16, 300)
+    assert dpo.validation_images.guidance_scale == 2.0 and dpo.mixed_precision == "no"
+    spo = COMMAND_CONFIGS["train-spo"]()
+    assert (spo.sampler.guidance_scale, spo.optim.lr, spo.batch_size) == (2.0, 5e-4, 32)
+    assert (spo.sampler.k, spo.policy.lora_rank, spo.sample_batch_size) == (4, 4, 40)
+    spm = COMMAND_CONFIGS["train-preference-model"]()
+    assert (spm.guidance_scale, spm.max_steps, spm.batch_size, spm.optim.weight_decay) == (
+        2.0,
+        250,
+        32,
+        0.3,
+    )
+    compare = COMMAND_CONFIGS["compare"]()
+    assert [m.name for m in compare.models] == ["base", "dpo", "spo"]
+    assert (compare.guidance_scale, compare.scorers) == (2.0, ["oracle", "spm:runs/toy/spm/final"])
+    assert COMMAND_CONFIGS["toy-world"]().guidance_scale == 2.0
+
+
+def _sampling_cfgs(cfg) -> dict[str, float]:
+    """Every CFG scale a config samples with: key -> value."""
+    found = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "guidance_scale" and getattr(cfg, "judge", "pixel") == "pixel":
+            found[f.name] = value
+        elif dataclasses.is_dataclass(value) and getattr(value, "prompts", True):
+            found |= {f"{f.name}.{k}": v for k, v in _sampling_cfgs(value).items()}
+    return found
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_configs() if not n.startswith("toy/")])
+def test_real_configs_sample_at_method_md_cfg(name: str):
+    """The toy world's CFG 2.0 defaults must not leak into the sd15 / sdxl configs."""
+    found = _sampling_cfgs(shipped(name))
+    assert set(found.values()) <= {5.0}, found
+    # every other config samples: the latent judge never, sdxl/dpo_lora draws no validation grid
+    assert found or name in ("sd15/latent_judge", "sdxl/latent_judge", "sdxl/dpo_lora")
+
+
+@pytest.mark.parametrize("form", ["toy/dpo", "toy/dpo.yaml", "configs/toy/dpo.yaml"])
+def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch, form):
+    monkeypatch.chdir(tmp_path)  # no checkout here: the packaged copy is read
+    found = resolve_config(form, "train-dpo")
+    assert found.is_file() and Path(str(found)).resolve() == (ROOT / "spo/configs/toy/dpo.yaml")
+
+
+def test_a_local_file_wins_over_the_shipped_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy/dpo.yaml").write_text("beta: 1.0\n")
+    assert resolve_config("toy/dpo.yaml", "train-dpo") == Path("toy/dpo.yaml")
+
+
+def test_an_unknown_short_name_lists_the_commands_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        resolve_config("toy/dpx", "train-spo")
+    assert str(err.value) == (
+        "config file not found: toy/dpx (shipped configs of spo train-spo: sd15/spo, "
+        "sd15/spo_latent, sdxl/spo, sdxl/spo_latent, toy/spo, toy/spo_latent)"
+    )
+    assert resolve_config("nope.yaml", "demo") == Path("nope.yaml")  # load_config says it
 
 
 def test_released_settings():
-    sd15 = load_config(COMMAND_CONFIGS["train-spo"], ROOT / "configs/sd15/spo.yaml")
+    sd15 = shipped("sd15/spo")
     assert (sd15.sampler.k, sd15.sampler.threshold, sd15.policy.lora_rank) == (4, 0.3, 4)
     assert (sd15.optim.lr, sd15.beta, sd15.ratio_clip) == (6e-5, 10.0, 0.1)
-    sdxl = load_config(COMMAND_CONFIGS["train-spo"], ROOT / "configs/sdxl/spo.yaml")
+    sdxl = shipped("sdxl/spo")
     assert (sdxl.sampler.k, sdxl.sampler.inner_steps, sdxl.sampler.threshold) == (2, 3, 0.4)
     assert (sdxl.policy.lora_rank, sdxl.optim.lr) == (64, 1e-5)
-    dpo = load_config(COMMAND_CONFIGS["train-dpo"], ROOT / "configs/sd15/dpo.yaml")
+    dpo = shipped("sd15/dpo")
     assert dpo.batch_size * dpo.gradient_accumulation_steps * 16 == 2048
     assert (dpo.beta, dpo.lr_scaling, dpo.optim.lr) == (5000.0, "code", 1e-8)
 
 
 def test_lpo_settings():
     for family, low, high in (("sd15", 0.35, 0.5), ("sdxl", 0.45, 0.6)):
-        spo = load_config(COMMAND_CONFIGS["train-spo"], ROOT / f"configs/{family}/spo_latent.yaml")
+        spo = shipped(f"{family}/spo_latent")
         s = spo.sampler
         assert (spo.judge, s.k, s.divert_step, spo.beta, spo.max_epochs) == (
             "latent",
@@ -52,9 +140,7 @@ def test_lpo_settings():
             5,
         )
         assert (s.threshold, s.threshold_max, s.inner_steps, spo.batch_size) == (low, high, 0, 10)
-        judge = load_config(
-            COMMAND_CONFIGS["train-preference-model"], ROOT / f"configs/{family}/latent_judge.yaml"
-        )
+        judge = shipped(f"{family}/latent_judge")
         assert (judge.judge, judge.latent.cfg_scale, judge.latent.max_timestep) == (
             "latent",
             7.5,

@@ -25,7 +25,7 @@ def test_stock_diffusers_loads_base_model_and_samples_64px(tmp_path):
         import sys, torch
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         pipe = StableDiffusionPipeline.from_pretrained({str(BASE_MODEL_DIR)!r},
-                                                       torch_dtype=torch.float32)
+                                                       dtype=torch.float32)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         out = pipe(["a red circle on a white background"] * 2, num_inference_steps=20,
                    guidance_scale=5.0, output_type="np",
@@ -117,7 +117,7 @@ def test_oracle_survives_the_shipped_vae_round_trip():
     from spo.toy.oracle import evaluate, recognition_rates
     from spo.toy.render import all_prompts, render
 
-    vae = AutoencoderKL.from_pretrained(BASE_MODEL_DIR / "vae", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(BASE_MODEL_DIR / "vae", dtype=torch.float32)
     rng = np.random.default_rng(11)
     prompts = [all_prompts()[i] for i in rng.integers(96, size=200)]
     qs = rng.uniform(size=200)

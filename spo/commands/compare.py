@@ -79,7 +79,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> DiffusionMod
         path = Path(spec.unet)
         if not (path / "config.json").is_file():
             raise ConfigError(f"model '{spec.name}': no UNet folder at {path}" + _hint(path))
-        unet = UNet2DConditionModel.from_pretrained(str(path), torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(str(path), dtype=dtype)
         for key in _UNET_KEYS:
             if unet.config.get(key) != model.unet.config.get(key):
                 raise ConfigError(

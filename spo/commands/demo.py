@@ -1,4 +1,4 @@
-"""`spo demo`: the whole story on a CPU, each stage the real command with its toy config.
+"""`spo demo`: the whole story on a CPU, each stage the real command with its shipped toy config.
 
 world -> spm -> dpo, spo (the same wall-clock training budget each) -> compare. Before a stage
 runs, its equivalent command line is printed, so any stage can be rerun by hand. A finished
@@ -18,14 +18,13 @@ import uuid
 from pathlib import Path
 
 from spo.commands import compare, toy_world, train_dpo, train_preference_model, train_spo
-from spo.config import DemoConfig, command_config
-from spo.errors import INPUT_ERRORS, ConfigError, TrainingError
+from spo.config import TOY_CONFIGS, DemoConfig, command_config
+from spo.errors import INPUT_ERRORS, TrainingError
 from spo.evaluation.stats import format_ci
 from spo.runs import atomic_write_bytes, check_writable
 
 STAGES = ("world", "spm", "dpo", "spo", "compare")
 MARKER = ".demo_stage.json"
-CONFIGS = Path(__file__).parents[2] / "configs" / "toy"
 RUNNERS = {
     "world": toy_world.run,
     "spm": train_preference_model.run,
@@ -97,8 +96,7 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
         ],
     }[stage]
     command, rest = args[0], args[1:]
-    config = CONFIGS / f"{stage}.yaml"
-    head = [command, "--config", str(config), "--out", str(root / stage)]
+    head = [command, "--config", TOY_CONFIGS[command], "--out", str(root / stage)]
     if cfg.quick:
         rest = rest + QUICK[stage]
     return head + rest
@@ -135,8 +133,6 @@ def run(cfg: DemoConfig) -> int:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run (or skip) every stage; return {stage: seconds or "skipped"} and the headline."""
-    if not CONFIGS.is_dir():
-        raise ConfigError(f"the toy configs are missing: {CONFIGS} (run from a source checkout)")
     root = Path(cfg.out)
     check_writable(root)
     root.mkdir(parents=True, exist_ok=True)

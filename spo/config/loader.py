@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from spo.errors import ConfigError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 T = TypeVar("T")
 
@@ -135,27 +139,91 @@ def _lookup(data: Any, dotted: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_yaml(path: Path) -> DictConfig:
-    """Read a YAML file that must be a mapping; every failure is one line naming the file."""
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `1e-3` is a float (YAML 1.1 wants `1.0e-3`) and a key
+    given twice is an error instead of silently the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key_node.value}",
+                        key_node.start_mark,
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The document in `text` and its node tree, which keeps every scalar's text as written."""
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (None if node is None else loader.construct_document(node)), node
+    finally:
+        loader.dispose()
+
+
+def _keep_text(value: Any, node: yaml.Node | None, tp: Any) -> Any:
+    """`value` with each scalar that sits where the schema wants a `str` replaced by its text as
+    written: YAML 1.1 reads no / off / yes / on as booleans and 1e5 or 0123 as numbers, which
+    would turn `mixed_precision: no` into "False" and `resume: NO` into "False". A null stays
+    None (an optional string), and other types keep YAML's reading (a bool field still takes
+    true / false)."""
+    tp = _unwrap_optional(tp)
+    if isinstance(node, yaml.ScalarNode):
+        return node.value if tp is str and value is not None else value
+    if isinstance(node, yaml.SequenceNode) and isinstance(value, list):
+        if typing.get_origin(tp) is not list:
+            return value
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_keep_text(v, n, item) for v, n in zip(value, node.value, strict=True)]
+    if isinstance(node, yaml.MappingNode) and isinstance(value, dict):
+        if _is_section(tp):
+            types_of = _field_types(tp)
+        elif _is_free_mapping(tp) and len(typing.get_args(tp)) == 2:
+            types_of = dict.fromkeys(value, typing.get_args(tp)[1])
+        else:
+            return value
+        nodes = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+        return {k: _keep_text(v, nodes.get(k), types_of.get(k, Any)) for k, v in value.items()}
+    return value
+
+
+def _load_yaml(path: Path | Traversable, schema: type) -> dict:
+    """Read a YAML file that must be a mapping, string-typed values as written; every failure
+    is one line naming the file."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        loaded = OmegaConf.load(path)
-        # OmegaConf reads a bare scalar file ("hello") as {"hello": None}: check the raw shape.
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data, node = _parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as e:
         where = ""
         if e.problem_mark is not None:
             where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}"
         raise ConfigError(f"cannot parse config file {path}: {e.problem or e}{where}") from e
-    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, ValueError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"cannot parse config file {path}: {e}") from e
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
-    if not isinstance(loaded, DictConfig) or not (raw is None or isinstance(raw, dict)):
-        kind = "list" if isinstance(loaded, ListConfig) else type(raw).__name__
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kind = "list" if isinstance(data, list) else type(data).__name__
         raise ConfigError(f"config file {path} must be a YAML mapping of key: value, got a {kind}")
-    return loaded
+    _check_mapping_keys(data, schema, "", str(path))
+    return _keep_text(data, node, schema)
 
 
 def _invalid_value(key: str, value: Any, schema: type, source: str) -> ConfigError:
@@ -173,14 +241,15 @@ def _parse_override(token: str) -> tuple[str, str]:
 
 def load_config(
     schema: type[T],
-    path: str | Path | None,
+    path: str | Path | Traversable | None,
     overrides: Sequence[str] = (),
     out: str | None = None,
 ) -> T:
     """Build a `schema` instance: dataclass defaults <- YAML `path` <- `overrides` <- `out`.
 
     `overrides` are dotted `key=value` tokens (`model.lr=1e-5`); values are parsed as YAML
-    scalars and type-checked against the schema. `out`, when given, replaces the `out` field
+    and type-checked against the schema, except that a string key keeps its text as given
+    (`mixed_precision=no` is "no", not False). `out`, when given, replaces the `out` field
     (the CLI's `--out`). Any problem raises a one-line ConfigError naming the file or override,
     the key, and for unknown keys the closest valid one.
     """
@@ -189,13 +258,10 @@ def load_config(
     cfg = OmegaConf.structured(schema)
 
     if path is not None:
-        path = Path(path)
-        loaded = _load_yaml(path)
-        data = OmegaConf.to_container(loaded, resolve=False)
-        assert isinstance(data, dict)
-        _check_mapping_keys(data, schema, "", str(path))
+        path = Path(path) if isinstance(path, str) else path
+        data = _load_yaml(path, schema)
         try:
-            cfg = OmegaConf.merge(cfg, loaded)
+            cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None)
             if key:
@@ -205,9 +271,21 @@ def load_config(
     for token in overrides:
         key, value = _parse_override(token)
         source = f"override '{token}'"
-        _check_dotted_key(key, schema, source)
+        tp = _check_dotted_key(key, schema, source)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([token]))
+            parsed, node = _parse_yaml(value)
+        except yaml.YAMLError as e:
+            if _unwrap_optional(tp) is not str:
+                raise ConfigError(
+                    f"invalid value {value!r} for config key '{key}' in {source}: not YAML "
+                    f"({getattr(e, 'problem', None) or e})"
+                ) from e
+            parsed, node = value, None  # a string key takes any text (`out=@runs`)
+        patch = _keep_text(parsed, node, tp)
+        for part in reversed(key.split(".")):
+            patch = {part: patch}
+        try:
+            cfg = OmegaConf.merge(cfg, patch)
         except OmegaConfBaseException as e:
             raise _invalid_value(key, value, schema, source) from e
 

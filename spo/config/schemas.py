@@ -2,6 +2,9 @@
 
 The defaults live here, YAML files only say what differs, and `validate()` rejects nonsensical
 values with one line before any work starts. `COMMAND_CONFIGS` maps each command to its schema.
+A command's defaults are its toy experiment (spo/configs/toy/, the demo's stages), so `spo
+<command>` with no config runs what the docs describe; the sd15 / sdxl configs state every
+value they change. The comments are shown by `spo <command> --print-config`.
 """
 
 from __future__ import annotations
@@ -65,6 +68,15 @@ class ToyWorldConfig:
         scale = self.guidance_scale
         _require(math.isfinite(scale) and scale >= 0, "guidance_scale", scale, "must be >= 0")
 
+
+# The toy world samples at CFG 2.0, not method.md's 5.0: at 5.0 the toy base model's samples are
+# nearly all clean, leaving no room to prefer (docs/toy-world.md).
+TOY_GUIDANCE = 2.0
+# What the trainers' validation grids draw in the toy world.
+TOY_VALIDATION_PROMPTS = (
+    "a red circle on a white background",
+    "a blue cross on a black background",
+)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("none", "tensorboard", "wandb")
@@ -229,7 +241,9 @@ class SPMTrainConfig:
     base_model: str = "runs/toy/world/base_model"
     vae: str | None = None  # replace the pipeline's VAE (e.g. SDXL's fp16-safe one)
     base_dtype: str = "float32"  # dtype of the frozen pipeline: float32 | float16 | bfloat16
-    guidance_scale: float = 5.0  # CFG of the base UNet's prediction (empty negative prompt)
+    # CFG of the base UNet's prediction (empty negative prompt): the toy sampler's 2.0 (method.md
+    # and the released SPMs: 5.0); the latent judge does not use it
+    guidance_scale: float = TOY_GUIDANCE
     # pixel: the SPM, a CLIP judging the decoded x0_hat (method.md 2); latent: the latent judge,
     # the base UNet's encoder judging the noisy latent itself (method.md 6; `latent` settings)
     judge: str = "pixel"
@@ -237,18 +251,21 @@ class SPMTrainConfig:
     time_conditioning: bool = True  # False: the paper's ablation, a plain CLIP on x0_hat
     latent: LatentJudgeSettings = field(default_factory=LatentJudgeSettings)
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 16  # pairs per process per micro-batch
+    # weight decay 0.3 as the released SD1.5 SPM
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(weight_decay=0.3, warmup_steps=20)
+    )
+    batch_size: int = 32  # pairs per process per micro-batch
     gradient_accumulation_steps: int = 1
-    max_steps: int = 400  # optimiser steps
+    max_steps: int = 250  # optimiser steps
     mixed_precision: str | None = None  # no | fp16 | bf16; null: what accelerate launch says
     log_every: int = 10  # optimiser steps between metrics.jsonl lines
     tracker: str = "none"  # none | tensorboard | wandb (metrics.jsonl is always written)
-    validation_every: int = 0  # optimiser steps between validations (0: only at the end)
+    validation_every: int = 125  # optimiser steps between validations (0: only at the end)
     # pairs used by the periodic validations (the final one uses every validation pair)
-    validation_pairs_periodic: int = 200
+    validation_pairs_periodic: int = 128
     validation_timesteps: list[int] = field(default_factory=lambda: [0, 251, 501, 701, 951])
-    checkpoint_every: int = 200  # optimiser steps between resumable checkpoints (0: none)
+    checkpoint_every: int = 125  # optimiser steps between resumable checkpoints (0: none)
     checkpoints_total_limit: int = 2  # older checkpoints are deleted
     resume: str = "latest"  # latest (if any) | none | a checkpoint folder
 
@@ -349,6 +366,11 @@ class ValidationImagesConfig:
         _require(scale >= 0, "validation_images.guidance_scale", scale, "must be >= 0")
 
 
+def _toy_validation() -> ValidationImagesConfig:
+    """The trainers' default validation grid: two toy prompts at the toy world's CFG."""
+    return ValidationImagesConfig(prompts=list(TOY_VALIDATION_PROMPTS), guidance_scale=TOY_GUIDANCE)
+
+
 @dataclass
 class DPOTrainConfig:
     """`spo train-dpo`: the Diffusion-DPO baseline (method.md 1)."""
@@ -363,7 +385,7 @@ class DPOTrainConfig:
     # none | oracle (toy world) | spm:<folder> (an SPM at t = 0) | pickscore:<model>
     relabel_with: str = "none"
     loss: str = "dpo"  # dpo | sft (plain MSE on the winners)
-    beta: float = 5000.0  # the released code's default; the paper: 2000 (SD1.5), 5000 (SDXL)
+    beta: float = 2000.0  # the paper's SD1.5 value (SDXL: 5000, also the released code's default)
     beta_scale: float = 0.5  # inside = -beta_scale * beta * (...); 0.5 as released, 1.0 other
     prompt_dropout: float = 0.2  # probability of training a pair on the empty prompt
     random_crop: bool = False  # random (else centre) crop, the same for both images of a pair
@@ -374,22 +396,22 @@ class DPOTrainConfig:
     # past latent_cache_max_gb (the size is printed first) and with random_crop.
     latent_cache: bool = True
     latent_cache_max_gb: float = 8.0
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
     optimizer: str = "adamw"  # adamw | adafactor | adamw8bit (needs bitsandbytes)
     # How optim.lr becomes the learning rate, with E = batch_size x accumulation x processes:
     # none: optim.lr as it is; code: optim.lr x E (the released --scale_lr, 1e-8 -> 2.048e-5 at
     # E = 2048); paper: optim.lr x E x 2000 / beta (the paper's (2000 / beta) x 2.048e-8 at
     # E = 2048 when optim.lr = 1e-11).
     lr_scaling: str = "none"
-    batch_size: int = 1  # pairs per process per micro-batch
+    batch_size: int = 16  # pairs per process per micro-batch
     gradient_accumulation_steps: int = 1
-    max_steps: int = 2000  # optimiser steps
+    max_steps: int = 300  # optimiser steps
     max_minutes: float | None = None  # wall-clock budget of the training loop (None: no limit)
     mixed_precision: str | None = None  # no | fp16 | bf16; null: what accelerate launch says
     log_every: int = 10
     tracker: str = "none"
-    validation_images: ValidationImagesConfig = field(default_factory=ValidationImagesConfig)
-    checkpoint_every: int = 500
+    validation_images: ValidationImagesConfig = field(default_factory=_toy_validation)
+    checkpoint_every: int = 100
     checkpoints_total_limit: int = 2
     resume: str = "latest"  # latest (if any) | none | a checkpoint folder
     # Upload final/ (weights, model card, summary) once written to the Hub model repository
@@ -532,21 +554,26 @@ class SPOTrainConfig:
     prompt_split: str = "train"
     max_prompts: int | None = None  # only the first N prompts (None: all)
     policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(lora_rank=4))
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # the release's sampler (k 4, t <= 750 trained, threshold 0.3) at the toy world's CFG 2.0
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(guidance_scale=TOY_GUIDANCE)
+    )
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     beta: float = 10.0
     ratio_clip: float | None = 0.1  # clamp of the policy/reference ratio (None: the paper's form)
-    sample_batch_size: int = 10  # prompts per process per sampling batch
-    max_epochs: int = 10  # sampling epochs over the prompts (the run also stops at max_steps)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6e-5, weight_decay=1e-4))
-    batch_size: int = 10  # kept pairs per process per micro-batch
+    sample_batch_size: int = 40  # prompts per process per sampling batch
+    max_epochs: int = 4  # sampling epochs over the prompts (the run also stops at max_steps)
+    # lr 5e-4 (the SD1.5 release: 6e-5): 1e-3 peaks sooner, then over-optimises the toy SPM
+    # (docs/benchmarks.md)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=1e-4))
+    batch_size: int = 32  # kept pairs per process per micro-batch
     gradient_accumulation_steps: int = 1
-    max_steps: int = 10_000  # optimiser steps
+    max_steps: int = 1000  # optimiser steps
     max_minutes: float | None = None  # wall-clock budget, checked after every step
     mixed_precision: str | None = None  # no | fp16 | bf16; null: what accelerate launch says
-    log_every: int = 10
+    log_every: int = 5
     tracker: str = "none"
-    validation_images: ValidationImagesConfig = field(default_factory=ValidationImagesConfig)
+    validation_images: ValidationImagesConfig = field(default_factory=_toy_validation)
     checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
     checkpoints_total_limit: int = 2
     resume: str = "latest"
@@ -588,7 +615,14 @@ class CompareConfig:
 
     out: str = "runs/toy/compare"
     seed: int = 0  # image j of prompt i uses the seed derived from (seed, i, j) for every model
-    models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
+    # the toy demo's three: the base model, and it with the DPO and with the SPO LoRA
+    models: list[ModelSpec] = field(
+        default_factory=lambda: [
+            ModelSpec(),
+            ModelSpec(name="dpo", lora="runs/toy/dpo/final"),
+            ModelSpec(name="spo", lora="runs/toy/spo/final"),
+        ]
+    )
     # a txt / json / jsonl / parquet file, a saved dataset or a hub dataset
     prompts: str = "runs/toy/world/prompts/eval.txt"
     prompt_column: str = "caption"
@@ -596,11 +630,12 @@ class CompareConfig:
     category_column: str | None = "category"  # per-category tables when the prompts have one
     max_prompts: int | None = None  # only the first N prompts
     images_per_prompt: int = 4
-    num_inference_steps: int = 20  # method.md 4: DDIM, 20 steps, CFG 5.0
-    guidance_scale: float = 5.0
-    batch_size: int = 16  # images per generation call
+    num_inference_steps: int = 20  # method.md 4: DDIM, 20 steps (and CFG 5.0)
+    guidance_scale: float = TOY_GUIDANCE  # the toy world's CFG (method.md 4: 5.0)
+    batch_size: int = 32  # images per generation call
     dtype: str = "float32"  # float32 | float16 | bfloat16 for generation
-    scorers: list[str] = field(default_factory=lambda: ["oracle"])  # see spo.evaluation.scorers
+    # the oracle (the toy world's ground truth) and the toy SPM at t = 0; see spo.evaluation.scorers
+    scorers: list[str] = field(default_factory=lambda: ["oracle", "spm:runs/toy/spm/final"])
     bootstrap: int = 1000  # resamples of the prompts for the 95% intervals
     grid_prompts: int = 8  # prompts shown in the report's image grid
 

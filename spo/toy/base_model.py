@@ -30,7 +30,7 @@ def load_base_pipeline(path: str | Path, device: str = "cpu"):
     (its weights are stored in fp16 to keep the repository small)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
