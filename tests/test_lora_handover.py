@@ -158,7 +158,7 @@ def test_model_card_names_the_run(trained):
         "| beta | 2000 |",
         "| learning rate | 0.05 |",
         "| step | 3 |",
-        f"| loss | {summary['final_metrics']['loss']:.4g} |",
+        f"| train/loss | {summary['final_metrics']['train/loss']:.4g} |",
         f'pipe.load_lora_weights("{final}")',
         f'PeftModel.from_pretrained(pipe.unet, "{final}")',
     ):
