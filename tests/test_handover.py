@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import dpo_args, judge_training_args, one_error_line, spo_args
+from safetensors.torch import load_file
 
 import spo
 from spo.cli import main
@@ -26,6 +28,11 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """Equal tensors (the files' bytes may differ: safetensors orders its metadata freely)."""
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -76,12 +83,12 @@ def test_a_finished_run_is_not_trained_again(mini_world, tmp_path, capsys):
     state = json.loads((out / "checkpoints/step-4/trainer_state.json").read_text())
     assert state["finished"] and state["final_written"]  # the last step is checkpointed
     before = (out / "metrics.jsonl").read_text()
-    weights = (out / "final/pytorch_lora_weights.safetensors").read_bytes()
+    weights = load_file(out / "final/pytorch_lora_weights.safetensors")
     capsys.readouterr()
     assert main(dpo_args(mini_world, out)) == 0
     assert "already finished (final/ written); nothing to do" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_text() == before
-    assert (out / "final/pytorch_lora_weights.safetensors").read_bytes() == weights
+    assert_same(load_file(out / "final/pytorch_lora_weights.safetensors"), weights)
     # killed while writing final/: the rerun writes it from the last step's checkpoint,
     # training no step again
     (out / "final/pytorch_lora_weights.safetensors").unlink()
@@ -90,7 +97,7 @@ def test_a_finished_run_is_not_trained_again(mini_world, tmp_path, capsys):
     assert main(dpo_args(mini_world, out)) == 0
     steps = [r["step"] for r in metrics(out) if "train/loss" in r]
     assert steps == [1, 2, 3, 4]
-    assert (out / "final/pytorch_lora_weights.safetensors").read_bytes() == weights
+    assert_same(load_file(out / "final/pytorch_lora_weights.safetensors"), weights)
     # more steps asked for: it trains on from step 4
     assert main(dpo_args(mini_world, out, "max_steps=6")) == 0
     steps = [r["step"] for r in metrics(out) if "train/loss" in r]

@@ -140,7 +140,7 @@ def test_a_world_of_lonely_rank_zeros_is_refused(mini_world, tmp_path):
     run = torchrun(dpo_args(mini_world, tmp_path / "x"), cpu=False)
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("spo: error:")]
-    assert len(errors) == 2 and "each sees a world of 1" in errors[0]
+    assert errors and "each sees a world of 1" in errors[0]  # two ranks may share a line
     assert not (tmp_path / "x").exists()
 
 

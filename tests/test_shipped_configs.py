@@ -53,7 +53,7 @@ def test_the_defaults_are_the_toy_experiment(command: str):
 def test_the_defaults_hold_the_toy_values_the_docs_report():
     dpo = COMMAND_CONFIGS["train-dpo"]()
     assert (dpo.beta, dpo.optim.lr, dpo.batch_size, dpo.max_steps) == (2000.0, 1e-3, 16, 300)
-    assert dpo.validation_images.guidance_scale == 2.0 and dpo.mixed_precision == "no"
+    assert dpo.validation_images.guidance_scale == 2.0 and dpo.mixed_precision is None
     spo = COMMAND_CONFIGS["train-spo"]()
     assert (spo.sampler.guidance_scale, spo.optim.lr, spo.batch_size) == (2.0, 5e-4, 32)
     assert (spo.sampler.k, spo.policy.lora_rank, spo.sample_batch_size) == (4, 4, 40)

@@ -147,7 +147,7 @@ def test_result_loads_in_stock_diffusers(mini_world, tiny_spm, tmp_path):
     assert stock_lora_change(mini_world / "base_model", out / "final", "a red circle", 4) > 1e-4
     card = (out / "final/README.md").read_text()  # the model card: method, settings, metrics
     assert "# SPO LoRA for" in card and "| beta | 10 |" in card and "| LoRA alpha | 4 |" in card
-    assert f"| loss | {summary['final_metrics']['loss']:.4g} |" in card
+    assert f"| train/loss | {summary['final_metrics']['train/loss']:.4g} |" in card
     peft = json.loads((out / "final/adapter_config.json").read_text())
     assert (peft["r"], peft["lora_alpha"]) == (4, 4)
 
