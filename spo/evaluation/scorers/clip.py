@@ -179,21 +179,21 @@ def pickscore_scorer(source: str, device: str) -> Scorer:
 
 
 def hpsv2_scorer(source: str, device: str) -> Scorer:
-    """HPSv2.1: cos(image, prompt) of open_clip ViT-H-14 with the HPS weights, in [-1, 1].
+    """HPSv2.1: 100 * cos(image, prompt) of open_clip ViT-H-14 with the HPS weights, in
+    [-100, 100]: the scale of the published tables (method.md), which print 100 x what
+    `hpsv2.score` returns (the diagonal of normalised image @ text features).
 
-    Exactly what `hpsv2.score` returns (the diagonal of normalised image @ text features), NOT
-    multiplied by 100; papers (and method.md's table) report 100 * this. Preprocessing is HPSv2's
-    eval transform: longer side to 224 (bicubic), centred black padding, OpenAI CLIP mean / std
-    (for square images: a plain resize to 224). Tokens: open_clip's ViT-H-14 tokenizer (77).
-    `source`: the weights file (`HPS_v2.1_compressed.pt`, a `{"state_dict": ...}` checkpoint or
-    a plain state dict, a `module.` prefix allowed), a folder holding it, or a hub repo
-    (`xswu/HPSv2`).
+    Preprocessing is HPSv2's eval transform: longer side to 224 (bicubic), centred black
+    padding, OpenAI CLIP mean / std (for square images: a plain resize to 224). Tokens:
+    open_clip's ViT-H-14 tokenizer (77). `source`: the weights file (`HPS_v2.1_compressed.pt`,
+    a `{"state_dict": ...}` checkpoint or a plain state dict, a `module.` prefix allowed), a
+    folder holding it, or a hub repo (`xswu/HPSv2`).
     """
     weights = weights_file(source, HPS_FILENAME, "HPSv2")
     clip = open_clip_model(HPS_ARCH, device)
     load_weights(clip.model, weights)
     transform = dataclasses.replace(clip.transform, resize_mode="longest")
-    return CLIPCosineScorer(clip.model, clip.tokenizer, transform, device=device)
+    return CLIPCosineScorer(clip.model, clip.tokenizer, transform, scale=100.0, device=device)
 
 
 def clip_scorer(arg: str, device: str) -> Scorer:
