@@ -57,7 +57,8 @@ def check_models(cfg: CompareConfig) -> None:
 
 
 def load_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> DiffusionModel:
-    """The pipeline of `spec` with its LoRA or UNet in place; one line if they do not fit."""
+    """The pipeline of `spec` with its LoRA or UNet in place; one line if they do not fit.
+    That they exist is `check_models`'s, run first."""
     from diffusers import UNet2DConditionModel
 
     model = DiffusionModel.from_pretrained(
@@ -65,8 +66,6 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> DiffusionMod
     )
     if spec.lora is not None:
         path = Path(spec.lora)
-        if not path.exists():
-            raise ConfigError(f"model '{spec.name}': LoRA not found: {path}" + _hint(path))
         try:
             model.pipe.load_lora_weights(str(path))
         except Exception as e:  # diffusers / peft raise many kinds on a mismatch
@@ -77,8 +76,6 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> DiffusionMod
         _check_lora_fits(spec, path, model)
     if spec.unet is not None:
         path = Path(spec.unet)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model '{spec.name}': no UNet folder at {path}" + _hint(path))
         unet = UNet2DConditionModel.from_pretrained(str(path), dtype=dtype)
         for key in _UNET_KEYS:
             if unet.config.get(key) != model.unet.config.get(key):
