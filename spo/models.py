@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from spo.ddim import add_noise, cfg_combine, predict_x0
+from spo.ddim import add_noise, cfg_combine, predict_epsilon, predict_x0
 from spo.errors import ConfigError
 
 Family = Literal["sd", "sdxl"]
@@ -274,6 +274,16 @@ class DiffusionModel:
         out = self.unet_forward(unet, torch.cat([x, x]).to(dtype), timesteps, cond).float()
         e_c, e_u = out.chunk(2)
         return cfg_combine(e_u, e_c, scale)
+
+    def guided_epsilon(
+        self, unet, x: Tensor, t: int | Tensor, cond: TextConditioning, scale: float
+    ) -> Tensor:
+        """`guided_output` as a noise estimate: the output itself for epsilon models, the
+        epsilon implied by it for v-prediction ones (what the DDIM step and its
+        log-probability need; guidance commutes with the conversion, which is linear)."""
+        out = self.guided_output(unet, x, t, cond, scale)
+        timesteps = torch.as_tensor(t, device=x.device).long().expand(x.shape[0])
+        return predict_epsilon(x, out, self.alpha_bar(timesteps), self.prediction_type)
 
     # ------------------------------------------------------------------------------ schedule
 

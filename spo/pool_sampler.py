@@ -8,7 +8,11 @@ the best and the worst candidate form a pair, kept when the softmax gap of their
 the threshold; the next x_t is one candidate chosen uniformly at random (or the winner / loser,
 the paper's ablation) and its UNet output is reused. With `inner_steps` > 0 (the SDXL variant)
 every candidate continues that many ordinary steps before being scored, and the whole win and
-lose chains are kept.
+lose chains are kept; training makes each of a segment's transitions its own pair
+(`KeptPairs.transitions`, the release) or sums the chain (`segment_pairs=chain`).
+
+The model output is turned into a noise estimate first (`DiffusionModel.guided_epsilon`), so
+v-prediction models sample and score with the right log-probabilities (method.md 3).
 """
 
 from __future__ import annotations
@@ -27,14 +31,17 @@ from spo.models import DiffusionModel, TextConditioning
 @dataclass(kw_only=True)
 class KeptPairs:
     """Kept (win, lose) segments, on the CPU. A segment starts at `start` (x_t) and takes
-    L transitions; `timesteps` holds t_0 (of x_t) and the L timesteps reached."""
+    L transitions; `timesteps` holds t_0 (of x_t) and the L timesteps reached. `lose_start`
+    is None when both chains leave the same x_t (a pair straight from the sampler), else the
+    lose chain's own start (a later transition of a segment, `transitions`)."""
 
-    start: Tensor  # (M, C, h, w)
+    start: Tensor  # (M, C, h, w); the win chain's start
     win: Tensor  # (M, L, C, h, w)
     lose: Tensor  # (M, L, C, h, w)
     timesteps: Tensor  # (M, L + 1), long; -1 stands for the final clean sample
     prompt: list[str]  # (M,)
     score_gap: Tensor  # (M,) s_w - s_l
+    lose_start: Tensor | None = None  # (M, C, h, w) or None: the same as `start`
 
     def __len__(self) -> int:
         return self.start.shape[0]
@@ -48,14 +55,44 @@ class KeptPairs:
             timesteps=self.timesteps[idx],
             prompt=[self.prompt[i] for i in idx.tolist()],
             score_gap=self.score_gap[idx],
+            lose_start=None if self.lose_start is None else self.lose_start[idx],
         )
+
+    def transitions(self) -> KeptPairs:
+        """Each of a segment's L transitions as its own pair, as the released SDXL code trains
+        them: transition j goes from the win chain's state j - 1 to its state j against the
+        same for the lose chain (j = 0: both from the shared x_t), each with its own ratio
+        clamp in the loss. Single-transition pairs are returned as they are."""
+        length = self.win.shape[1] if len(self) else 1
+        if length == 1:
+            return self
+        parts = []
+        for j in range(length):
+            parts.append(
+                KeptPairs(
+                    start=self.start if j == 0 else self.win[:, j - 1],
+                    lose_start=self.start if j == 0 else self.lose[:, j - 1],
+                    win=self.win[:, j : j + 1],
+                    lose=self.lose[:, j : j + 1],
+                    timesteps=self.timesteps[:, j : j + 2],
+                    prompt=self.prompt,
+                    score_gap=self.score_gap,
+                )
+            )
+        return KeptPairs.cat(parts)
 
     @staticmethod
     def cat(parts: list[KeptPairs]) -> KeptPairs:
         parts = [p for p in parts if len(p)]
         if not parts:
             return KeptPairs.empty()
+        separate = any(p.lose_start is not None for p in parts)
         return KeptPairs(
+            lose_start=(
+                torch.cat([p.start if p.lose_start is None else p.lose_start for p in parts])
+                if separate
+                else None
+            ),
             start=torch.cat([p.start for p in parts]),
             win=torch.cat([p.win for p in parts]),
             lose=torch.cat([p.lose for p in parts]),
@@ -73,8 +110,11 @@ class KeptPairs:
 
 class Schedule:
     """The sampler's timesteps and their cumulative alphas (DDIM's `leading` spacing with the
-    pipeline's offset: 951, 901, ..., 1 for SD). The step after the last one reaches the
-    'final' alpha (timestep -1 here)."""
+    pipeline's offset: 951, 901, ..., 1 for SD). The step after the last one (timestep -1
+    here, the clean sample) reaches alpha_bar[0] (0.99915 for SD), as the released code's
+    clamp of the previous timestep to 0 does, whatever the scheduler's `set_alpha_to_one`:
+    with alpha 1 the last step would have sigma 0, identical candidates and no
+    log-probability."""
 
     def __init__(self, model: DiffusionModel, num_steps: int) -> None:
         sched = model.scheduler
@@ -82,7 +122,6 @@ class Schedule:
         self.timesteps = [int(t) for t in sched.timesteps]
         self.stride = model.num_train_timesteps // num_steps
         self.alphas = model.alphas_cumprod
-        self.final_alpha = float(sched.final_alpha_cumprod)
 
     def sigma(self, t: int, eta: float = 1.0) -> float:
         """The DDIM standard deviation of the step that leaves t."""
@@ -95,10 +134,10 @@ class Schedule:
         return prev if prev >= 0 else -1
 
     def alpha(self, t: int | Tensor, n: int, device: torch.device) -> Tensor:
-        """Cumulative alpha of timestep t (one int for n rows, or one per row); -1: final."""
+        """Cumulative alpha of timestep t (one int for n rows, or one per row); -1 (the clean
+        sample) has alpha_bar[0]."""
         t = torch.as_tensor(t).long().expand(n).cpu()
-        alphas = self.alphas.cpu()[t.clamp(min=0)]
-        return torch.where(t < 0, torch.tensor(self.final_alpha), alphas).to(device)
+        return self.alphas.cpu()[t.clamp(min=0)].to(device)
 
 
 # (decoded images in [-1, 1] or, for a latent judge, latents; prompts; t) -> scores (N,)
@@ -152,7 +191,7 @@ class PoolSampler:
         while i < n:
             t = ts[i]
             if eps is None:
-                eps = model.guided_output(unet, x, t, cond1, s.guidance_scale)
+                eps = model.guided_epsilon(unet, x, t, cond1, s.guidance_scale)
             if i < s.divert_step:
                 x, _ = self._step(x, eps, t, generator)
                 eps, i = None, i + 1
@@ -169,7 +208,7 @@ class PoolSampler:
                 eps_c = (
                     None
                     if last
-                    else model.guided_output(unet, cand, ts[i + j + 1], condk, s.guidance_scale)
+                    else model.guided_epsilon(unet, cand, ts[i + j + 1], condk, s.guidance_scale)
                 )
             t_end = reached[-1]
             t_score = 0 if eps_c is None else t_end  # clean samples are judged at t = 0
@@ -249,29 +288,31 @@ def chain_log_probs(
     share_start: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probability of each kept pair's win and lose chains under `unet`, (M,) each:
-    for every transition s_j -> s_{j+1} (s_0 = the shared start x_t), the guided model output
-    at s_j and the DDIM Gaussian's density. Differentiable with respect to the UNet when called
+    for every transition s_j -> s_{j+1} (s_0 = the start x_t), the guided noise estimate at
+    s_j and the DDIM Gaussian's density. Differentiable with respect to the UNet when called
     with gradients enabled.
 
-    `share_start`: a pair's win and lose transitions leave the same x_t, so its first UNet call
-    is made once and used for both (half the UNet rows of the first transition; the same math).
-    False runs it twice, as the released code does."""
+    `share_start`: when a pair's win and lose transitions leave the same x_t (`lose_start`
+    None), its first UNet call is made once and used for both (half the UNet rows of the
+    first transition; the same math). False runs it twice, as the released code does."""
     device = model.device
     m, length = pairs.win.shape[:2]
     text = model.encode_text(pairs.prompt)
     cond = TextConditioning.cat([text, text, model.empty_text(2 * m)])
-    state = pairs.start.to(device).repeat(2, *([1] * (pairs.start.ndim - 1)))
+    lose_start = pairs.start if pairs.lose_start is None else pairs.lose_start
+    state = torch.cat([pairs.start, lose_start]).to(device)
+    shared = share_start and pairs.lose_start is None
     chains = torch.cat([pairs.win, pairs.lose]).to(device)
     timesteps = pairs.timesteps.repeat(2, 1)
     total = torch.zeros(2 * m, device=device)
     for j in range(length):
         t, t_next = timesteps[:, j], timesteps[:, j + 1]
-        if j == 0 and share_start:
+        if j == 0 and shared:
             once = TextConditioning.cat([text, model.empty_text(m)])
-            eps = model.guided_output(unet, state[:m], t[:m].to(device), once, guidance_scale)
+            eps = model.guided_epsilon(unet, state[:m], t[:m].to(device), once, guidance_scale)
             eps = torch.cat([eps, eps])
         else:
-            eps = model.guided_output(unet, state, t.to(device), cond, guidance_scale)
+            eps = model.guided_epsilon(unet, state, t.to(device), cond, guidance_scale)
         nxt = chains[:, j]
         _, logp = ddim_step_with_logprob(
             state,

@@ -142,7 +142,7 @@ def test_dynamic_threshold_follows_the_step_noise(mini_world):
 
     def sigma(t):  # eta = 1 DDIM standard deviation, by hand
         a = float(model.alphas_cumprod[t])
-        prev = float(model.alphas_cumprod[t - 50]) if t >= 50 else sch.final_alpha
+        prev = float(model.alphas_cumprod[max(t - 50, 0)])  # the last step reaches alpha_bar[0]
         return math.sqrt((1 - prev) / (1 - a) * (1 - a / prev))
 
     sigmas = {t: sigma(t) for t in sch.timesteps}

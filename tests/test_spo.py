@@ -13,6 +13,7 @@ from helpers import assert_resume_is_exact, one_error_line, spo_args, stock_lora
 from tiny_pipelines import build_tiny_sdxl
 
 import preference_model
+import spo.commands.train_spo
 from spo.cli import main
 from spo.config import PolicyConfig, SamplerConfig
 from spo.losses import spo_loss
@@ -217,3 +218,57 @@ def test_a_run_that_kept_no_pair_writes_no_result(mini_world, tiny_spm, tmp_path
     assert "SPO made no optimiser step (0 pairs kept in 2 epochs" in line
     assert "lower sampler.threshold" in line
     assert not any((out / "final").iterdir())
+
+
+def test_every_sampling_batch_is_trained_on_before_the_next_is_drawn(
+    mini_world,
+    tiny_spm,
+    tmp_path,
+    monkeypatch,
+):
+    """Items 7 and the release's loop: 2 prompts, one per sampling batch, 4 kept pairs each
+    (threshold 0, 4 trained steps), batch_size 3: micro-batches of 3 and 1, both trained
+    (2 optimiser steps per sampling batch), and the second batch is sampled by the updated
+    policy."""
+    seen = []
+    sample = PoolSampler.sample
+
+    def recording(self, unet, prompts, generator):
+        lora = [p for n, p in unet.named_parameters() if "lora" in n]
+        seen.append(float(sum(p.detach().abs().sum() for p in lora)))
+        return sample(self, unet, prompts, generator)
+
+    monkeypatch.setattr(spo.commands.train_spo.PoolSampler, "sample", recording)
+    out = tmp_path / "spo"
+    args = spo_args(mini_world, tiny_spm, out, "sample_batch_size=1", "batch_size=3")
+    assert main(args) == 0
+    summary = json.loads((out / "final" / "train_summary.json").read_text())
+    assert summary["step"] == 2 * 2 * 2  # 2 epochs x 2 sampling batches x 2 micro-batches
+    assert len(seen) == 4 and len(set(seen)) == 4  # every sampling batch saw new weights
+
+
+@pytest.mark.parametrize("segment_pairs, pairs_per_batch", [("transitions", 4), ("chain", 2)])
+def test_sdxl_style_segments_are_split_unless_asked(
+    mini_world,
+    tiny_spm,
+    tmp_path,
+    segment_pairs,
+    pairs_per_batch,
+):
+    """Item 1 in the trainer: 2 trained steps as one segment of 2 transitions (inner_steps 1)
+    give 2 pairs per prompt by default, 1 with segment_pairs=chain."""
+    out = tmp_path / segment_pairs
+    args = spo_args(
+        mini_world,
+        tiny_spm,
+        out,
+        "sampler.num_steps=4",
+        "sampler.inner_steps=1",
+        "max_epochs=1",
+        f"segment_pairs={segment_pairs}",
+        "batch_size=100",
+    )
+    assert main(args) == 0
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    kept = [m["train/kept_pairs"] for m in logged if "train/kept_pairs" in m]
+    assert kept == [pairs_per_batch]

@@ -1,15 +1,18 @@
 """`spo train-spo`: step-aware preference optimisation (method.md section 3).
 
-Each epoch: a sampling pass over this process's share of the prompts with the current policy
-(`pool_sampler.PoolSampler`, judged by the SPM), the kept pairs of all processes gathered and
-shuffled, then training micro-batches: the log-probability of every stored win and lose
-transition under the policy and under the reference (LoRA: adapters disabled), and the SPO loss
-(`spo.losses.spo_loss`). Checkpoints are written at epoch ends, so a resumed run repeats exactly
-the epochs an uninterrupted one would run.
+Each epoch, as the released code: the prompts shuffled and shared out; for each sampling batch,
+a sampling pass with the current policy (`pool_sampler.PoolSampler`, judged by the SPM), the
+kept pairs of all processes gathered (a multi-step segment split into its transitions), shuffled
+and dealt out equally, then training micro-batches on them (the last one may be smaller): the
+log-probability of every stored win and lose transition under the policy and under the
+reference (LoRA: adapters disabled), and the SPO loss (`spo.losses.spo_loss`). The next
+sampling batch is drawn by the updated policy. Checkpoints are written at epoch ends, so a
+resumed run repeats exactly the epochs an uninterrupted one would run.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -119,11 +122,9 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         epoch, kept_total = resumed.get("epoch", 0), 0
         loop.baseline_images(model)
         while loop.running() and epoch < cfg.max_epochs:
-            pairs, stats = _sampling_epoch(cfg, accelerator, sampler, policy, prompts, epoch)
-            pairs = _gather(accelerator, pairs)
-            kept_total += len(pairs)
-            loop.logger.log(loop.step, {"epoch": epoch, "kept_pairs": len(pairs), **stats})
-            _training_epoch(cfg, loop, model, sampler, policy, pairs, epoch)
+            kept, stats = _epoch(cfg, loop, model, sampler, policy, prompts, epoch)
+            kept_total += kept
+            loop.logger.log(loop.step, {"epoch": epoch, "kept_pairs": kept, **stats})
             epoch += 1
             if loop.due(cfg.checkpoint_every, epoch):
                 loop.save_checkpoint({"epoch": epoch, "mode": cfg.policy.mode})
@@ -135,11 +136,10 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             "family": model.family,
             "final_metrics": loop.last_logged,
         }
-        needed = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
         idle = (
-            f"{kept_total} pairs kept in {epoch} epochs, each epoch needs {needed} for one step "
-            "(batch_size x processes x gradient_accumulation_steps); lower sampler.threshold "
-            "or give more prompts"
+            f"{kept_total} pairs kept in {epoch} epochs; a sampling batch trains only when it "
+            f"keeps at least one pair per process ({accelerator.num_processes}); lower "
+            "sampler.threshold or give more prompts"
         )
         state = {"epoch": epoch, "mode": cfg.policy.mode}
         card = model_card(
@@ -172,6 +172,8 @@ def card_settings(cfg: SPOTrainConfig, num_processes: int) -> dict:
         ),
         "beta": cfg.beta,
         "ratio_clip": cfg.ratio_clip,
+        "segment pairs": cfg.segment_pairs if s.inner_steps else "single transitions",
+        "gradient clipping": cfg.optim.max_grad_norm or "none (as the release)",
         "learning rate": cfg.optim.lr,
         "lr schedule": f"{cfg.optim.lr_schedule}, {cfg.optim.warmup_steps} warm-up steps",
         "kept pairs per step": cfg.batch_size * cfg.gradient_accumulation_steps * num_processes,
@@ -182,61 +184,79 @@ def card_settings(cfg: SPOTrainConfig, num_processes: int) -> dict:
     }
 
 
-def _sampling_epoch(cfg, accelerator, sampler, policy, prompts, epoch):
-    """This process's share of the epoch's prompts, sampled in batches with the policy."""
+def round_batches(
+    n_pairs: int, num_processes: int, rank: int, batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
+    """How the released code deals one sampling batch's gathered pairs out: one permutation
+    shared by every process, n_pairs // num_processes pairs to each (the remainder is not
+    trained), cut into micro-batches of `batch_size` of which the last may be smaller."""
+    order = torch.randperm(n_pairs, generator=generator).tolist()
+    each = n_pairs // num_processes
+    mine = order[rank * each : (rank + 1) * each]
+    return [mine[i : i + batch_size] for i in range(0, each, batch_size)]
+
+
+def _epoch(cfg, loop, model, sampler, policy, prompts, epoch) -> tuple[int, dict]:
+    """One epoch: every sampling batch (this process's share of the shuffled prompts) sampled
+    with the current policy, then trained on. Returns the pairs kept by all processes and the
+    sampler's mean statistics."""
+    accelerator = loop.accelerator
     order = torch.randperm(len(prompts), generator=seeded_generator(cfg.seed, epoch)).tolist()
     mine = order[accelerator.process_index :: accelerator.num_processes]
-    kept, stats = [], []
-    policy.unet.eval()
-    batches = range(0, len(mine), cfg.sample_batch_size)
-    for b, start in enumerate(
-        tqdm(
-            batches,
-            desc=f"sample epoch {epoch}",
-            leave=False,
-            disable=not accelerator.is_main_process,
-        )
+    # the same number of sampling batches on every process (each one gathers)
+    share = math.ceil(len(prompts) / accelerator.num_processes)
+    rounds = math.ceil(share / cfg.sample_batch_size)
+    kept, stats = 0, []
+    for b in tqdm(
+        range(rounds),
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=not accelerator.is_main_process,
     ):
-        texts = [prompts[i] for i in mine[start : start + cfg.sample_batch_size]]
-        gen = seeded_generator(cfg.seed, epoch, b, accelerator.process_index)
-        pairs, st = sampler.sample(policy.unet, texts, gen)
-        kept.append(pairs)
-        stats.append(st)
-    policy.unet.train()
+        texts = [prompts[i] for i in mine[b * cfg.sample_batch_size :][: cfg.sample_batch_size]]
+        pairs = KeptPairs.empty()
+        if texts:
+            policy.unet.eval()
+            gen = seeded_generator(cfg.seed, epoch, b, accelerator.process_index)
+            pairs, st = sampler.sample(policy.unet, texts, gen)
+            stats.append(st)
+            policy.unet.train()
+        pairs = _gather(accelerator, pairs)
+        if cfg.segment_pairs == "transitions":
+            pairs = pairs.transitions()
+        kept += len(pairs)
+        if not _train_round(cfg, loop, model, sampler, policy, pairs, (epoch, b)):
+            break
     mean = {k: float(np.mean([st[k] for st in stats])) for k in stats[0]} if stats else {}
-    return KeptPairs.cat(kept), mean
+    return kept, mean
 
 
-def _training_epoch(
-    cfg: SPOTrainConfig,
-    loop: TrainLoop,
-    model: DiffusionModel,
-    sampler: PoolSampler,
-    policy: Policy,
-    pairs: KeptPairs,
-    epoch: int,
-) -> None:
-    """Train on the gathered pairs: a shuffled permutation, each process its slice. An epoch
-    ends on a whole optimiser step (micro-batches that would not fill one are dropped), so that
-    accelerate's accumulation count, which runs on across epochs, agrees with ours."""
+def _train_round(cfg, loop, model, sampler, policy, pairs: KeptPairs, key) -> bool:
+    """Train on one sampling batch's gathered pairs (`round_batches`). Its last micro-batch
+    ends an optimiser step even when fewer than gradient_accumulation_steps were accumulated,
+    so that no gradient is pending at a checkpoint (method.md's differences). Returns False
+    once the run is out of steps or time."""
     accelerator, unet = loop.accelerator, loop.model
-    per_step = cfg.batch_size * accelerator.num_processes
+    batches = round_batches(
+        len(pairs),
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.batch_size,
+        seeded_generator(cfg.seed, *key, 1),
+    )
     accum = cfg.gradient_accumulation_steps
-    n_batches = len(pairs) // per_step // accum * accum
-    if n_batches == 0:
-        return
-    order = torch.randperm(len(pairs), generator=seeded_generator(cfg.seed, epoch, 1)).tolist()
-    for b in range(n_batches):
-        start = b * per_step + accelerator.process_index * cfg.batch_size
-        batch = pairs.index(order[start : start + cfg.batch_size])
+    settings = {
+        "schedule": sampler.schedule,
+        "guidance_scale": cfg.sampler.guidance_scale,
+        "eta": cfg.sampler.eta,
+        "share_start": cfg.speed.share_start,
+    }
+    for b, rows in enumerate(batches):
+        batch = pairs.index(rows)
+        if b == len(batches) - 1:
+            accelerator.step = accum - 1  # accelerate's count: the next micro-batch syncs
         with accelerator.accumulate(unet):
             with accelerator.autocast():
-                settings = {
-                    "schedule": sampler.schedule,
-                    "guidance_scale": cfg.sampler.guidance_scale,
-                    "eta": cfg.sampler.eta,
-                    "share_start": cfg.speed.share_start,
-                }
                 logp_w, logp_l = chain_log_probs(model, unet, batch, **settings)
                 with policy.reference(unet) as reference:
                     ref_w, ref_l = chain_log_probs(model, reference, batch, **settings)
@@ -244,6 +264,7 @@ def _training_epoch(
                 logp_w, ref_w, logp_l, ref_l, cfg.beta, cfg.ratio_clip
             )
             loop.optimizer_step(loss)
+            synced = accelerator.sync_gradients
         loop.logger.add(
             loss=loss.item(),
             ratio_win=ratio_w.mean().item(),
@@ -251,9 +272,10 @@ def _training_epoch(
             clamp_share=clipped.item(),
             score_gap_kept=batch.score_gap.mean().item(),
         )
-        if (b + 1) % accum:
+        if not synced:
             continue
         loop.end_step()
         loop.periodic_images(model)
         if not loop.running():
-            break
+            return False
+    return True

@@ -561,12 +561,21 @@ class SPOTrainConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     beta: float = 10.0
     ratio_clip: float | None = 0.1  # clamp of the policy/reference ratio (None: the paper's form)
-    sample_batch_size: int = 40  # prompts per process per sampling batch
+    # with sampler.inner_steps > 0: transitions (the release: each of a segment's transitions
+    # its own pair with its own clamp) | chain (a segment's log-probabilities summed, one clamp)
+    segment_pairs: str = "transitions"
+    # prompts per process per sampling batch; the kept pairs of each sampling batch (all
+    # processes) are trained on before the next one is sampled, as in the release
+    sample_batch_size: int = 40
     max_epochs: int = 4  # sampling epochs over the prompts (the run also stops at max_steps)
     # lr 5e-4 (the SD1.5 release: 6e-5): 1e-3 peaks sooner, then over-optimises the toy SPM
-    # (docs/benchmarks.md)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=1e-4))
-    batch_size: int = 32  # kept pairs per process per micro-batch
+    # (docs/benchmarks.md); no gradient clipping, which is what the released code does (its
+    # clip is a no-op, method.md 3); optim.max_grad_norm=1.0 clips
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=1e-4, max_grad_norm=0.0)
+    )
+    # kept pairs per process per micro-batch; a sampling batch's last one may be smaller
+    batch_size: int = 32
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000  # optimiser steps
     max_minutes: float | None = None  # wall-clock budget, checked after every step
@@ -590,6 +599,12 @@ class SPOTrainConfig:
         self.sampler.validate()
         self.speed.validate()
         _require(self.judge in ("pixel", "latent"), "judge", self.judge, "must be pixel or latent")
+        _require(
+            self.segment_pairs in ("transitions", "chain"),
+            "segment_pairs",
+            self.segment_pairs,
+            "must be transitions or chain",
+        )
         _require(math.isfinite(self.beta) and self.beta > 0, "beta", self.beta, "must be > 0")
         clip = self.ratio_clip
         _require(clip is None or 0 < clip < 1, "ratio_clip", clip, "must be in (0, 1) or null")
