@@ -44,17 +44,52 @@ def _args(world: Path, out: Path, *extra: str) -> list[str]:
 # ------------------------------------------------------------------------------ math
 
 
-def test_preference_loss_hand_values():
-    s0, s1 = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 3.0])
-    labels = torch.tensor([[1.0, 0.0], [0.5, 0.5], [1.0, 0.0]])
-    ce = [math.log(1 + math.exp(-1)), math.log(2), math.log(1 + math.exp(2))]
+def test_preference_loss_hand_values_with_the_tie_offset():
+    """Cross-entropy against the soft labels plus log 0.5 for a tie, weighted by w / sum(w):
+    p0 = 3/4 for scores (ln 3, 0), so a won pair costs ln(4/3), a tie at those scores
+    -(ln(3/4) + ln(1/4)) / 2 + ln(1/2) = ln(4/3) / 2, and a tie at equal scores 0."""
+    ln3 = math.log(3)
+    s0, s1 = torch.tensor([ln3, ln3, 2.0, 0.0]), torch.tensor([0.0, 0.0, 2.0, ln3])
+    labels = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])
+    per_pair = [math.log(4 / 3), math.log(4 / 3) / 2, 0.0, math.log(4)]
     loss, p0 = preference_loss(s0, s1, labels)
-    assert math.isclose(loss.item(), sum(ce) / 3, rel_tol=1e-6)
-    assert math.isclose(p0[0].item(), 1 / (1 + math.exp(-1)), rel_tol=1e-6)
-    weights = torch.tensor([1.0, 0.5, 0.25])  # 1 / examples per prompt
+    assert loss.item() == pytest.approx(sum(per_pair) / 4, rel=1e-6)
+    assert p0.tolist() == pytest.approx([0.75, 0.75, 0.5, 0.25], rel=1e-6)
+    weights = torch.tensor([1 / 2, 1 / 2, 1.0, 1 / 4])  # 1 / pairs per caption
     loss_w, _ = preference_loss(s0, s1, labels, weights)
-    expected = (ce[0] + 0.5 * ce[1] + 0.25 * ce[2]) / 1.75
-    assert math.isclose(loss_w.item(), expected, rel_tol=1e-6)
+    assert loss_w.item() == pytest.approx((3 * math.log(4 / 3) + math.log(4)) / 9, rel=1e-6)
+    half, _ = preference_loss(s0[:2], s1[:2], labels[:2], weights[:2], weight_total=9 / 4)
+    assert half.item() == pytest.approx(3 * math.log(4 / 3) / 9, rel=1e-6)
+    nothing, _ = preference_loss(s0[:1], s1[:1], labels[:1], torch.zeros(1), weight_total=0.0)
+    assert nothing.item() == 0.0  # a stand-in batch on every process
+
+
+def test_shares_over_processes_give_the_gathered_batch_loss_and_gradient():
+    """Two processes, each back-propagating 2 x its share (its pairs' w * l over the whole
+    batch's sum of w), leave after DDP's mean exactly the gradient of the released loss of the
+    gathered batch; normalising each process by its own weights (the old way) does not."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(5, 2, 3, generator=gen)
+    labels = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    weights = torch.tensor([1.0, 1 / 3, 1 / 3, 1 / 3, 1 / 2])
+    theta = torch.randn(3, generator=gen)
+
+    def run(rows: slice, weight_total=None, scale: float = 1.0):
+        t = theta.clone().requires_grad_(True)
+        s = features[rows] @ t
+        loss, _ = preference_loss(
+            s[:, 0], s[:, 1], labels[rows], weights[rows], weight_total=weight_total
+        )
+        (scale * loss).backward()
+        return loss.item(), t.grad
+
+    whole, grad = run(slice(0, 5))
+    ranks = [slice(0, 2), slice(2, 5)]
+    shares = [run(rows, weights.sum(), scale=2) for rows in ranks]
+    assert sum(loss for loss, _ in shares) == pytest.approx(whole, rel=1e-6)
+    assert torch.allclose((shares[0][1] + shares[1][1]) / 2, grad, atol=1e-6)
+    own = [run(rows)[1] for rows in ranks]
+    assert not torch.allclose((own[0] + own[1]) / 2, grad, atol=1e-2)
 
 
 def test_pairwise_accuracy_skips_ties_and_halves_equal_scores():

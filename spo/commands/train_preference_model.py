@@ -216,6 +216,28 @@ def relabel_by_backbone(
     return labels
 
 
+def loss_over_processes(
+    accelerator, scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The released criterion over the micro-batch of every process together.
+
+    The release gathers every process's pairs with a differentiable all_gather, so each
+    process computes the whole batch's loss L and the all_gather's backward sums the gradients
+    of each process's pairs over the processes; after the mean over processes (DeepSpeed, DDP)
+    the update follows dL/dtheta. A pair's loss needs only its own scores, so here only the
+    weights' sums are gathered (accelerate's gather, no gradient, any batch sizes): process r
+    computes its share L_r = sum_r(w l) / sum_all(w), sum_r L_r = L, and back-propagates
+    P * L_r, which DDP's mean over the P processes turns into dL/dtheta.
+
+    `scores` (B, 2); `weights` (B,), zero for a stand-in pair. Returns (what to back-propagate,
+    L (the same on every process, logged), probability that image 0 is preferred).
+    """
+    total = accelerator.gather(weights.sum().reshape(1)).sum()
+    share, p0 = preference_loss(scores[:, 0], scores[:, 1], labels, weights, weight_total=total)
+    whole = accelerator.gather(share.detach().reshape(1)).sum()
+    return share * accelerator.num_processes, whole, p0
+
+
 def run(cfg: SPMTrainConfig) -> int:
     """`spo train-preference-model`: train, print the final evaluation."""
     result = train_preference_model(cfg)
@@ -310,14 +332,13 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         scores = model(inputs, ids, t.repeat_interleave(2).to(accelerator.device))
-                    scores = scores.float().view(-1, 2)
-                    loss, p0 = preference_loss(
-                        scores[:, 0],
-                        scores[:, 1],
+                    step_loss, loss, p0 = loss_over_processes(
+                        accelerator,
+                        scores.float().view(-1, 2),
                         batch.labels.to(accelerator.device),
-                        batch.weights.to(accelerator.device),
+                        batch.weights.to(accelerator.device) * weight,
                     )
-                    loop.optimizer_step(loss * weight)
+                    loop.optimizer_step(step_loss)
                 micro += 1
                 if not weight:
                     continue
