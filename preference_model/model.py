@@ -129,6 +129,9 @@ class SPMConfig:
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     time_conditioning: bool = True
+    # Resize images to image_size with antialiasing (the backbones' own processors do); the
+    # released SPM trains and is used without. Missing in older files: true, as they trained.
+    antialias: bool = True
     timestep_embed_dim: int = 256
     timestep_max_period: float = 10000
     # The diffusion pipeline whose x0_hat the SPM was trained on ({"source", "family",
@@ -538,8 +541,9 @@ class StepAwarePreferenceModel(nn.Module):
 
         `images`: PIL images, or a float tensor (N, 3, H, W) in [0, 1] (`value_range="0-1"`) or
         [-1, 1] (`"-1-1"`, what a VAE decodes to). Values outside the range are clamped. The
-        shorter side is resized to the backbone's input size S (bicubic, antialiased), the
-        centre cropped to S x S, then normalised with the backbone's mean and std.
+        shorter side is resized to the backbone's input size S (bicubic, antialiased unless
+        `config.antialias` is off), the centre cropped to S x S, then normalised with the
+        backbone's mean and std.
         """
         if isinstance(images, Tensor):
             if images.ndim != 4 or images.shape[1] != 3:
@@ -560,10 +564,12 @@ class StepAwarePreferenceModel(nn.Module):
 
     @property
     def transform(self) -> ImageTransform:
-        """Shorter side to the backbone's input size (bicubic, antialiased), centre crop,
-        the backbone's mean and std."""
+        """Shorter side to the backbone's input size (bicubic, antialiased unless
+        `config.antialias` is off), centre crop, the backbone's mean and std."""
         c = self.config
-        return ImageTransform(c.image_size, tuple(c.image_mean), tuple(c.image_std))
+        return ImageTransform(
+            c.image_size, tuple(c.image_mean), tuple(c.image_std), antialias=c.antialias
+        )
 
     def _pil_to_tensor(self, image: Image.Image) -> Tensor:
         array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()

@@ -3,8 +3,10 @@
 method.md section 2: encode both images of a pair with the frozen VAE, draw one t and one noise
 shared by the pair, let the frozen base UNet predict the noise with classifier-free guidance
 (empty negative prompt), take the one-step x0_hat and decode it. The SPM then judges
-(decoded x0_hat, t), which is exactly what it sees inside SPO's sampler. t = 0 means the clean
-image itself, as SPO scores its final samples.
+(decoded x0_hat, t), which is exactly what it sees inside SPO's sampler. As in the released
+trainer, each image's latents are a draw from the VAE posterior and a pair drawn at t = 0 is
+noised at alpha_bar_0 and predicted like the others; validation (and SPO's final samples) judge
+t = 0 as the clean image.
 """
 
 from __future__ import annotations
@@ -36,14 +38,25 @@ class NoisyImageMaker:
 
     One UNet call per micro-batch of `max_pairs` pairs (the conditional and unconditional
     inputs of both images together); each caption's text embedding is computed once.
+    `sample_posterior`: each image's latents are drawn from the VAE posterior (the release),
+    else its mean. `noise_t0`: a pair at t = 0 is noised and predicted like any other (the
+    release's training), else returned as the clean image (its validation).
     """
 
     def __init__(
-        self, model: DiffusionBackend, guidance_scale: float = 5.0, max_pairs: int = 64
+        self,
+        model: DiffusionBackend,
+        guidance_scale: float = 5.0,
+        max_pairs: int = 64,
+        *,
+        sample_posterior: bool = True,
+        noise_t0: bool = True,
     ) -> None:
         self.model = model
         self.guidance_scale = guidance_scale
         self.max_pairs = max_pairs
+        self.sample_posterior = sample_posterior
+        self.noise_t0 = noise_t0
 
     @torch.no_grad()
     def __call__(
@@ -55,11 +68,13 @@ class NoisyImageMaker:
     ) -> Tensor:
         """`pixels` (B, 2, 3, H, W) in [-1, 1], `timesteps` (B,) -> x0_hat images, same shape.
 
-        Pairs with t = 0 are returned unchanged (clean images). `generator` draws the noise,
-        so a fixed generator gives fixed inputs (validation).
+        Without `noise_t0`, pairs with t = 0 are returned unchanged (clean images).
+        `generator` draws the latents and the noise, so a fixed generator gives fixed inputs
+        (validation).
         """
         out = pixels.clone().float()
-        noisy = torch.nonzero(timesteps > 0).flatten().tolist()
+        chosen = timesteps >= 0 if self.noise_t0 else timesteps > 0
+        noisy = torch.nonzero(chosen).flatten().tolist()
         for start in range(0, len(noisy), self.max_pairs):
             idx = noisy[start : start + self.max_pairs]
             out[idx] = self._x0_hat(
@@ -72,7 +87,9 @@ class NoisyImageMaker:
     ) -> Tensor:
         model = self.model
         b = pixels.shape[0]
-        latents = model.encode_images(pixels.flatten(0, 1))  # (2B, C, h, w): 0, 1, 0, 1, ...
+        posterior_generator = generator if self.sample_posterior else None
+        # (2B, C, h, w): 0, 1, 0, 1, ...
+        latents = model.encode_images(pixels.flatten(0, 1), generator=posterior_generator)
         noise = torch.randn((b, *latents.shape[1:]), generator=generator, device=generator.device)
         noise = noise.to(latents).repeat_interleave(2, dim=0)
         t = timesteps.to(model.device).long().repeat_interleave(2)

@@ -25,7 +25,8 @@ class ImageTransform:
     `resize_mode`: "shortest" resizes the shorter side to `size` and centre-crops (the CLIP /
     open_clip / ImageReward eval transform); "longest" resizes the longer side to `size` and pads
     the rest with black, centred (open_clip's ResizeMaxSize, HPSv2's eval transform); "squash"
-    resizes both sides to `size`. Resizing is antialiased, as PIL's is.
+    resizes both sides to `size`. Bilinear and bicubic resizing is antialiased, as PIL's is,
+    unless `antialias` is off (the released SPM resizes its inputs without).
     """
 
     size: int
@@ -33,6 +34,7 @@ class ImageTransform:
     std: tuple[float, ...] = OPENAI_CLIP_STD
     resize_mode: Literal["shortest", "longest", "squash"] = "shortest"
     interpolation: str = "bicubic"
+    antialias: bool = True
 
 
 def preprocess_images(images: Tensor, transform: ImageTransform) -> Tensor:
@@ -54,7 +56,7 @@ def preprocess_images(images: Tensor, transform: ImageTransform) -> Tensor:
             size=(new_h, new_w),
             mode=transform.interpolation,
             align_corners=False if smooth else None,
-            antialias=smooth,
+            antialias=smooth and transform.antialias,
         ).clamp(0, 1)
     if new_h > size or new_w > size:  # centre crop, torchvision's rounding
         top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))

@@ -24,8 +24,11 @@ FAULTS = Path(__file__).parent / "faults"
 TIMEOUT = 240  # a hang fails the test instead of the suite
 
 
-def torchrun(args: list[str], *, fault: str | None = None, cpu: bool = True):
-    """`torchrun --nproc_per_node 2 -m spo.cli ARGS`; returns the finished process."""
+def torchrun(
+    args: list[str], *, fault: str | None = None, cpu: bool = True, script: Path | None = None
+):
+    """`torchrun --nproc_per_node 2 -m spo.cli ARGS` (or SCRIPT ARGS); returns the finished
+    process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("SPO_FAULT", None)
     if cpu:
@@ -34,7 +37,7 @@ def torchrun(args: list[str], *, fault: str | None = None, cpu: bool = True):
         env["SPO_FAULT"] = fault
         env["PYTHONPATH"] = f"{FAULTS}{os.pathsep}{ROOT}"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--standalone", "-m", "spo.cli", *args]
+    command += ["--standalone", *(["-m", "spo.cli"] if script is None else [str(script)]), *args]
     proc = subprocess.Popen(
         command,
         env=env,
@@ -119,6 +122,27 @@ def test_two_processes_repeat_and_resume_to_the_same_weights(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     assert_equal(weights(tmp_path / "a", name), weights(tmp_path / "k", name))
+
+
+def test_two_processes_train_the_spm_on_the_released_loss_of_the_gathered_batch(tmp_path):
+    """The SPM trainer's loss over 2 processes (split 3 + 3 or 4 + 2) leaves DDP the gradient
+    of the released criterion on the whole batch computed in one process, as the release's
+    differentiable all_gather does; every process logs the whole batch's loss."""
+    import spm_loss_worker as worker
+
+    from preference_model.losses import preference_loss
+
+    done = torchrun([str(tmp_path / "out.pt")], script=Path(worker.__file__))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = torch.load(tmp_path / "out.pt")
+    weight = results.pop("initial_weight")[0].requires_grad_(True)
+    features, labels, weights = worker.batch()
+    scores = (features @ weight.T).view(-1, 2)
+    loss, _ = preference_loss(scores[:, 0], scores[:, 1], labels, weights)
+    loss.backward()
+    for name, (grad, logged) in results.items():
+        assert torch.allclose(grad, weight.grad, atol=1e-6), name
+        assert logged == pytest.approx(loss.item(), rel=1e-6), name
 
 
 def test_a_non_finite_loss_on_one_rank_stops_both(mini_world, tmp_path):

@@ -342,3 +342,25 @@ def test_pil_and_tensor_inputs_agree(size: tuple[int, int]) -> None:
     torch.testing.assert_close(minus_one_one, scores, rtol=1e-5, atol=1e-5)  # rounding only
     with pytest.raises(ValueError, match="value_range"):
         spm.score(zero_one * 2 - 1, PROMPTS, 251)
+
+
+def test_antialias_is_a_saved_setting(tmp_path: Path) -> None:
+    """With `antialias` off (the released SPM's resizing), images are resized by plain bicubic
+    interpolation; the setting is saved with the model, and a file from before it existed
+    loads with antialiasing on, as its model was trained."""
+    spm = tiny("open_clip")
+    x = images(3, 64, 64)
+    smooth = spm.preprocess(x)
+    spm.config.antialias = False
+    plain = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean = torch.tensor(spm.config.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(spm.config.image_std).view(1, 3, 1, 1)
+    torch.testing.assert_close(spm.preprocess(x), (plain - mean) / std)
+    assert not torch.allclose(spm.preprocess(x), smooth, atol=0.1)
+
+    spm.save(tmp_path / "plain")
+    assert preference_model.load(tmp_path / "plain").config.antialias is False
+    config = json.loads((tmp_path / "plain" / "spm_config.json").read_text())
+    del config["antialias"]
+    (tmp_path / "plain" / "spm_config.json").write_text(json.dumps(config))
+    assert preference_model.load(tmp_path / "plain").config.antialias is True

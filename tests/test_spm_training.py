@@ -17,14 +17,17 @@ import torch
 from helpers import assert_resume_is_exact, judge_training_args, one_error_line
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
+from preference_model import StepAwarePreferenceModel
 from preference_model.losses import pairwise_accuracy, preference_loss
 from preference_model.noisy import NoisyImageMaker
 from spo.cli import main
+from spo.commands.train_preference_model import load_split, relabel_by_backbone
 from spo.config import SPMTrainConfig, load_config
 from spo.data import (
     BadImageCounter,
     PairDataset,
     check_pair_table,
+    decode_image,
     load_pair_table,
     share_lower_bound,
 )
@@ -44,17 +47,52 @@ def _args(world: Path, out: Path, *extra: str) -> list[str]:
 # ------------------------------------------------------------------------------ math
 
 
-def test_preference_loss_hand_values():
-    s0, s1 = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 3.0])
-    labels = torch.tensor([[1.0, 0.0], [0.5, 0.5], [1.0, 0.0]])
-    ce = [math.log(1 + math.exp(-1)), math.log(2), math.log(1 + math.exp(2))]
+def test_preference_loss_hand_values_with_the_tie_offset():
+    """Cross-entropy against the soft labels plus log 0.5 for a tie, weighted by w / sum(w):
+    p0 = 3/4 for scores (ln 3, 0), so a won pair costs ln(4/3), a tie at those scores
+    -(ln(3/4) + ln(1/4)) / 2 + ln(1/2) = ln(4/3) / 2, and a tie at equal scores 0."""
+    ln3 = math.log(3)
+    s0, s1 = torch.tensor([ln3, ln3, 2.0, 0.0]), torch.tensor([0.0, 0.0, 2.0, ln3])
+    labels = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])
+    per_pair = [math.log(4 / 3), math.log(4 / 3) / 2, 0.0, math.log(4)]
     loss, p0 = preference_loss(s0, s1, labels)
-    assert math.isclose(loss.item(), sum(ce) / 3, rel_tol=1e-6)
-    assert math.isclose(p0[0].item(), 1 / (1 + math.exp(-1)), rel_tol=1e-6)
-    weights = torch.tensor([1.0, 0.5, 0.25])  # 1 / examples per prompt
+    assert loss.item() == pytest.approx(sum(per_pair) / 4, rel=1e-6)
+    assert p0.tolist() == pytest.approx([0.75, 0.75, 0.5, 0.25], rel=1e-6)
+    weights = torch.tensor([1 / 2, 1 / 2, 1.0, 1 / 4])  # 1 / pairs per caption
     loss_w, _ = preference_loss(s0, s1, labels, weights)
-    expected = (ce[0] + 0.5 * ce[1] + 0.25 * ce[2]) / 1.75
-    assert math.isclose(loss_w.item(), expected, rel_tol=1e-6)
+    assert loss_w.item() == pytest.approx((3 * math.log(4 / 3) + math.log(4)) / 9, rel=1e-6)
+    half, _ = preference_loss(s0[:2], s1[:2], labels[:2], weights[:2], weight_total=9 / 4)
+    assert half.item() == pytest.approx(3 * math.log(4 / 3) / 9, rel=1e-6)
+    nothing, _ = preference_loss(s0[:1], s1[:1], labels[:1], torch.zeros(1), weight_total=0.0)
+    assert nothing.item() == 0.0  # a stand-in batch on every process
+
+
+def test_shares_over_processes_give_the_gathered_batch_loss_and_gradient():
+    """Two processes, each back-propagating 2 x its share (its pairs' w * l over the whole
+    batch's sum of w), leave after DDP's mean exactly the gradient of the released loss of the
+    gathered batch; normalising each process by its own weights (the old way) does not."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(5, 2, 3, generator=gen)
+    labels = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    weights = torch.tensor([1.0, 1 / 3, 1 / 3, 1 / 3, 1 / 2])
+    theta = torch.randn(3, generator=gen)
+
+    def run(rows: slice, weight_total=None, scale: float = 1.0):
+        t = theta.clone().requires_grad_(True)
+        s = features[rows] @ t
+        loss, _ = preference_loss(
+            s[:, 0], s[:, 1], labels[rows], weights[rows], weight_total=weight_total
+        )
+        (scale * loss).backward()
+        return loss.item(), t.grad
+
+    whole, grad = run(slice(0, 5))
+    ranks = [slice(0, 2), slice(2, 5)]
+    shares = [run(rows, weights.sum(), scale=2) for rows in ranks]
+    assert sum(loss for loss, _ in shares) == pytest.approx(whole, rel=1e-6)
+    assert torch.allclose((shares[0][1] + shares[1][1]) / 2, grad, atol=1e-6)
+    own = [run(rows)[1] for rows in ranks]
+    assert not torch.allclose((own[0] + own[1]) / 2, grad, atol=1e-2)
 
 
 def test_pairwise_accuracy_skips_ties_and_halves_equal_scores():
@@ -79,7 +117,9 @@ def test_noisy_maker_batches_and_shares_noise(builder, tmp_path):
     original = model._encode
     model._encode = lambda prompts: encoded.append(list(prompts)) or original(prompts)
 
-    maker = NoisyImageMaker(model, guidance_scale=5.0, max_pairs=4)
+    maker = NoisyImageMaker(
+        model, guidance_scale=5.0, max_pairs=4, sample_posterior=False, noise_t0=False
+    )
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(7, 2, 3, 32, 32) * 2 - 1
     pixels[1, 1] = pixels[1, 0]  # a pair of identical images
@@ -96,6 +136,17 @@ def test_noisy_maker_batches_and_shares_noise(builder, tmp_path):
     # Each caption's text embedding is computed once (the empty prompt once too).
     flat = [p for call in encoded for p in call]
     assert sorted(flat) == sorted(["", "a red circle", "a blue square", "a cat"])
+
+    # The release's inputs (the defaults): the t = 0 pair is noised and predicted too, and
+    # each image's latents are a posterior draw (the identical images now differ), drawn from
+    # the generator: the same seed, the same images.
+    calls.clear()
+    release = NoisyImageMaker(model, guidance_scale=5.0, max_pairs=4)
+    out = release(pixels, captions, t, torch.Generator().manual_seed(0))
+    assert calls == [4 * 4, 3 * 4]
+    assert not torch.equal(out[0], pixels[0])
+    assert not torch.equal(out[1, 0], out[1, 1])
+    assert torch.equal(out, release(pixels, captions, t, torch.Generator().manual_seed(0)))
 
 
 # ------------------------------------------------------------------------------ data
@@ -173,6 +224,10 @@ def test_configs_load():
     assert sdxl.pairs.relabel_tie_gap == 0.1 and sdxl.optim.lr == 1e-6
     sd15 = load_config(SPMTrainConfig, ROOT / "configs/sd15/spm.yaml")
     assert (sd15.optim.lr, sd15.optim.weight_decay, sd15.max_steps) == (3e-6, 0.3, 8000)
+    inputs = sd15.inputs  # the released trainer's inputs
+    assert (inputs.antialias, inputs.vae_posterior, inputs.noise_t0) == (False, "sample", True)
+    with pytest.raises(ConfigError, match="inputs.vae_posterior"):
+        load_config(SPMTrainConfig, None, ["inputs.vae_posterior=median"]).validate()
 
 
 def test_train_writes_final_eval_and_loads_in_fresh_process(mini_world, tmp_path, capsys):
@@ -202,6 +257,58 @@ def test_train_writes_final_eval_and_loads_in_fresh_process(mini_world, tmp_path
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == here
+
+
+def test_relabelling_scores_the_original_images(mini_world, tmp_path):
+    """The clean backbone relabels each pair from its images as stored, not from the copies
+    resized for the base pipeline; a pair that does not decode keeps its labels."""
+    table = load_pair_table(str(mini_world / "pairs/validation.parquet"))
+    broken = table.map(lambda r, i: {"jpg_1": b"junk" if i == 3 else r["jpg_1"]}, with_indices=True)
+    broken.to_parquet(str(tmp_path / "pairs.parquet"))
+    split = load_split(str(tmp_path / "pairs.parquet"), "train", None)
+    split.dataset.resolution = 16
+    torch.manual_seed(0)
+    spm = StepAwarePreferenceModel.from_open_clip(mini_world / "clip.json").eval()
+    rows = [i for i in range(len(table)) if i != 3]
+    originals = [decode_image(table[i][k]) for i in rows for k in ("jpg_0", "jpg_1")]
+    assert originals[0].size != (16, 16) and originals[0].size != (32, 32)
+    captions = [table[i]["caption"] for i in rows for _ in range(2)]
+    probs = spm.score(originals, captions, 0).view(-1, 2).softmax(dim=-1)
+    gap = (probs[:, 0] - probs[:, 1]).numpy()
+    middle = np.sort(np.abs(gap))[len(gap) // 2 - 1 : len(gap) // 2 + 1].mean()
+    labels = relabel_by_backbone(spm, split, float(middle), batch_size=5)
+    assert labels[3].tolist() == split.labels[3].tolist()
+    expected = np.where(gap > middle, 1.0, np.where(gap < -middle, 0.0, 0.5))
+    assert labels[rows, 0].tolist() == expected.tolist()
+    assert {0.5} < set(expected)  # ties and decided pairs both
+
+
+def test_relabelled_runs_are_validated_on_relabelled_pairs_and_save_the_resizing(
+    mini_world, tmp_path, monkeypatch
+):
+    """With pairs.relabel_tie_gap both splits are relabelled (the release also measures the
+    SDXL SPM on PickScore's labels); the SPM is saved with the resizing it trained with."""
+    import spo.commands.train_preference_model as recipe
+
+    relabelled = {}
+    original = recipe.relabel_by_backbone
+
+    def spy(spm, split, tie_gap, batch_size):
+        relabelled[split.source] = original(spm, split, tie_gap, batch_size)
+        return relabelled[split.source]
+
+    monkeypatch.setattr(recipe, "relabel_by_backbone", spy)
+    out = tmp_path / "spm"
+    args = ("pairs.relabel_tie_gap=0.5", "pairs.max_train_pairs=8", "validation_timesteps=[0]")
+    assert main(_args(mini_world, out, *args, "max_steps=1")) == 0
+    validation = str(mini_world / "pairs/validation.parquet")
+    assert set(relabelled) == {str(mini_world / "pairs/train.parquet"), validation}
+    decided = int((relabelled[validation][:, 0] != 0.5).sum())
+    own = check_pair_table(load_pair_table(validation), "v")
+    assert decided != int((own[:, 0] != 0.5).sum())
+    assert json.loads((out / "eval.json").read_text())["validation_pairs"] == decided
+    config = json.loads((out / "final/spm_config.json").read_text())
+    assert config["antialias"] is False
 
 
 def test_killed_run_resumes_to_the_same_weights(mini_world, tmp_path):

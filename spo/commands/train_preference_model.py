@@ -34,6 +34,7 @@ from spo.data import (
     PairBatch,
     PairDataset,
     check_pair_table,
+    decode_image,
     examples_per_prompt,
     load_pair_table,
 )
@@ -195,25 +196,56 @@ def validate(
 def relabel_by_backbone(
     spm: StepAwarePreferenceModel, split: PairSplit, tie_gap: float, batch_size: int
 ) -> np.ndarray:
-    """New labels from the clean backbone (the untrained SPM at t = 0, which equals it): the
-    higher-scored image wins when the 2-way softmax probabilities differ by more than
-    `tie_gap`, else a tie (the SDXL SPM's recipe, method.md 2)."""
+    """New labels from the clean backbone (the untrained SPM at t = 0, which equals it,
+    resizing with antialiasing as PickScore's processor does) on each pair's original images:
+    the higher-scored image wins when the 2-way softmax probabilities differ by more than
+    `tie_gap`, else a tie (the SDXL SPM's recipe, method.md 2; the release relabels its
+    training and its validation pairs so)."""
     labels = split.labels.copy()  # a pair whose images do not decode keeps its own labels
-    for chunk in tqdm(
-        _batches(list(range(len(split.dataset))), batch_size), desc="relabel", leave=False
-    ):
-        batch = PairDataset.collate([split.dataset[i] for i in chunk])
-        if not batch.captions:
+    table = split.dataset.table
+    for chunk in tqdm(_batches(list(range(len(table))), batch_size), desc="relabel", leave=False):
+        rows = table[chunk[0] : chunk[-1] + 1]
+        kept, images, captions = [], [], []
+        columns = (rows["caption"], rows["jpg_0"], rows["jpg_1"])
+        for i, caption, *pair in zip(chunk, *columns, strict=True):
+            try:
+                images += [decode_image(image) for image in pair]
+            except Exception:  # PIL raises many kinds; training skips and counts this pair
+                continue
+            kept.append(i)
+            captions.append(str(caption))
+        if not kept:
             continue
         with torch.no_grad():
-            pixels = spm.preprocess(batch.pixels.flatten(0, 1).to(spm.device), "-1-1")
-            ids = spm.tokenize(batch.captions).repeat_interleave(2, dim=0)
-            scores = spm.logits(pixels, ids, 0).float().view(-1, 2)
+            ids = spm.tokenize(captions).repeat_interleave(2, dim=0)
+            scores = spm.logits(spm.preprocess(images), ids, 0).float().view(-1, 2)
         probs = scores.softmax(dim=-1).cpu().numpy()
         gap = probs[:, 0] - probs[:, 1]
         new = np.where(gap > tie_gap, 1.0, np.where(gap < -tie_gap, 0.0, 0.5))
-        labels[batch.indices.numpy()] = np.stack([new, 1.0 - new], axis=1)
+        labels[kept] = np.stack([new, 1.0 - new], axis=1)
     return labels
+
+
+def loss_over_processes(
+    accelerator, scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The released criterion over the micro-batch of every process together.
+
+    The release gathers every process's pairs with a differentiable all_gather, so each
+    process computes the whole batch's loss L and the all_gather's backward sums the gradients
+    of each process's pairs over the processes; after the mean over processes (DeepSpeed, DDP)
+    the update follows dL/dtheta. A pair's loss needs only its own scores, so here only the
+    weights' sums are gathered (accelerate's gather, no gradient, any batch sizes): process r
+    computes its share L_r = sum_r(w l) / sum_all(w), sum_r L_r = L, and back-propagates
+    P * L_r, which DDP's mean over the P processes turns into dL/dtheta.
+
+    `scores` (B, 2); `weights` (B,), zero for a stand-in pair. Returns (what to back-propagate,
+    L (the same on every process, logged), probability that image 0 is preferred).
+    """
+    total = accelerator.gather(weights.sum().reshape(1)).sum()
+    share, p0 = preference_loss(scores[:, 0], scores[:, 1], labels, weights, weight_total=total)
+    whole = accelerator.gather(share.detach().reshape(1)).sum()
+    return share * accelerator.num_processes, whole, p0
 
 
 def run(cfg: SPMTrainConfig) -> int:
@@ -259,16 +291,25 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
 
         if cfg.pairs.relabel_tie_gap is not None:
             spm.eval()
-            train.labels = relabel_by_backbone(
-                spm, train, cfg.pairs.relabel_tie_gap, cfg.batch_size
-            )
-            train.dataset.labels = train.labels
+            for split in (train, val):
+                split.labels = relabel_by_backbone(
+                    spm, split, cfg.pairs.relabel_tie_gap, cfg.batch_size
+                )
+                split.dataset.labels = split.labels
             spm.train()
         train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
         if cfg.judge == "latent":
             maker, t_max = NoisyLatentMaker(diffusion), cfg.latent.max_timestep + 1
+            val_maker: Maker = maker
         else:
-            maker = NoisyImageMaker(diffusion, cfg.guidance_scale, max_pairs=cfg.batch_size)
+            spm.config.antialias = cfg.inputs.antialias  # after relabelling; saved with it
+            inputs = {
+                "guidance_scale": cfg.guidance_scale,
+                "max_pairs": cfg.batch_size,
+                "sample_posterior": cfg.inputs.vae_posterior == "sample",
+            }
+            maker = NoisyImageMaker(diffusion, **inputs, noise_t0=cfg.inputs.noise_t0)
+            val_maker = NoisyImageMaker(diffusion, **inputs, noise_t0=False)
             t_max = diffusion.num_train_timesteps
 
         desc = "train latent judge" if cfg.judge == "latent" else "train SPM"
@@ -283,7 +324,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
             return validate(
                 accelerator,
                 spm_unwrapped,
-                maker,
+                val_maker,
                 val,
                 timesteps=cfg.validation_timesteps,
                 batch_size=cfg.batch_size,
@@ -310,14 +351,13 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         scores = model(inputs, ids, t.repeat_interleave(2).to(accelerator.device))
-                    scores = scores.float().view(-1, 2)
-                    loss, p0 = preference_loss(
-                        scores[:, 0],
-                        scores[:, 1],
+                    step_loss, loss, p0 = loss_over_processes(
+                        accelerator,
+                        scores.float().view(-1, 2),
                         batch.labels.to(accelerator.device),
-                        batch.weights.to(accelerator.device),
+                        batch.weights.to(accelerator.device) * weight,
                     )
-                    loop.optimizer_step(loss * weight)
+                    loop.optimizer_step(step_loss)
                 micro += 1
                 if not weight:
                     continue

@@ -142,9 +142,9 @@ class PairsConfig:
     max_train_pairs: int | None = None  # use only the first N training pairs (None: all)
     max_validation_pairs: int | None = None  # likewise for validation
     max_bad_image_share: float = 0.01  # undecodable pairs are skipped; fail past this share
-    # Relabel every training pair with the clean backbone's scores (the SDXL SPM's recipe):
-    # a win / lose label if the gap of the 2-way softmax probabilities exceeds this, else a tie.
-    # None keeps the pairs' own labels.
+    # Relabel every training and validation pair with the clean backbone's scores of the
+    # original images (the SDXL SPM's recipe): a win / lose label if the gap of the 2-way
+    # softmax probabilities exceeds this, else a tie. None keeps the pairs' own labels.
     relabel_tie_gap: float | None = None
 
     def validate(self) -> None:
@@ -195,6 +195,28 @@ def _validate_loop(cfg: Any) -> None:
     _require(minutes is None or minutes > 0, "max_minutes", minutes, "must be > 0 or null")
     if hasattr(cfg, "validation_images"):
         cfg.validation_images.validate()
+
+
+@dataclass
+class SPMInputsConfig:
+    """How the pixel SPM's training images are made: the released SPM trainer's way by
+    default (docs/preference-model.md lists each difference)."""
+
+    # resize the decoded x0_hat to the backbone's input size with antialiasing (false: plain
+    # bicubic interpolation, as the release does in training and in SPO); saved with the SPM
+    antialias: bool = False
+    vae_posterior: str = "sample"  # sample (the release) | mean: the latents of each image
+    # a pair drawn at t = 0 is noised at alpha_bar_0 and predicted like any other (the
+    # release); false: judged as the clean image. Validation at t = 0 always sees it clean.
+    noise_t0: bool = True
+
+    def validate(self) -> None:
+        _require(
+            self.vae_posterior in ("sample", "mean"),
+            "inputs.vae_posterior",
+            self.vae_posterior,
+            "must be sample or mean",
+        )
 
 
 @dataclass
@@ -249,6 +271,8 @@ class SPMTrainConfig:
     judge: str = "pixel"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     time_conditioning: bool = True  # False: the paper's ablation, a plain CLIP on x0_hat
+    # how the pixel SPM's training images are made (the released trainer's way by default)
+    inputs: SPMInputsConfig = field(default_factory=SPMInputsConfig)
     latent: LatentJudgeSettings = field(default_factory=LatentJudgeSettings)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     # weight decay 0.3 as the released SD1.5 SPM
@@ -273,6 +297,7 @@ class SPMTrainConfig:
         """Reject nonsensical values before any work starts (one-line ConfigError)."""
         _validate_loop(self)
         self.pairs.validate()
+        self.inputs.validate()
         self.latent.validate()
         _require(self.judge in ("pixel", "latent"), "judge", self.judge, "must be pixel or latent")
         if self.judge == "latent" and self.pairs.relabel_tie_gap is not None:
