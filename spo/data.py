@@ -63,7 +63,7 @@ def read_pairs(
     import datasets
 
     stream = open_split(source, split, made_by, "pairs", streaming=True)
-    with _reading(source, "pairs"):
+    with _quiet_datasets(), _reading(source, "pairs"):
         rows = list(itertools.islice(stream.decode(False), limit))
     return datasets.Dataset.from_list(rows, features=stream.features)
 
@@ -79,7 +79,7 @@ def load_columns(
     (local or on the Hub) is read column by column, a save_to_disk folder is memory-mapped."""
     stream = open_split(source, split, made_by, what, streaming=True, columns=columns)
     values: dict[str, list] = {c: [] for c in columns}
-    with _reading(source, what):
+    with _quiet_datasets(), _reading(source, what):
         for batch in stream.iter(batch_size=1000):
             for c in columns:
                 values[c] += batch[c]
@@ -140,15 +140,19 @@ def split_rows(data) -> int | None:
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    """No "Generating train split" bars: loading a file is quick, and an error that follows
-    must be the only line the user sees."""
+    """No "Generating train split" bars and no logged errors: loading a file is quick, and an
+    error that follows (its reason included) must be the only line the user sees."""
     import datasets
 
-    was_disabled = datasets.utils.logging.is_progress_bar_enabled() is False
+    logging = datasets.utils.logging
+    was_disabled = logging.is_progress_bar_enabled() is False
+    verbosity = logging.get_verbosity()
     datasets.disable_progress_bars()
+    logging.set_verbosity(logging.CRITICAL)
     try:
         yield
     finally:
+        logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.enable_progress_bars()
 
