@@ -8,6 +8,7 @@ error, which does not say that local files work too.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from spo.errors import ConfigError
@@ -30,6 +31,13 @@ def is_local_path(source: str) -> bool:
     if Path(source).exists() or source.startswith((".", "/", "~")):
         return True
     return source.count("/") != 1
+
+
+def offline_requested() -> bool:
+    """HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) is set to a true value, read from the
+    environment (no library import: the config checks use it)."""
+    values = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in values)
 
 
 def hub_offline() -> bool:

@@ -153,11 +153,15 @@ def test_a_stream_is_checked_before_training(tmp_path, hub_folder, monkeypatch):
         open_pair_stream(str(hub_folder), "train", None, seed=0, buffer=4, max_bad_share=0.01)
 
 
-def test_hub_names_stream_and_local_sources_do_not_unless_asked():
+def test_hub_names_stream_and_local_sources_do_not_unless_asked(monkeypatch):
     def cfg(*overrides):
         return command_config("train-dpo", None, list(overrides))
 
-    assert cfg("pairs.train=yuvalkirstain/pickapic_v1").pairs.streams("yuvalkirstain/pickapic_v1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert cfg().pairs.streams("yuvalkirstain/pickapic_v1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: datasets' cache is read whole
+    assert not cfg().pairs.streams("yuvalkirstain/pickapic_v1")
     local = cfg().pairs
     assert not local.streams(local.train)
     assert cfg("pairs.streaming=true").pairs.streams(local.train)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from spo.errors import ConfigError
-from spo.sources import is_local_path
+from spo.sources import is_local_path, offline_requested
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -148,10 +148,11 @@ class PairsConfig:
     # None keeps the pairs' own labels.
     relabel_tie_gap: float | None = None
     # Read the pairs as a stream (datasets streaming: rows are read as training takes them, the
-    # split is never downloaded whole first) or whole. null: stream hub datasets, read local
-    # sources whole. A streamed validation split, or max_*_pairs of a streamed one, is read
-    # into memory; relabelling (relabel_with, relabel_tie_gap) and the latent cache need the
-    # whole split. docs/data.md: the order, and what a resume reads again.
+    # split is never downloaded whole first) or whole. null: stream hub datasets (but read
+    # datasets' cache whole when HF_HUB_OFFLINE is set), read local sources whole. A streamed
+    # validation split, or max_*_pairs of a streamed one, is read into memory; relabelling
+    # (relabel_with, relabel_tie_gap) and the latent cache need the whole split.
+    # docs/data.md: the order, and what a resume reads again.
     streaming: bool | None = None
     # Streaming: rows shuffled together, held in memory on every process (Pick-a-Pic: about
     # 330 kB a pair, 330 MB for 1000)
@@ -159,7 +160,9 @@ class PairsConfig:
 
     def streams(self, source: str) -> bool:
         """Whether `source` is read as a stream."""
-        return self.streaming if self.streaming is not None else not is_local_path(source)
+        if self.streaming is not None:
+            return self.streaming
+        return not is_local_path(source) and not offline_requested()
 
     def validate(self) -> None:
         for key in ("max_train_pairs", "max_validation_pairs"):
