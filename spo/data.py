@@ -1,10 +1,13 @@
-"""Preference pairs in the Pick-a-Pic schema, read with `datasets`.
+"""Preference pairs in the Pick-a-Pic schema, and prompts, read with `datasets`.
 
 Why one module: the SPM trainer (ties kept) and the Diffusion-DPO trainer (ties dropped, winner
-first) read the same files: a hub dataset, local parquet files, or a `save_to_disk` folder with
-the columns `caption, jpg_0, jpg_1` (encoded image bytes) and `label_0, label_1` (in {0, 0.5, 1},
-summing to 1). Everything cheap is checked before training starts, with one line naming the
-source, column or row; images are decoded lazily and an undecodable one is skipped and counted.
+first) read the same sources: a hub dataset, local parquet files (a file, a folder laid out like
+a hub repository, a glob), or a `save_to_disk` folder with the columns `caption, jpg_0, jpg_1`
+(encoded image bytes) and `label_0, label_1` (in {0, 0.5, 1}, summing to 1), read whole or as a
+stream (`open_split`; the resumable order is spo/stream.py's). Prompt sources read one column
+alone, never the images. Everything cheap is checked before training starts, with one line
+naming the source, column or row (a hub name is asked about first: spo/sources.py); images are
+decoded lazily and an undecodable one is skipped and counted.
 """
 
 from __future__ import annotations
