@@ -195,6 +195,7 @@ class StreamedPairs:
     def next_batch(self, n: int) -> PairBatch:
         """The next `n` usable pairs (an undecodable one is None in the count of `bad`)."""
         items = []
+        since = self.stream.pos.epoch  # a whole epoch of ties in a row: no usable pair at all
         while len(items) < n:
             shard, row, data = next(self.stream)
             labels = np.array([data["label_0"], data["label_1"]], dtype=np.float64)
@@ -203,7 +204,13 @@ class StreamedPairs:
                 raise ConfigError(bad_labels_message(where, labels))
             if self.drop_ties and labels[0] == labels[1]:
                 self.ties += 1
+                if self.stream.pos.epoch > since + 1:
+                    raise ConfigError(
+                        f"{self.stream.source}: no usable pair in a whole pass over this "
+                        "process's data files (all ties; DPO drops ties)"
+                    )
                 continue
+            since = self.stream.pos.epoch
             crop_at, flip = augmentation(
                 [self.seed, self.stream.pos.epoch, shard, row], self.random_crop, self.random_flip
             )

@@ -131,6 +131,11 @@ def test_ties_are_skipped_and_bad_labels_stop_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match="row 5 of data file 0 has label_0=2.0"):
         pairs.next_batch(4)  # three usable pairs, two ties, then the bad row
     assert pairs.ties == 2
+    all_ties = [r | {"label_0": 0.5, "label_1": 0.5} for r in rows]
+    root = write_shards(tmp_path / "all_ties", [pa.Table.from_pylist(all_ties)])
+    pairs = StreamedPairs(stream_of(root, buffer=4), 8, seed=0, drop_ties=True)
+    with pytest.raises(ConfigError, match="no usable pair in a whole pass"):
+        pairs.next_batch(1)
 
 
 def test_a_subset_of_a_stream_is_the_subset_of_the_table(hub_folder):
