@@ -36,12 +36,13 @@ EXIT_USAGE = 2  # bad config, bad input, bad command line, or a stopped run
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its one-line help, the module (in spo/commands/) that runs it, and an
-    override its help shows as the example."""
+    """One subcommand: its one-line help, the module (in spo/commands/) that runs it, an
+    override its help shows as the example, and what its `--out` names."""
 
     help: str
     module: str
     example: str
+    out: str = "run folder"
 
 
 COMMANDS: dict[str, Command] = {
@@ -79,6 +80,12 @@ COMMANDS: dict[str, Command] = {
         "time SPO's and DPO's pieces on random models of a real architecture",
         "spo.commands.benchmark",
         "repeats=5",
+    ),
+    "prepare-prompts": Command(
+        "draw unique training prompts from a dataset's captions (the SPO prompt file)",
+        "spo.commands.prepare_prompts",
+        "num_prompts=500",
+        out="the prompt file to write",
     ),
 }
 
@@ -154,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--config", metavar="FILE", default=None, help=_config_help(name))
-        p.add_argument("--out", metavar="DIR", default=None, help="run folder (overrides `out`)")
+        metavar = "DIR" if command.out == "run folder" else "FILE"
+        p.add_argument(
+            "--out", metavar=metavar, default=None, help=f"{command.out} (overrides `out`)"
+        )
         p.add_argument(
             "--print-config",
             action="store_true",

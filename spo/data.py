@@ -1,16 +1,21 @@
-"""Preference pairs in the Pick-a-Pic schema, read with `datasets`.
+"""Preference pairs in the Pick-a-Pic schema, and prompts, read with `datasets`.
 
 Why one module: the SPM trainer (ties kept) and the Diffusion-DPO trainer (ties dropped, winner
-first) read the same files: a hub dataset, local parquet files, or a `save_to_disk` folder with
-the columns `caption, jpg_0, jpg_1` (encoded image bytes) and `label_0, label_1` (in {0, 0.5, 1},
-summing to 1). Everything cheap is checked before training starts, with one line naming the
-source, column or row; images are decoded lazily and an undecodable one is skipped and counted.
+first) read the same sources: a hub dataset, local parquet files (a file, a folder laid out like
+a hub repository, a glob), or a `save_to_disk` folder with the columns `caption, jpg_0, jpg_1`
+(encoded image bytes) and `label_0, label_1` (in {0, 0.5, 1}, summing to 1), read whole or as a
+stream (`open_split`; the resumable order is spo/stream.py's). Prompt sources read one column
+alone, never the images. Everything cheap is checked before training starts, with one line
+naming the source, column or row (a hub name is asked about first: spo/sources.py); images are
+decoded lazily and an undecodable one is skipped and counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,74 +30,200 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from spo.errors import ConfigError
-from spo.models import is_local_path
+from spo.sources import LOCAL_FORMS, check_hub_dataset, is_local_path
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 VALID_LABELS = (0.0, 0.5, 1.0)
+IMAGES = ("jpg_0", "jpg_1")
 
 
 def load_pair_table(
     source: str, split: str = "train", made_by: str | None = None, what: str = "pairs"
 ):
     """A `datasets.Dataset` of pairs from a parquet file / folder / glob, a `save_to_disk`
-    folder, or a hub dataset name (then `split` picks the split).
+    folder, a folder laid out like a hub repository, or a hub dataset name (then `split` picks
+    the split), read whole.
 
     `made_by` names the command that writes a missing local source, for the error message.
     """
+    return open_split(source, split, made_by, what, streaming=False)
+
+
+def read_pairs(
+    source: str,
+    split: str = "train",
+    made_by: str | None = None,
+    *,
+    streaming: bool = False,
+    limit: int | None = None,
+):
+    """The first `limit` pairs (all: None) of a split as a `datasets.Dataset`. With
+    `streaming` only those rows are read (into memory), not the whole split: a validation split
+    or a `max_train_pairs` subset of a hub dataset without downloading the rest."""
+    if not streaming:
+        table = load_pair_table(source, split, made_by)
+        return table.select(range(limit)) if limit is not None and limit < len(table) else table
     import datasets
 
-    with _quiet_datasets():
-        return _load_pair_table(datasets, source, split, made_by, what)
+    stream = open_split(source, split, made_by, "pairs", streaming=True)
+    with _quiet_datasets(), _reading(source, "pairs"):
+        rows = list(itertools.islice(stream.decode(False), limit))
+    return datasets.Dataset.from_list(rows, features=stream.features)
+
+
+def load_columns(
+    source: str,
+    columns: Sequence[str],
+    split: str = "train",
+    made_by: str | None = None,
+    what: str = "prompts",
+) -> dict[str, list]:
+    """Only `columns` of a dataset source (e.g. its captions), never its other columns: parquet
+    (local or on the Hub) is read column by column, a save_to_disk folder is memory-mapped."""
+    stream = open_split(source, split, made_by, what, streaming=True, columns=columns)
+    values: dict[str, list] = {c: [] for c in columns}
+    with _quiet_datasets(), _reading(source, what):
+        for batch in stream.iter(batch_size=1000):
+            for c in columns:
+                values[c] += batch[c]
+    return values
+
+
+def open_split(
+    source: str,
+    split: str,
+    made_by: str | None,
+    what: str,
+    *,
+    streaming: bool,
+    columns: Sequence[str] | None = None,
+    require: Callable[[Sequence[str], str], None] | None = None,
+):
+    """One split of a source: a `datasets.Dataset` read whole, or an `IterableDataset` that
+    reads as it is iterated (`streaming`, always with `columns`: only those are read, after
+    `require(column names, source)` or a check that they exist). Every problem found before
+    reading is one line naming the source; a hub name is checked first (`check_hub_dataset`:
+    seconds, not datasets' retries)."""
+    import datasets
+
+    with _quiet_datasets(), _reading(source, what):
+        args = _builder_args(source, made_by, what)
+        if args is None:  # a save_to_disk folder
+            table = _saved_split(datasets.load_from_disk(source), split, source)
+            if columns:
+                _check_columns(table.column_names, columns, source, require)
+                table = table.select_columns(list(columns))
+            if not streaming:
+                return table
+            return table.to_iterable_dataset(num_shards=max(1, len(table.cache_files)))
+        path, kwargs = args
+        builder = datasets.load_dataset_builder(path, **kwargs)
+        split = _pick_split(builder, split, source)
+        if not (streaming or columns):
+            builder.download_and_prepare()
+            return builder.as_dataset(split=split)
+        stream = builder.as_streaming_dataset(split=split)
+        if not columns:
+            return stream
+        _check_columns(list(stream.features or columns), columns, source, require)
+        if "columns" not in {f.name for f in dataclasses.fields(builder.config)}:
+            return stream.select_columns(list(columns))  # not parquet: read whole rows
+        kwargs["columns"] = list(columns)
+        return datasets.load_dataset_builder(path, **kwargs).as_streaming_dataset(split=split)
+
+
+def split_rows(data) -> int | None:
+    """Rows in a split when known without reading it (a table; a hub card's split sizes)."""
+    if hasattr(data, "__len__"):
+        return len(data)
+    splits = data.info.splits
+    info = splits.get(str(data.split)) if splits and data.split is not None else None
+    return info.num_examples if info is not None and info.num_examples else None
 
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    """No "Generating train split" bars: loading a file is quick, and an error that follows
-    must be the only line the user sees."""
+    """No "Generating train split" bars and no logged errors: loading a file is quick, and an
+    error that follows (its reason included) must be the only line the user sees."""
     import datasets
 
-    was_disabled = datasets.utils.logging.is_progress_bar_enabled() is False
+    logging = datasets.utils.logging
+    was_disabled = logging.is_progress_bar_enabled() is False
+    verbosity = logging.get_verbosity()
     datasets.disable_progress_bars()
+    logging.set_verbosity(logging.CRITICAL)
     try:
         yield
     finally:
+        logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.enable_progress_bars()
 
 
-def _load_pair_table(datasets, source: str, split: str, made_by: str | None, what: str):
-    path = Path(source)
+@contextlib.contextmanager
+def _reading(source: str, what: str):
+    """Any error of `datasets` while opening or reading `source` becomes one line naming it
+    (and, for a hub dataset, the local forms that work without the Hub)."""
     try:
-        if path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise ConfigError(f"{source}: no split {split!r} (has {sorted(loaded)})")
-                loaded = loaded[split]
-            return loaded
-        if path.is_dir():
-            files = sorted(str(p) for p in path.rglob("*.parquet"))
-            if not files:
-                raise ConfigError(f"{source}: a folder with no parquet files and no saved dataset")
-            return datasets.load_dataset("parquet", data_files=files, split="train")
-        if source.endswith(".parquet") or "*" in source:
-            if "*" not in source and not path.is_file():
-                hint = f" (`{made_by}` writes it)" if made_by else ""
-                raise ConfigError(f"{what} file not found: {source}{hint}")
-            return datasets.load_dataset("parquet", data_files=source, split="train")
-        if path.is_file():
-            raise ConfigError(
-                f"{source}: {what} are read from a parquet file (.parquet), a folder of them, a "
-                "save_to_disk folder or a hub dataset; this file is none of these"
-            )
-        if is_local_path(source):
-            hint = f" (`{made_by}` writes it)" if made_by else ""
-            raise ConfigError(f"{what} not found: {source}{hint}")
-        return datasets.load_dataset(source, split=split)
+        yield
     except ConfigError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the source and reason
-        raise ConfigError(f"cannot read {what} from {source}: {e}") from e
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        hint = "" if is_local_path(source) else f"; {LOCAL_FORMS}"
+        raise ConfigError(f"cannot read {what} from {source}: {reason}{hint}") from e
+
+
+def _builder_args(source: str, made_by: str | None, what: str) -> tuple[str, dict] | None:
+    """What `datasets.load_dataset_builder` opens `source` with, or None for a save_to_disk
+    folder. A missing or unusable local source is one line; a hub name is asked about first."""
+    path = Path(source)
+    hint = f" (`{made_by}` writes it)" if made_by else ""
+    if path.is_dir():
+        saved = any((path / n).is_file() for n in ("dataset_dict.json", "state.json"))
+        return None if saved else (str(path), {})
+    if source.endswith(".parquet") or "*" in source:
+        if "*" not in source and not path.is_file():
+            raise ConfigError(f"{what} file not found: {source}{hint}")
+        return "parquet", {"data_files": source}
+    if path.is_file():
+        raise ConfigError(
+            f"{source}: {what} are read from a parquet file (.parquet), a folder of them, a "
+            "save_to_disk folder or a hub dataset; this file is none of these"
+        )
+    if is_local_path(source):
+        raise ConfigError(f"{what} not found: {source}{hint}")
+    check_hub_dataset(source, what)
+    return source, {}
+
+
+def _saved_split(loaded, split: str, source: str):
+    import datasets
+
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if split not in loaded:
+        raise ConfigError(f"{source}: no split {split!r} (has {sorted(loaded)})")
+    return loaded[split]
+
+
+def _pick_split(builder, split: str, source: str) -> str:
+    """`split`, or the only split of a source whose file names name none (its files are
+    then all "train", whatever split the config asks for)."""
+    splits = [str(s) for s in builder.config.data_files or {}]
+    if not splits or split in splits:
+        return split
+    if splits == ["train"]:
+        return "train"
+    raise ConfigError(f"{source}: no split {split!r} (has {', '.join(splits)})")
+
+
+def _check_columns(names: Sequence[str], columns: Sequence[str], source: str, require) -> None:
+    if require is not None:
+        require(names, source)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ConfigError(f"{source}: no column {missing[0]!r} (has {', '.join(names)})")
 
 
 def check_pair_table(table, source: str) -> np.ndarray:
@@ -101,25 +232,39 @@ def check_pair_table(table, source: str) -> np.ndarray:
     Raises ConfigError naming the first missing column, or the first row whose labels are not
     in {0, 0.5, 1} or do not sum to 1.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ConfigError(
-            f"{source}: missing column {missing[0]!r} (Pick-a-Pic schema needs "
-            f"{', '.join(REQUIRED_COLUMNS)}; has {', '.join(table.column_names)})"
-        )
+    check_pair_columns(table.column_names, source)
     if len(table) == 0:
         raise ConfigError(f"{source}: no pairs")
     labels = np.stack(
         [np.asarray(table[c], dtype=np.float64) for c in ("label_0", "label_1")], axis=1
     )
-    valid = np.isin(labels, VALID_LABELS).all(axis=1) & np.isclose(labels.sum(axis=1), 1.0)
+    valid = valid_labels(labels)
     if not valid.all():
         row = int(np.flatnonzero(~valid)[0])
-        raise ConfigError(
-            f"{source}: row {row} has label_0={labels[row, 0]}, label_1={labels[row, 1]}; "
-            "labels must be 0, 0.5 or 1 and sum to 1"
-        )
+        raise ConfigError(bad_labels_message(f"{source}: row {row}", labels[row]))
     return labels
+
+
+def check_pair_columns(names: Sequence[str], source: str) -> None:
+    """One line naming the first Pick-a-Pic column that `names` lacks."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise ConfigError(
+            f"{source}: missing column {missing[0]!r} (Pick-a-Pic schema needs "
+            f"{', '.join(REQUIRED_COLUMNS)}; has {', '.join(names)})"
+        )
+
+
+def valid_labels(labels: np.ndarray) -> np.ndarray:
+    """Which rows of (N, 2) labels are in {0, 0.5, 1} and sum to 1."""
+    return np.isin(labels, VALID_LABELS).all(axis=1) & np.isclose(labels.sum(axis=1), 1.0)
+
+
+def bad_labels_message(where: str, labels) -> str:
+    return (
+        f"{where} has label_0={labels[0]}, label_1={labels[1]}; "
+        "labels must be 0, 0.5 or 1 and sum to 1"
+    )
 
 
 def examples_per_prompt(captions: Sequence[str]) -> np.ndarray:
@@ -164,6 +309,44 @@ def to_pixels(
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def augmentation(
+    keys: Sequence[int], random_crop: bool, random_flip: bool
+) -> tuple[tuple[float, float], bool]:
+    """A pair's crop position and mirroring, drawn from a generator seeded by `keys`."""
+    rng = np.random.default_rng(list(keys))
+    crop_at = tuple(rng.uniform(size=2)) if random_crop else (0.5, 0.5)
+    flip = bool(rng.integers(2)) if random_flip else False
+    return crop_at, flip
+
+
+def pair_item(
+    row: dict[str, Any],
+    labels,
+    resolution: int,
+    *,
+    crop_at: tuple[float, float] = (0.5, 0.5),
+    flip: bool = False,
+    swap: bool = False,
+    weight: float = 1.0,
+    index: int = 0,
+) -> dict[str, Any] | None:
+    """A row's two images decoded, resized, cropped and mirrored alike (swapped if asked), or
+    None when one does not decode (see `PairDataset.collate`)."""
+    try:
+        images = [to_pixels(decode_image(row[k]), resolution, crop_at, flip) for k in IMAGES]
+    except Exception:  # PIL raises many kinds on corrupt bytes; the pair is skipped
+        return None
+    if swap:
+        images, labels = images[::-1], labels[::-1]
+    return {
+        "pixels": torch.stack(images),
+        "caption": str(row["caption"]),
+        "labels": torch.tensor(np.array(labels), dtype=torch.float32),
+        "weight": weight,
+        "index": index,
+    }
 
 
 @dataclass
@@ -228,32 +411,21 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         i = int(i)
-        row = self.table[i]
         crop_at, flip = self.augmentation(i)
-        try:
-            images = [
-                to_pixels(decode_image(row[k]), self.resolution, crop_at, flip)
-                for k in ("jpg_0", "jpg_1")
-            ]
-        except Exception:  # PIL raises many kinds on corrupt bytes; the pair is skipped
-            return None
-        labels = self.labels[i]
-        if self.swapped(i):
-            images, labels = images[::-1], labels[::-1]
-        return {
-            "pixels": torch.stack(images),
-            "caption": str(row["caption"]),
-            "labels": torch.tensor(np.array(labels), dtype=torch.float32),
-            "weight": float(self.weights[i]),
-            "index": i,
-        }
+        return pair_item(
+            self.table[i],
+            self.labels[i],
+            self.resolution,
+            crop_at=crop_at,
+            flip=flip,
+            swap=self.swapped(i),
+            weight=float(self.weights[i]),
+            index=i,
+        )
 
     def augmentation(self, i: int) -> tuple[tuple[float, float], bool]:
         """Row i's crop position and mirroring this epoch (both images of a pair alike)."""
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-        crop_at = tuple(rng.uniform(size=2)) if self.random_crop else (0.5, 0.5)
-        flip = bool(rng.integers(2)) if self.random_flip else False
-        return crop_at, flip
+        return augmentation([self.seed, self.epoch, int(i)], self.random_crop, self.random_flip)
 
     def swapped(self, i: int) -> bool:
         """Whether row i's images are swapped to put the winner first."""
@@ -338,15 +510,22 @@ class BadImageCounter:
         so that a source full of broken images fails at once rather than after hours; the
         sample's counts are not kept."""
         rows = np.random.default_rng(0).permutation(len(table))[:n]
-        bad = 0
-        for row in table.select_columns(["jpg_0", "jpg_1"]).select(sorted(rows.tolist())):
+        sample = table.select_columns(list(IMAGES)).select(sorted(rows.tolist()))
+        self.probe_rows(sample, total=len(table))
+
+    def probe_rows(self, rows, total: int | None = None) -> None:
+        """Decode the images of `rows` (e.g. the first pairs of a stream) out of `total`; one
+        line when too many fail."""
+        seen = bad = 0
+        for row in rows:
+            seen += 1
             try:
                 decode_image(row["jpg_0"])
                 decode_image(row["jpg_1"])
             except Exception:  # any decoding failure makes the pair unusable
                 bad += 1
-        sample = BadImageCounter(self.max_share, self.source, len(table))
-        sample.update(len(rows), bad, what="pairs sampled")
+        sample = BadImageCounter(self.max_share, self.source, total or self.total)
+        sample.update(seen, bad, what="pairs sampled")
 
     @property
     def share(self) -> float:
@@ -364,13 +543,22 @@ def load_prompts(
     `column`), jsonl, parquet, a `save_to_disk` folder or a hub dataset (`column` of `split`).
     Blank prompts are dropped; an empty result is a one-line ConfigError. With
     `strict_column` plain strings (txt lines, a json list of strings) do not count as
-    `column` (used for optional columns such as a category)."""
+    `column` (used for optional columns such as a category). A dataset's images are never
+    read, only `column` (`load_columns`)."""
     import json
 
     path = Path(source)
     if path.suffix in (".txt", ".json", ".jsonl") or (path.is_file() and path.suffix != ".parquet"):
         if not path.is_file():
-            hint = f" (`{made_by}` writes it)" if made_by else ""
+            if made_by:
+                hint = f" (`{made_by}` writes it)"
+            elif path.suffix == ".txt":
+                hint = (
+                    f" (`spo prepare-prompts --out {source}` draws one from a pair dataset's "
+                    "captions, Pick-a-Pic v1 train by default)"
+                )
+            else:
+                hint = ""
             raise ConfigError(f"prompt file not found: {source}{hint}")
         text = path.read_text(encoding="utf-8")
         try:
@@ -394,12 +582,7 @@ def load_prompts(
                 item = item[column]
             prompts.append(str(item))
     else:
-        table = load_pair_table(source, split, made_by, what="prompts")
-        if column not in table.column_names:
-            raise ConfigError(
-                f"{source}: no column {column!r} (has {', '.join(table.column_names)})"
-            )
-        prompts = [str(p) for p in table[column]]
+        prompts = [str(p) for p in load_columns(source, [column], split, made_by)[column]]
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise ConfigError(f"{source}: no prompts")

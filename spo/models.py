@@ -21,6 +21,7 @@ from torch import Tensor
 
 from spo.ddim import add_noise, cfg_combine, predict_epsilon, predict_x0
 from spo.errors import ConfigError
+from spo.sources import is_local_path
 
 Family = Literal["sd", "sdxl"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,14 +57,6 @@ class TextConditioning:
     def cat(parts: Sequence[TextConditioning]) -> TextConditioning:
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
         return TextConditioning(torch.cat([p.hidden for p in parts]), pooled)
-
-
-def is_local_path(source: str) -> bool:
-    """A path-like source (absolute, relative with a separator, or existing) rather than a hub
-    name such as `org/model`: hub names have exactly one slash and no leading dot."""
-    if Path(source).exists() or source.startswith((".", "/", "~")):
-        return True
-    return source.count("/") != 1
 
 
 @contextlib.contextmanager

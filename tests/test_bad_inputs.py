@@ -106,6 +106,17 @@ def compare(c: Ctx, *extra: str) -> list[str]:
     ]
 
 
+def prepare_prompts(c: Ctx, *extra: str) -> list[str]:
+    return [
+        "prepare-prompts",
+        "--out",
+        str(c.out),
+        f"source={c.world / 'pairs/train.parquet'}",
+        "num_prompts=4",
+        *extra,
+    ]
+
+
 def demo(c: Ctx, *extra: str) -> list[str]:
     return ["demo", "--quick", "--out", str(c.out), *extra]
 
@@ -208,6 +219,11 @@ CASES: list[Case] = [
         lambda c: dpo(c, f"validation_images.prompts_file={c.inputs / 'no_prompts.txt'}"),
     ),
     C("dpo-out-under-file", lambda c: dpo(c, under_file(c))),
+    C("dpo-shuffle-buffer-0", lambda c: dpo(c, "pairs.shuffle_buffer=0")),
+    C(
+        "dpo-relabel-while-streaming",
+        lambda c: dpo(c, "pairs.streaming=true", "relabel_with=oracle"),
+    ),
     C(
         "dpo-out-in-read-only-dir",
         lambda c: dpo(c, in_read_only(c)),
@@ -276,6 +292,17 @@ CASES: list[Case] = [
     ),
     C("compare-unknown-scorer", lambda c: compare(c, "scorers=[oracle, nope]")),
     C("compare-out-under-file", lambda c: compare(c, under_file(c))),
+    # --- prepare-prompts ----------------------------------------------------------------------
+    C("prepare-prompts-num-0", lambda c: prepare_prompts(c, "num_prompts=0")),
+    C(
+        "prepare-prompts-source-missing",
+        lambda c: prepare_prompts(c, f"source={c.inputs / 'no.parquet'}"),
+    ),
+    C(
+        "prepare-prompts-too-few-captions",
+        lambda c: prepare_prompts(c, f"source={c.inputs / 'prompts.jsonl'}"),
+    ),
+    C("prepare-prompts-out-under-file", lambda c: prepare_prompts(c, under_file(c))),
     # --- demo ---------------------------------------------------------------------------------
     C("demo-budget-0", lambda c: demo(c, "budget_minutes=0")),
     C("demo-unknown-key", lambda c: demo(c, "budget_minute=1")),

@@ -5,12 +5,14 @@ processes each think they are alone is refused; two runs cannot share a run fold
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import dpo_args, judge_training_args, one_error_line, spo_args
@@ -196,3 +198,28 @@ def test_a_second_run_on_a_folder_in_use_is_refused(mini_world, tmp_path, capsys
         orphan.kill()
         orphan.wait()
     assert main(dpo_args(mini_world, out, "max_steps=1")) == 0  # the kernel dropped its lock
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_own_files_and_resume_to_the_same_weights(mini_world, tmp_path):
+    """Streamed pairs (tests/test_streaming.py runs the one-process case): each process reads
+    its own data files; killed after its first checkpoint, the run resumes to the weights of
+    the uninterrupted one. 3 launches of 2 processes: about 80 s on 2 idle cores."""
+    table = pq.read_table(mini_world / "pairs/train.parquet")
+    (tmp_path / "pairs/data").mkdir(parents=True)
+    for k in range(4):
+        pq.write_table(
+            table.slice(12 * k, 12), tmp_path / f"pairs/data/train-{k:05d}-of-00004.parquet"
+        )
+    extra = (f"pairs.train={tmp_path / 'pairs'}", "pairs.streaming=true", "pairs.shuffle_buffer=8")
+    name = "pytorch_lora_weights.safetensors"
+    straight = torchrun(dpo_args(mini_world, tmp_path / "a", *extra))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = torchrun(dpo_args(mini_world, tmp_path / "k", *extra), fault="kill_after_checkpoint")
+    assert killed.returncode != 0
+    state = json.loads((tmp_path / "k/checkpoints/step-2/trainer_state.json").read_text())
+    assert len(state["stream"]) == 2  # one position per process
+    resumed = torchrun(dpo_args(mini_world, tmp_path / "k", *extra))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert_equal(weights(tmp_path / "a", name), weights(tmp_path / "k", name))

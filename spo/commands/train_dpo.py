@@ -13,7 +13,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -24,7 +24,8 @@ from spo.data import (
     PairDataset,
     check_pair_table,
     decode_image,
-    load_pair_table,
+    read_pairs,
+    split_rows,
     to_pixels,
 )
 from spo.errors import ConfigError
@@ -33,6 +34,7 @@ from spo.losses import DPOOutput, dpo_loss, sft_loss
 from spo.models import DiffusionModel, TextConditioning
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.runs import made_by, require_model
+from spo.stream import StreamedPairs, describe, open_pair_stream
 from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
 from spo.training.publish import model_card
@@ -52,12 +54,21 @@ def effective_lr(cfg: DPOTrainConfig, num_processes: int) -> float:
 
 def load_dpo_pairs(cfg: DPOTrainConfig) -> tuple[object, np.ndarray, int]:
     """The training table and its labels, checked; ties are removed later (after relabelling).
-    Returns (table, labels (N, 2), N)."""
-    source = cfg.pairs.train
-    table = load_pair_table(source, cfg.pairs.train_split, made_by=made_by(source))
-    if cfg.pairs.max_train_pairs is not None and cfg.pairs.max_train_pairs < len(table):
-        table = table.select(range(cfg.pairs.max_train_pairs))
-    return table, check_pair_table(table, source), len(table)
+    Returns (table, labels (N, 2), N). Streamed, only the first max_train_pairs are read."""
+    p = cfg.pairs
+    table = read_pairs(
+        p.train,
+        p.train_split,
+        made_by(p.train),
+        streaming=p.streams(p.train),
+        limit=p.max_train_pairs,
+    )
+    return table, check_pair_table(table, p.train), len(table)
+
+
+def streamed(cfg: DPOTrainConfig) -> bool:
+    """Whether training draws its pairs from a stream (max_train_pairs reads a table)."""
+    return cfg.pairs.streams(cfg.pairs.train) and cfg.pairs.max_train_pairs is None
 
 
 def relabel(cfg: DPOTrainConfig, table, device: str, resolution: int) -> np.ndarray:
@@ -211,11 +222,15 @@ class LatentCache:
 
 
 def _latent_cache(
-    cfg: DPOTrainConfig, model: DiffusionModel, dataset: PairDataset, main: bool
+    cfg: DPOTrainConfig, model: DiffusionModel, dataset: PairDataset | None, main: bool
 ) -> LatentCache | None:
-    """The run's latent cache, or None (off, random crops, or larger than allowed); its size
-    is said before it is built."""
+    """The run's latent cache, or None (off, streaming, random crops, or larger than allowed);
+    its size is said before it is built."""
     if not cfg.latent_cache:
+        return None
+    if dataset is None:
+        if main:
+            print("latent cache: off (streaming: the pairs are never all at hand)")
         return None
     if cfg.random_crop:
         if main:
@@ -256,33 +271,67 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     # Cheap checks first: inputs, resume target, before any model is loaded.
     check_precision(cfg)
     require_model(cfg.base_model)
-    table, labels, n_rows = load_dpo_pairs(cfg)
-    BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train).probe(table)
+    p = cfg.pairs
+    if streamed(cfg):
+        stream = open_pair_stream(
+            p.train,
+            p.train_split,
+            made_by(p.train),
+            seed=cfg.seed,
+            buffer=p.shuffle_buffer,
+            max_bad_share=p.max_bad_image_share,
+        )
+    else:
+        stream = None
+        table, labels, n_rows = load_dpo_pairs(cfg)
+        BadImageCounter(p.max_bad_image_share, p.train).probe(table)
     if cfg.relabel_with != "none":
         check_scorer(cfg.relabel_with)
     check_lora_targets(cfg.base_model, cfg.policy)
     loop = TrainLoop.for_diffusion(cfg, kind=KIND, name="dpo")
     if loop.already_finished:
         return loop.previous_result()
+    if stream is not None:
+        return _train(cfg, loop, stream=stream)
     if cfg.relabel_with == "none":
         _usable_rows(cfg, labels)
+    return _train(cfg, loop, table=table, labels=labels)
+
+
+def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, labels=None):
+    """The run itself, from a table (`table`, `labels`) or a `stream`."""
 
     with loop:
         accelerator = loop.make_accelerator()
         set_seed(cfg.seed)
         model = DiffusionModel.for_training(cfg, accelerator)
-        if cfg.relabel_with != "none":
-            labels = relabel(cfg, table, accelerator.device, model.resolution)
-        decided = _usable_rows(cfg, labels)
-        dataset = PairDataset(
-            table.select(decided),
-            model.resolution,
-            labels[decided],
-            winner_first=True,
-            random_crop=cfg.random_crop,
-            random_flip=cfg.random_flip,
-            seed=cfg.seed,
-        )
+        dataset = pairs = None
+        if stream is None:
+            if cfg.relabel_with != "none":
+                labels = relabel(cfg, table, accelerator.device, model.resolution)
+            decided = _usable_rows(cfg, labels)
+            dataset = PairDataset(
+                table.select(decided),
+                model.resolution,
+                labels[decided],
+                winner_first=True,
+                random_crop=cfg.random_crop,
+                random_flip=cfg.random_flip,
+                seed=cfg.seed,
+            )
+            n_rows, ties = len(table), len(table) - len(decided)
+        else:
+            stream.assign(accelerator.process_index, accelerator.num_processes)
+            pairs = StreamedPairs(
+                stream,
+                model.resolution,
+                seed=cfg.seed,
+                drop_ties=True,
+                winner_first=True,
+                random_crop=cfg.random_crop,
+                random_flip=cfg.random_flip,
+            )
+            n_rows, ties = split_rows(stream.data), 0
         policy = Policy(model, cfg.policy)
         lr = effective_lr(cfg, accelerator.num_processes)
         if cfg.policy.mode == "lora":
@@ -297,12 +346,19 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train, n_rows)
         cache = _latent_cache(cfg, model, dataset, loop.main)  # its time counts as training time
         bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
-        ties = int(n_rows - len(decided))
         data = {"data/pairs": n_rows, "data/ties_dropped": ties, "train/effective_lr": lr}
+        if pairs is not None:
+            pairs.restore(resumed.get("stream"), accelerator)
+            data = {"train/effective_lr": lr} | ({"data/pairs": n_rows} if n_rows else {})
+            if loop.main:
+                print(describe(stream, cfg.pairs.train_split))
         loop.logger.log(loop.step, data)
 
         def state() -> dict:
-            return {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.policy.mode}
+            kept = {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.policy.mode}
+            if pairs is not None:  # every process's position, in rank order
+                kept["stream"] = gather_object([pairs.state()])
+            return kept
 
         empty = model.empty_text(1)
         accum = cfg.gradient_accumulation_steps
@@ -310,16 +366,21 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
         while loop.running():
             micro = loop.step * accum
             for _ in range(accum):
-                epoch, rows = micro_batch_rows(
-                    len(dataset), cfg.batch_size, micro, accelerator, cfg.seed
-                )
-                dataset.epoch = epoch
-                if cache is None:
-                    batch = PairDataset.collate([dataset[i] for i in rows])
+                if pairs is not None:
+                    batch = pairs.next_batch(cfg.batch_size)
                     images, captions, skipped = batch.pixels, batch.captions, batch.bad
+                    bad.count(cfg.batch_size, skipped)
                 else:
-                    images, captions, skipped = cache.batch(dataset, rows)
-                bad.count(len(rows), skipped)
+                    epoch, rows = micro_batch_rows(
+                        len(dataset), cfg.batch_size, micro, accelerator, cfg.seed
+                    )
+                    dataset.epoch = epoch
+                    if cache is None:
+                        batch = PairDataset.collate([dataset[i] for i in rows])
+                        images, captions, skipped = batch.pixels, batch.captions, batch.bad
+                    else:
+                        images, captions, skipped = cache.batch(dataset, rows)
+                    bad.count(len(rows), skipped)
                 micro += 1
                 weight = 1.0
                 if not captions:  # all undecodable: a zero-weight stand-in keeps every rank
@@ -349,12 +410,15 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
                     }
                 loop.logger.add(**values)
             bad.settle(lambda counts: sum_over_ranks(accelerator, counts))
-            loop.end_step(bad_pairs=bad.bad)
+            streamed_counts = pairs.metrics(accelerator) if pairs is not None else {}
+            loop.end_step(bad_pairs=bad.bad, **streamed_counts)
             loop.periodic_images(model)
             if loop.due(cfg.checkpoint_every):
                 loop.save_checkpoint(state())
 
-        summary = {"step": loop.step, "pairs": n_rows, "ties_dropped": int(n_rows - len(decided))}
+        if pairs is not None:
+            ties = pairs.metrics(accelerator)["data/ties_dropped"]
+        summary = {"step": loop.step, "pairs": n_rows, "ties_dropped": int(ties)}
         summary |= {"effective_lr": lr, "mode": cfg.policy.mode, "family": model.family}
         summary["final_metrics"] = loop.last_logged
         card = model_card(

@@ -9,6 +9,7 @@ by (seed, micro-step, rank), so a killed and resumed run sees the same data and 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,14 @@ from spo.data import (
     check_pair_table,
     decode_image,
     examples_per_prompt,
-    load_pair_table,
+    load_columns,
+    read_pairs,
+    split_rows,
 )
 from spo.errors import ConfigError
 from spo.models import DTYPES, DiffusionModel
 from spo.runs import atomic_write_bytes, made_by, require_model
+from spo.stream import StreamedPairs, describe, open_pair_stream
 from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
 
@@ -106,12 +110,11 @@ class PairSplit:
     dataset: PairDataset
 
 
-def load_split(source: str, split: str, limit: int | None) -> PairSplit:
+def load_split(source: str, split: str, limit: int | None, streaming: bool = False) -> PairSplit:
     """Load and check one split of pairs (columns, labels) before any compute is spent; its
-    dataset gets the diffusion model's resolution later (`PairSplit.dataset.resolution`)."""
-    table = load_pair_table(source, split, made_by=made_by(source))
-    if limit is not None and limit < len(table):
-        table = table.select(range(limit))
+    dataset gets the diffusion model's resolution later (`PairSplit.dataset.resolution`).
+    With `streaming` only the first `limit` rows are read (into memory)."""
+    table = read_pairs(source, split, made_by(source), streaming=streaming, limit=limit)
     labels = check_pair_table(table, source)
     return PairSplit(source, table, labels, PairDataset(table, 0, labels))
 
@@ -262,13 +265,29 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     require_model(cfg.base_model)
     if cfg.judge == "pixel":
         check_backbone(cfg)
-    train = load_split(cfg.pairs.train, cfg.pairs.train_split, cfg.pairs.max_train_pairs)
+    p = cfg.pairs
+    train = stream = None
+    if p.streams(p.train) and p.max_train_pairs is None:
+        stream = open_pair_stream(
+            p.train,
+            p.train_split,
+            made_by(p.train),
+            seed=cfg.seed,
+            buffer=p.shuffle_buffer,
+            max_bad_share=p.max_bad_image_share,
+        )
+        bad = BadImageCounter(p.max_bad_image_share, p.train, split_rows(stream.data))
+        # PickScore's weights need every caption's count: the caption column alone is read
+        captions = load_columns(p.train, ["caption"], p.train_split, made_by(p.train), "pairs")
+        per_prompt = Counter(captions["caption"])
+    else:
+        train = load_split(p.train, p.train_split, p.max_train_pairs, p.streams(p.train))
+        bad = BadImageCounter(p.max_bad_image_share, train.source, len(train.table))
+        bad.probe(train.table)
     val = load_split(
-        cfg.pairs.validation, cfg.pairs.validation_split, cfg.pairs.max_validation_pairs
+        p.validation, p.validation_split, p.max_validation_pairs, p.streams(p.validation)
     )
-    bad = BadImageCounter(cfg.pairs.max_bad_image_share, train.source, len(train.table))
-    bad.probe(train.table)
-    BadImageCounter(cfg.pairs.max_bad_image_share, val.source).probe(val.table)
+    BadImageCounter(p.max_bad_image_share, val.source).probe(val.table)
     loop = TrainLoop(
         cfg, kind=KIND, name="spm", mode=cfg.judge, mode_key="judge", mode_default="pixel"
     )
@@ -286,18 +305,30 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
             spm = LatentJudge.from_pipeline(
                 diffusion.pipe, projection_dim=s.projection_dim, cfg_scale=s.cfg_scale
             )
-        train.dataset.resolution = val.dataset.resolution = diffusion.resolution
+        val.dataset.resolution = diffusion.resolution
         spm = spm.to(accelerator.device)
 
-        if cfg.pairs.relabel_tie_gap is not None:
+        pairs = None
+        if stream is not None:
+            stream.assign(accelerator.process_index, accelerator.num_processes)
+            pairs = StreamedPairs(
+                stream,
+                diffusion.resolution,
+                seed=cfg.seed,
+                weight_of=lambda caption: 1.0 / per_prompt[caption],
+            )
+        else:
+            train.dataset.resolution = diffusion.resolution
+        if cfg.pairs.relabel_tie_gap is not None:  # a stream is refused with it (schemas)
             spm.eval()
-            for split in (train, val):
+            for split in (val,) if train is None else (train, val):
                 split.labels = relabel_by_backbone(
                     spm, split, cfg.pairs.relabel_tie_gap, cfg.batch_size
                 )
                 split.dataset.labels = split.labels
             spm.train()
-        train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
+        if train is not None:
+            train.dataset.weights = 1.0 / examples_per_prompt(list(train.table["caption"]))
         if cfg.judge == "latent":
             maker, t_max = NoisyLatentMaker(diffusion), cfg.latent.max_timestep + 1
             val_maker: Maker = maker
@@ -316,9 +347,16 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
         model, resumed = loop.begin(spm, spm.parameters(), desc=desc)
         spm_unwrapped: Judge = accelerator.unwrap_model(model)
         bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
+        if pairs is not None:
+            pairs.restore(resumed.get("stream"), accelerator)
+            if loop.main:
+                print(describe(stream, p.train_split))
 
         def state() -> dict:
-            return {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.judge}
+            kept = {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.judge}
+            if pairs is not None:  # every process's position, in rank order
+                kept["stream"] = gather_object([pairs.state()])
+            return kept
 
         def accuracy(limit: int | None = None) -> dict[str, float]:
             return validate(
@@ -337,14 +375,18 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
         while loop.running():
             micro = loop.step * accum
             for _ in range(accum):
-                _, rows = micro_batch_rows(
-                    len(train.dataset), cfg.batch_size, micro, accelerator, cfg.seed
-                )
-                batch = PairDataset.collate([train.dataset[i] for i in rows])
-                bad.count(len(rows), batch.bad)
+                if pairs is not None:
+                    batch = pairs.next_batch(cfg.batch_size)
+                    bad.count(cfg.batch_size, batch.bad)
+                else:
+                    _, rows = micro_batch_rows(
+                        len(train.dataset), cfg.batch_size, micro, accelerator, cfg.seed
+                    )
+                    batch = PairDataset.collate([train.dataset[i] for i in rows])
+                    bad.count(len(rows), batch.bad)
                 weight = 1.0 if batch.captions else 0.0
                 if not weight:  # all undecodable: a zero-weight stand-in (PairBatch.blank)
-                    batch = PairBatch.blank(train.dataset.resolution, batch.bad)
+                    batch = PairBatch.blank(diffusion.resolution, batch.bad)
                 gen = seeded_generator(cfg.seed, micro, accelerator.process_index)
                 t = torch.randint(0, t_max, (len(batch.captions),), generator=gen)
                 inputs, ids = judge_inputs(spm_unwrapped, maker, batch, t, gen, accelerator.device)
@@ -369,7 +411,8 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
                     }
                 )
             bad.settle(lambda counts: sum_over_ranks(accelerator, counts))
-            loop.end_step("train/loss", bad_pairs=bad.bad)
+            streamed_counts = pairs.metrics(accelerator) if pairs is not None else {}
+            loop.end_step("train/loss", bad_pairs=bad.bad, **streamed_counts)
             if loop.due(cfg.validation_every):
                 acc = accuracy(cfg.validation_pairs_periodic)
                 loop.logger.log(loop.step, {f"val/accuracy_t{t}": a for t, a in acc.items()})

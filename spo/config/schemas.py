@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from spo.errors import ConfigError
+from spo.sources import is_local_path, offline_requested
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -146,11 +147,29 @@ class PairsConfig:
     # original images (the SDXL SPM's recipe): a win / lose label if the gap of the 2-way
     # softmax probabilities exceeds this, else a tie. None keeps the pairs' own labels.
     relabel_tie_gap: float | None = None
+    # Read the pairs as a stream (datasets streaming: rows are read as training takes them, the
+    # split is never downloaded whole first) or whole. null: stream hub datasets (but read
+    # datasets' cache whole when HF_HUB_OFFLINE is set), read local sources whole. A streamed
+    # validation split, or max_*_pairs of a streamed one, is read into memory; relabelling
+    # (relabel_with, relabel_tie_gap) and the latent cache need the whole split.
+    # docs/data.md: the order, and what a resume reads again.
+    streaming: bool | None = None
+    # Streaming: rows shuffled together, held in memory on every process (Pick-a-Pic: about
+    # 330 kB a pair, 330 MB for 1000)
+    shuffle_buffer: int = 1000
+
+    def streams(self, source: str) -> bool:
+        """Whether `source` is read as a stream."""
+        if self.streaming is not None:
+            return self.streaming
+        return not is_local_path(source) and not offline_requested()
 
     def validate(self) -> None:
         for key in ("max_train_pairs", "max_validation_pairs"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"pairs.{key}", value, "must be > 0 or null")
+        size = self.shuffle_buffer
+        _require(size > 0, "pairs.shuffle_buffer", size, "must be > 0")
         share = self.max_bad_image_share
         _require(0 <= share < 1, "pairs.max_bad_image_share", share, "must be in [0, 1)")
         gap = self.relabel_tie_gap
@@ -304,6 +323,11 @@ class SPMTrainConfig:
             raise ConfigError(
                 "pairs.relabel_tie_gap relabels with the clean CLIP backbone, which the latent "
                 "judge has not: relabel with the pixel judge's config, or set it to null"
+            )
+        if self.pairs.relabel_tie_gap is not None and self.pairs.streams(self.pairs.train):
+            raise ConfigError(
+                "pairs.relabel_tie_gap relabels every pair before training, which needs the whole "
+                "split: set pairs.streaming=false (read it whole) or relabel_tie_gap=null"
             )
         _require(
             self.validation_every >= 0,
@@ -478,6 +502,11 @@ class DPOTrainConfig:
             relabel,
             "must be none, oracle, spm:<folder> or pickscore:<model>",
         )
+        if relabel != "none" and self.pairs.streams(self.pairs.train):
+            raise ConfigError(
+                f"relabel_with={relabel} relabels every pair before training, which needs the "
+                "whole split: set pairs.streaming=false (read it whole) or relabel_with=none"
+            )
 
 
 @dataclass
@@ -778,6 +807,28 @@ class BenchmarkConfig:
         self.speed.validate()
 
 
+@dataclass
+class PreparePromptsConfig:
+    """`spo prepare-prompts`: draw unique training prompts from a dataset's captions."""
+
+    # the text file written, one prompt a line (the SPO configs read data/pickapic_4k_prompts.txt)
+    out: str = "data/pickapic_4k_prompts.txt"
+    seed: int = 0  # the same seed and captions give the same prompts in the same order
+    # where the captions come from: a hub dataset, parquet files (a file, a folder, a glob), a
+    # save_to_disk folder, or a txt / json / jsonl prompt file; a dataset's images are never read
+    source: str = "yuvalkirstain/pickapic_v1"
+    split: str = "train"  # for hub datasets and folders with splits
+    column: str = "caption"
+    num_prompts: int = 4000  # the SPO paper drew 4000 from Pick-a-Pic v1 train
+
+    def validate(self) -> None:
+        """Reject nonsensical values before any work starts (one-line ConfigError)."""
+        _require(bool(str(self.out).strip()), "out", self.out, "must be a non-empty path")
+        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(bool(self.source.strip()), "source", self.source, "must name a dataset or file")
+        _require(self.num_prompts > 0, "num_prompts", self.num_prompts, "must be > 0")
+
+
 # Command name -> config schema. The CLI loads `--config`/overrides into this type.
 COMMAND_CONFIGS: dict[str, type] = {
     "toy-world": ToyWorldConfig,
@@ -787,4 +838,5 @@ COMMAND_CONFIGS: dict[str, type] = {
     "compare": CompareConfig,
     "demo": DemoConfig,
     "benchmark": BenchmarkConfig,
+    "prepare-prompts": PreparePromptsConfig,
 }
