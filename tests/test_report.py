@@ -259,7 +259,7 @@ def test_report_stands_alone_with_every_section(tmp_path):
     assert samples == ([COLOURS["base"]] * 2 + [COLOURS["tuned"]] * 2) * 2
 
     # the base is named; paired differences with their hand-computed t-interval
-    assert "The base model is base" in page and "Paired differences against the base, base" in page
+    assert "are against base, the base" in page and "Paired differences: model minus base" in page
     assert "<td>tuned</td><td class=num>+0.10 [-0.02, +0.22]</td>" in page
     assert "| tuned | +0.10 [-0.02, +0.22] |" in md
     # win rates on one precision: tuned beats base on 0.75 of (prompt, seed), base 0.25

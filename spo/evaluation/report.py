@@ -290,10 +290,10 @@ def _intro(cfg: CompareConfig, results: dict, base_label: str, n_models: int) ->
     )
     if n_models > 1:
         text += (
-            f" The base model is {base_label}: every other model is paired with it on the same "
-            "(prompt, seed). Differences: mean of model minus base, 95% paired t-interval over "
-            "prompts. Win rates: share of (prompt, seed) where one model scores higher, ties "
-            "0.5, 95% bootstrap interval over prompts."
+            f" Differences and win rates are against {base_label}, the base (config key `base`; "
+            "default the first model), on the same (prompt, seed). Differences: mean of model "
+            "minus base, 95% paired t-interval over prompts. Win rates: share of (prompt, seed) "
+            "where one model scores higher, ties 0.5, 95% bootstrap interval over prompts."
         )
     return Para(text)
 
@@ -533,7 +533,7 @@ def write_report(cfg: CompareConfig, prompts: list[str], results: dict, provenan
             limits=(0.0, 1.0),
         )
         blocks += [
-            Heading(f"Paired differences against the base, {label_of[base]}"),
+            Heading(f"Paired differences: model minus {label_of[base]}"),
             Para(
                 f"Mean of (model - {label_of[base]}) over the same (prompt, seed): an interval "
                 "that excludes 0 is a difference the prompts support."
@@ -542,7 +542,7 @@ def write_report(cfg: CompareConfig, prompts: list[str], results: dict, provenan
             Plot("differences", "paired differences against the base"),
             Heading("Win rates"),
             Para(
-                f"Each model against the base, {label_of[base]}, on a 0 to 1 axis (dashed: 0.5, "
+                f"Win rate of each model against {label_of[base]}, on a 0 to 1 axis (dashed: 0.5, "
                 "as often better as worse); below, every pair."
             ),
             Plot("win_rates", "win rates against the base"),
