@@ -133,12 +133,13 @@ def test_validation_curves_and_judge_from_run_folders(tmp_path):
         {"step": 5, "val/oracle": 0.6, "val/train_seconds": 10.0},
         {"step": 9, "val/oracle": None, "val/train_seconds": 20.0},
     )
-    _write(run / "metrics.jsonl", metrics)
+    _write(run / "metrics.jsonl", metrics + '{"step": 10, "val/ora')  # killed mid-line
     _write(run / "config.yaml", "spm: /somewhere/spm/final\njudge: pixel\n")
     assert provenance.validation_curves(run) == {"val/oracle": ([0.0, 10.0], [0.5, 0.6])}
     assert provenance.run_judge(run) == Path("/somewhere/spm/final")
     _write(tmp_path / "dpo/config.yaml", "beta: 5000\n")
     assert provenance.run_judge(tmp_path / "dpo") is None
+    assert provenance.run_judge(tmp_path / "no-config") is None
 
 
 def test_weights_digest_of_a_file_and_a_folder(tmp_path):
@@ -252,7 +253,7 @@ def test_report_stands_alone_with_every_section(tmp_path):
     assert len(uris) == page.count("<img")
     for mime, data in uris:
         if mime == "image/svg+xml":  # the plots: drawn text, no image or font from elsewhere
-            assert b"<image" not in data and b"@font-face" not in data
+            assert b"<image" not in data and b"<text" not in data and b"@font-face" not in data
             assert not re.search(rb'href="(?!#)', data)
     # every image of the 2 grid prompts, per model (not one seed per prompt)
     samples = [Image.open(io.BytesIO(d)).getpixel((0, 0)) for m, d in uris if m == "image/png"]

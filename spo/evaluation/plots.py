@@ -41,7 +41,8 @@ def _pyplot():
 
 def _render(fig) -> Figure:
     svg, png = io.BytesIO(), io.BytesIO()
-    fig.savefig(svg, format="svg", bbox_inches="tight", metadata={"Date": None})
+    with _pyplot().rc_context({"svg.fonttype": "path"}):  # text as paths: no font needed
+        fig.savefig(svg, format="svg", bbox_inches="tight", metadata={"Date": None})
     fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
     return Figure(svg.getvalue(), png.getvalue())

@@ -94,7 +94,10 @@ def validation_curves(run: Path) -> dict[str, tuple[list[float], list[float]]]:
     of its metrics.jsonl that carry `val/train_seconds` (spo.training.validation)."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            continue
         seconds = row.get("val/train_seconds")
         if seconds is None:
             continue
@@ -108,7 +111,8 @@ def validation_curves(run: Path) -> dict[str, tuple[list[float], list[float]]]:
 
 def run_judge(run: Path) -> Path | None:
     """The judge an SPO run was trained with (`spm` in its config.yaml); None for other runs."""
-    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    path = run / "config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else None
     judge = config.get("spm") if isinstance(config, dict) else None
     return Path(judge) if isinstance(judge, str) else None
 
@@ -231,6 +235,7 @@ def collect(cfg: CompareConfig, device: str) -> dict:
         "run_configs": {
             model: (Path(run["folder"]) / "config.yaml").read_text()
             for model, run in training["runs"].items()
+            if (Path(run["folder"]) / "config.yaml").is_file()
         },
         "training": training,
     }
