@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spo.commands.demo import stage_args, validation_curve
+from spo.commands.demo import stage_args
 from spo.config import DemoConfig
+from spo.evaluation.provenance import validation_curves
 from spo.evaluation.stats import format_ci, mean_ci, win_rate_ci
 
 # judge runs an arm may need -> (toy config, extra overrides), trained once before the arms
@@ -155,7 +156,8 @@ def plot_curves(opts, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, arm in enumerate(opts.arms):
         for j, seed in enumerate(opts.seeds):
-            xs, ys = validation_curve(out / "runs" / f"{arm}-s{seed}/metrics.jsonl", "val/oracle")
+            curves = validation_curves(out / "runs" / f"{arm}-s{seed}")
+            xs, ys = curves.get("val/oracle", ([], []))
             ax.plot(xs, ys, color=f"C{i}", alpha=0.7, lw=1.2, label=arm if j == 0 else None)
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("oracle reward of eval samples")

@@ -66,6 +66,9 @@ def test_self_comparison_determinism_and_report(mini_world, tmp_path):
     assert results["win_rates"]["oracle"]["a vs b"]["rate"] == 0.5
     assert results["scores"]["a"]["oracle"] == results["scores"]["b"]["oracle"]
     assert set(results["by_category"]) == {"circle", "cross"}
+    assert results["settings"]["base"] == "a"  # the first model, when `base` is not set
+    same = results["paired_differences"]["oracle"]["b"]
+    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0] and same["prompts"] == 3
     # scores.json holds every image's score (prompts x images), the numbers behind the means.
     per_image = json.loads((out1 / "scores.json").read_text())
     a = np.array(per_image["scores"]["oracle"]["a"])
@@ -85,10 +88,15 @@ def test_self_comparison_determinism_and_report(mini_world, tmp_path):
     assert json.loads((out1 / "images/a/fingerprint.json").read_text())["num_inference_steps"] == 2
 
     page = (out1 / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2  # the means plot and the grid
-    assert not re.search(r"(src|href)=[\"'](?!data:)", page)  # nothing external
-    assert "a vs b" not in page and "0.5 [0.5, 0.5]" in page
+    assert page.count("data:image/png;base64,") == 2 * 2 * 2  # grid prompts x models x images
+    assert page.count("data:image/svg+xml;base64,") == 3  # means, differences, win rates
+    assert not re.search(r"(src|href)=(?![\"']?data:)", page)  # nothing external
+    assert "a vs b" not in page and "0.500 [0.500, 0.500]" in page
+    assert "No curve" in page and "No judge" in page  # the base pipeline has no training run
     assert "| a | " in (out1 / "report.md").read_text()
+    weights = json.loads((out1 / "provenance.json").read_text())["weights"]
+    assert [(w["model"], w["part"]) for w in weights] == [("a", "pipeline"), ("b", "pipeline")]
+    assert weights[0]["digest"]["sha256"] == weights[1]["digest"]["sha256"]
 
 
 def test_bad_input_fails_before_generation(mini_world, tmp_path, capsys):

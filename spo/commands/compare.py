@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from spo.config import CompareConfig, ModelSpec
 from spo.data import load_prompts
 from spo.errors import ConfigError
+from spo.evaluation import provenance
 from spo.evaluation.report import write_report
 from spo.evaluation.scorers import build_scorer, check_scorer
-from spo.evaluation.stats import format_ci, mean_ci, win_rate_ci
+from spo.evaluation.stats import format_ci, mean_ci, paired_difference_ci, win_rate_ci
 from spo.models import DTYPES, DiffusionModel
 from spo.runs import (
     RunLock,
@@ -234,12 +235,17 @@ def score_all(cfg: CompareConfig, prompts: Prompts, scorers: dict, batch: int = 
 
 
 def statistics(cfg: CompareConfig, prompts: Prompts, scores: dict) -> dict:
-    """results.json's content: means with intervals, pairwise win rates, per-category means."""
+    """results.json's content: means with intervals, each model's paired difference to the
+    base, pairwise win rates, per-category means."""
     names = [m.name for m in cfg.models]
-    results: dict = {"scores": {m: {} for m in names}, "win_rates": {}}
+    base = cfg.base_model
+    results: dict = {"scores": {m: {} for m in names}, "paired_differences": {}, "win_rates": {}}
     for scorer, by_model in scores.items():
         for m in names:
             results["scores"][m][scorer] = mean_ci(by_model[m], cfg.bootstrap, seed=cfg.seed)
+        results["paired_differences"][scorer] = {
+            m: paired_difference_ci(by_model[m], by_model[base]) for m in names if m != base
+        }
         results["win_rates"][scorer] = {
             f"{a} vs {b}": win_rate_ci(by_model[a], by_model[b], cfg.bootstrap, seed=cfg.seed)
             for a in names
@@ -265,6 +271,7 @@ def statistics(cfg: CompareConfig, prompts: Prompts, scores: dict) -> dict:
         "guidance_scale": cfg.guidance_scale,
         "scorers": list(cfg.scorers),
         "seed": cfg.seed,
+        "base": base,
     }
     return results
 
@@ -275,7 +282,7 @@ def run(cfg: CompareConfig) -> int:
     for model, by_scorer in results["scores"].items():
         cells = ", ".join(f"{s} {format_ci(v)}" for s, v in by_scorer.items())
         print(f"{model}: {cells}")
-    print(f"report: {cfg.out}/report.html (and report.md, results.json)")
+    print(f"report: {cfg.out}/report.html (and report.md, results.json, provenance.json)")
     return 0
 
 
@@ -310,5 +317,7 @@ def _compare(cfg: CompareConfig, prompts: Prompts, scorers: dict, device: str) -
     per_image = {"prompts": prompts.texts, "images_per_prompt": cfg.images_per_prompt}
     per_image["scores"] = {s: {m: a.tolist() for m, a in by.items()} for s, by in scores.items()}
     atomic_write_bytes(run.root / "scores.json", json.dumps(per_image).encode())
-    write_report(cfg, prompts, scores, results)
+    origin = provenance.collect(cfg, device)
+    atomic_write_bytes(run.root / "provenance.json", json.dumps(origin, indent=2).encode())
+    write_report(cfg, prompts.texts, results, origin)
     return results

@@ -164,44 +164,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         report["stages"][stage] = {"seconds": seconds, "skipped": False}
         print(f"[demo] {stage}: finished in {seconds} s", flush=True)
 
-    plot_reward_vs_compute(root)
     results = json.loads((root / "compare/results.json").read_text())
     report["headline"] = headline(results)
     atomic_write_bytes(root / "demo.json", json.dumps(report, indent=2).encode())
     return report
-
-
-def validation_curve(metrics: Path, key: str) -> tuple[list[float], list[float]]:
-    """(training seconds, `key`) of every validation row of a run's metrics.jsonl."""
-    xs, ys = [], []
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
-        if row.get(key) is not None and row.get("val/train_seconds") is not None:
-            xs.append(row["val/train_seconds"])
-            ys.append(row[key])
-    return xs, ys
-
-
-def plot_reward_vs_compute(root: Path) -> Path:
-    """The oracle reward of the validation samples against training seconds, DPO and SPO."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for stage in ("dpo", "spo"):
-        xs, ys = validation_curve(root / stage / "metrics.jsonl", "val/oracle")
-        ax.plot(xs, ys, marker="o", label=stage.upper())
-    ax.set_xlabel("training wall-clock (s, 2 CPU cores)")
-    ax.set_ylabel("oracle reward of eval samples")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    path = root / "compare" / "reward_vs_compute.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def headline(results: dict) -> list[list[str]]:

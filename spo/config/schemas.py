@@ -692,6 +692,9 @@ class CompareConfig:
             ModelSpec(name="spo", lora="runs/toy/spo/final"),
         ]
     )
+    # the model every other is paired against (differences on the same prompt and seed);
+    # null: the first of `models`
+    base: str | None = None
     # a txt / json / jsonl / parquet file, a saved dataset or a hub dataset
     prompts: str = "runs/toy/world/prompts/eval.txt"
     prompt_column: str = "caption"
@@ -722,6 +725,9 @@ class CompareConfig:
             _require(
                 m.lora is None or m.unet is None, "models.lora", m.lora, "give a LoRA or a unet"
             )
+        _require(
+            self.base is None or self.base in names, "base", self.base, f"must be one of {names}"
+        )
         for key in ("images_per_prompt", "num_inference_steps", "batch_size", "bootstrap"):
             _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
         n = self.max_prompts
@@ -733,6 +739,11 @@ class CompareConfig:
             self.dtype,
             "must be float32, float16 or bfloat16",
         )
+
+    @property
+    def base_model(self) -> str:
+        """The name of the model the others are paired against."""
+        return self.base if self.base is not None else self.models[0].name
 
 
 @dataclass
