@@ -42,6 +42,7 @@ from spo.data import (
     valid_labels,
 )
 from spo.errors import ConfigError, TrainingError
+from spo.runs import made_by
 from spo.training.distributed import sum_over_ranks
 
 PROBE_ROWS = 200  # rows of the first shard whose labels and images are checked before training
@@ -249,6 +250,19 @@ class StreamedPairs:
         collective)."""
         read, ties = sum_over_ranks(accelerator, [self.stream.rows_read, self.ties])
         return {"data/rows_read": read} | ({"data/ties_dropped": ties} if self.drop_ties else {})
+
+
+def stream_of_training_pairs(pairs, seed: int) -> PairStream:
+    """`open_pair_stream` of a trainer's `pairs` config (train split, shuffle buffer, bad-image
+    share)."""
+    return open_pair_stream(
+        pairs.train,
+        pairs.train_split,
+        made_by(pairs.train),
+        seed=seed,
+        buffer=pairs.shuffle_buffer,
+        max_bad_share=pairs.max_bad_image_share,
+    )
 
 
 def open_pair_stream(

@@ -26,10 +26,8 @@ class Killed(Exception):
     """Stands for the process being killed right after a checkpoint was written."""
 
 
-def assert_resume_is_exact(run, straight, killed, weights: str) -> None:
-    """Run `run(straight)` uninterrupted; run `run(killed)` but die after its first checkpoint,
-    then run it again (resume=latest); both must end with identical `weights` files."""
-    assert run(straight) == 0
+def run_killed_after_first_checkpoint(run) -> None:
+    """Call `run()`, which must die (`Killed`) right after writing its first checkpoint."""
     save = Checkpointer.save
 
     def save_then_die(self, accelerator, step, state, params=()):
@@ -39,7 +37,14 @@ def assert_resume_is_exact(run, straight, killed, weights: str) -> None:
     with pytest.MonkeyPatch.context() as m:
         m.setattr(Checkpointer, "save", save_then_die)
         with pytest.raises(Killed):
-            run(killed)
+            run()
+
+
+def assert_resume_is_exact(run, straight, killed, weights: str) -> None:
+    """Run `run(straight)` uninterrupted; run `run(killed)` but die after its first checkpoint,
+    then run it again (resume=latest); both must end with identical `weights` files."""
+    assert run(straight) == 0
+    run_killed_after_first_checkpoint(lambda: run(killed))
     assert not (killed / "final" / weights).exists()
     assert run(killed) == 0
     a = load_file(straight / "final" / weights)

@@ -159,32 +159,11 @@ def test_v_prediction_models_get_the_v_log_probabilities(mini_world):
     pairs = _random_pairs(model, 2, 1, [501, 451])
     a = model.alphas_cumprod
     args = {"schedule": sampler.schedule, "guidance_scale": W, "eta": 1.0}
+    step = (model, model.unet, pairs.prompt, pairs.start, 501, float(a[501]), float(a[451]))
     with torch.no_grad():
         lw, ll = chain_log_probs(model, model.unet, pairs, **args)
-        hand = [
-            _released_logp(
-                model,
-                model.unet,
-                pairs.prompt,
-                pairs.start,
-                501,
-                float(a[501]),
-                float(a[451]),
-                chain[:, 0],
-                v_prediction=True,
-            )
-            for chain in (pairs.win, pairs.lose)
-        ]
-        as_eps = _released_logp(
-            model,
-            model.unet,
-            pairs.prompt,
-            pairs.start,
-            501,
-            float(a[501]),
-            float(a[451]),
-            pairs.win[:, 0],
-        )
+        hand = [_released_logp(*step, c[:, 0], v_prediction=True) for c in (pairs.win, pairs.lose)]
+        as_eps = _released_logp(*step, pairs.win[:, 0])
     assert torch.allclose(lw, hand[0], rtol=1e-5) and torch.allclose(ll, hand[1], rtol=1e-5)
     assert not torch.allclose(lw, as_eps, rtol=1e-3)
 

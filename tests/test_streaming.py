@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import Killed, dpo_args, judge_training_args
+from helpers import dpo_args, judge_training_args, run_killed_after_first_checkpoint
 from safetensors.torch import load_file
 
 from spo.cli import main
@@ -22,7 +22,6 @@ from spo.config import DPOTrainConfig, command_config
 from spo.data import REQUIRED_COLUMNS, load_pair_table, open_split, read_pairs
 from spo.errors import ConfigError
 from spo.stream import PairStream, StreamedPairs, open_pair_stream
-from spo.training.checkpoints import Checkpointer
 
 LORA = "pytorch_lora_weights.safetensors"
 SIZES = (5, 9, 7)  # rows of the three files of the small stream: uneven on purpose
@@ -189,19 +188,6 @@ def assert_same(a: Path, b: Path, name: str) -> None:
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def run_killed_after_first_checkpoint(args: list[str]) -> None:
-    save = Checkpointer.save
-
-    def save_then_die(self, accelerator, step, state, params=()):
-        save(self, accelerator, step, state, params)
-        raise Killed
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(Checkpointer, "save", save_then_die)
-        with pytest.raises(Killed):
-            main(args)
-
-
 def test_streamed_dpo_reads_as_it_trains_resumes_exactly_and_ignores_where_files_are(
     mini_world, hub_folder, tmp_path, capsys
 ):
@@ -219,7 +205,7 @@ def test_streamed_dpo_reads_as_it_trains_resumes_exactly_and_ignores_where_files
     assert logged[4]["data/rows_read"] < 48
     assert "data/ties_dropped" in logged[4]
 
-    run_killed_after_first_checkpoint(args(hub_folder, killed))
+    run_killed_after_first_checkpoint(lambda: main(args(hub_folder, killed)))
     assert not (killed / "final" / LORA).exists()
     assert main(args(hub_folder, killed)) == 0
     assert "resumed from" in capsys.readouterr().out
@@ -253,6 +239,6 @@ def test_streamed_spm_resumes_exactly(mini_world, hub_folder, tmp_path):
     assert main(args(straight)) == 0
     logged = [m["data/rows_read"] for m in metrics(straight) if "data/rows_read" in m]
     assert logged == [8, 8, 16]  # blocks of 8 read as the steps of 3 pairs need them
-    run_killed_after_first_checkpoint(args(killed))
+    run_killed_after_first_checkpoint(lambda: main(args(killed)))
     assert main(args(killed)) == 0
     assert_same(straight, killed, "model.safetensors")

@@ -34,7 +34,7 @@ from spo.losses import DPOOutput, dpo_loss, sft_loss
 from spo.models import DiffusionModel, TextConditioning
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.runs import made_by, require_model
-from spo.stream import StreamedPairs, describe, open_pair_stream
+from spo.stream import StreamedPairs, describe, stream_of_training_pairs
 from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
 from spo.training.publish import model_card
@@ -273,14 +273,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     require_model(cfg.base_model)
     p = cfg.pairs
     if streamed(cfg):
-        stream = open_pair_stream(
-            p.train,
-            p.train_split,
-            made_by(p.train),
-            seed=cfg.seed,
-            buffer=p.shuffle_buffer,
-            max_bad_share=p.max_bad_image_share,
-        )
+        stream = stream_of_training_pairs(p, cfg.seed)
     else:
         stream = None
         table, labels, n_rows = load_dpo_pairs(cfg)

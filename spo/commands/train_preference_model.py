@@ -44,7 +44,7 @@ from spo.data import (
 from spo.errors import ConfigError
 from spo.models import DTYPES, DiffusionModel
 from spo.runs import atomic_write_bytes, made_by, require_model
-from spo.stream import StreamedPairs, describe, open_pair_stream
+from spo.stream import StreamedPairs, describe, stream_of_training_pairs
 from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
 
@@ -268,14 +268,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     p = cfg.pairs
     train = stream = None
     if p.streams(p.train) and p.max_train_pairs is None:
-        stream = open_pair_stream(
-            p.train,
-            p.train_split,
-            made_by(p.train),
-            seed=cfg.seed,
-            buffer=p.shuffle_buffer,
-            max_bad_share=p.max_bad_image_share,
-        )
+        stream = stream_of_training_pairs(p, cfg.seed)
         bad = BadImageCounter(p.max_bad_image_share, p.train, split_rows(stream.data))
         # PickScore's weights need every caption's count: the caption column alone is read
         captions = load_columns(p.train, ["caption"], p.train_split, made_by(p.train), "pairs")
