@@ -293,7 +293,6 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
 
 def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, labels=None):
     """The run itself, from a table (`table`, `labels`) or a `stream`."""
-
     with loop:
         accelerator = loop.make_accelerator()
         set_seed(cfg.seed)
