@@ -238,6 +238,12 @@ def check_pair_table(table, source: str) -> np.ndarray:
     labels = np.stack(
         [np.asarray(table[c], dtype=np.float64) for c in ("label_0", "label_1")], axis=1
     )
+    return check_labels(labels, source)
+
+
+def check_labels(labels: np.ndarray, source: str) -> np.ndarray:
+    """`labels` (N, 2) as they are, or one line naming the first row whose labels are not in
+    {0, 0.5, 1} or do not sum to 1."""
     valid = valid_labels(labels)
     if not valid.all():
         row = int(np.flatnonzero(~valid)[0])

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from accelerate.utils import gather_object
 
 from spo.data import (
     REQUIRED_COLUMNS,
@@ -35,6 +36,7 @@ from spo.data import (
     PairDataset,
     augmentation,
     bad_labels_message,
+    check_labels,
     check_pair_columns,
     open_split,
     pair_item,
@@ -232,8 +234,12 @@ class StreamedPairs:
     def state(self) -> dict[str, Any]:
         return {"position": self.stream.state(), "ties": self.ties}
 
+    def gathered_state(self) -> list[dict[str, Any]]:
+        """Every process's `state()` in rank order (a collective): what a checkpoint keeps."""
+        return gather_object([self.state()])
+
     def restore(self, states: list[dict[str, Any]] | None, accelerator) -> None:
-        """This process's part of a checkpoint's gathered `state()`s (None: a fresh run)."""
+        """This process's part of a checkpoint's `gathered_state()` (None: a fresh run)."""
         if not states:
             return
         if len(states) != accelerator.num_processes:
@@ -285,11 +291,7 @@ def open_pair_stream(
     first = stream.first_rows(PROBE_ROWS)
     if not first:
         raise ConfigError(f"{source}: no pairs")
-    labels = np.array([[r["label_0"], r["label_1"]] for r in first], dtype=np.float64)
-    valid = valid_labels(labels)
-    if not valid.all():
-        row = int(np.flatnonzero(~valid)[0])
-        raise ConfigError(bad_labels_message(f"{source}: row {row}", labels[row]))
+    check_labels(np.array([[r["label_0"], r["label_1"]] for r in first], np.float64), source)
     BadImageCounter(max_bad_share, source, split_rows(data)).probe_rows(first)
     stream.probed = len(first)
     return stream

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,31 @@ import torch
 from safetensors.torch import load_file
 
 from spo.training.checkpoints import Checkpointer
+
+ROOT = Path(__file__).parents[1]
+
+
+def load_script(name: str):
+    """`scripts/<name>.py` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_args(out: Path, prompts: Path, models: list[str], *extra: str) -> list[str]:
+    """`spo compare` with the toy config and the oracle scorer; `models` as YAML flow maps."""
+    return [
+        "compare",
+        "--config",
+        str(ROOT / "configs/toy/compare.yaml"),
+        "--out",
+        str(out),
+        f"prompts={prompts}",
+        "models=[" + ", ".join(models) + "]",
+        "scorers=[oracle]",
+        *extra,
+    ]
 
 
 def one_error_line(capsys) -> str:

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import one_error_line
+from helpers import compare_args, one_error_line
 
 from spo.cli import main
 from spo.evaluation.stats import mean_ci, win_rate_ci
-
-ROOT = Path(__file__).parents[1]
 
 
 def test_win_rate_and_mean_hand_values():
@@ -39,21 +37,16 @@ def _args(world: Path, out: Path, *models: str, extra: tuple[str, ...] = ()) -> 
             {"caption": "a green cross on a black background", "category": "cross"},
         ]
         prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return [
-        "compare",
-        "--config",
-        str(ROOT / "configs/toy/compare.yaml"),
-        "--out",
-        str(out),
-        f"prompts={prompts}",
-        "models=[" + ", ".join(models) + "]",
-        "scorers=[oracle]",
+    return compare_args(
+        out,
+        prompts,
+        list(models),
         "images_per_prompt=2",
         "num_inference_steps=3",
         "bootstrap=200",
         "grid_prompts=2",
         *extra,
-    ]
+    )
 
 
 def test_self_comparison_determinism_and_report(mini_world, tmp_path):

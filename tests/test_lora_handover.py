@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import dpo_args, one_error_line
+from helpers import compare_args, dpo_args, one_error_line
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -22,7 +22,6 @@ from spo.config import PolicyConfig
 from spo.models import DiffusionModel
 from spo.policy import LORA_WEIGHTS, Policy
 
-ROOT = Path(__file__).parents[1]
 PROMPTS = ["a red circle on a white background", "a blue cross on a gray background"]
 STEPS, GUIDANCE = 4, 2.0
 SAME = 1e-4  # largest pixel difference (images in [0, 1]) between two loaders of one model
@@ -122,20 +121,16 @@ def test_compare_evaluates_the_trained_model(mini_world, trained, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "compare"
-    args = [
-        "compare",
-        "--config",
-        str(ROOT / "configs/toy/compare.yaml"),
-        "--out",
-        str(out),
-        f"prompts={prompts}",
-        f"models=[{{name: dpo, pipeline: {mini_world / 'base_model'}, lora: {final}}}]",
-        "scorers=[oracle]",
+    model = f"{{name: dpo, pipeline: {mini_world / 'base_model'}, lora: {final}}}"
+    args = compare_args(
+        out,
+        prompts,
+        [model],
         "images_per_prompt=1",
         f"num_inference_steps={STEPS}",
         f"guidance_scale={GUIDANCE}",
         "bootstrap=10",
-    ]
+    )
     assert main(args) == 0
     seeds = [image_seed(0, i, 0) for i in range(len(PROMPTS))]
     ours = (_images(policy.model, seeds).permute(0, 2, 3, 1).numpy() * 255).round()

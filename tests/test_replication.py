@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).parents[1]
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def replication():
-    spec = importlib.util.spec_from_file_location(
-        "toy_replication", ROOT / "scripts/toy_replication.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("toy_replication")
 
 
 def _opts(tmp_path: Path, arms: list[str], seeds: list[int]) -> Namespace:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import io
 import json
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_script
 from PIL import Image
 
 from spo.commands.compare import Prompts, statistics
@@ -33,7 +33,6 @@ from spo.evaluation.report import (
 )
 from spo.evaluation.stats import paired_difference_ci, wilson_ci
 
-ROOT = Path(__file__).parents[1]
 SHA_ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256(b"abc")
 T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
 Z_975 = 1.959963984540054  # normal, 97.5% quantile
@@ -296,22 +295,13 @@ def test_absent_training_data_is_a_note_not_a_plot(tmp_path):
     assert page.count("data:image/svg+xml") == 3  # means, differences, win rates only
 
 
-def _screenshot_module():
-    spec = importlib.util.spec_from_file_location(
-        "screenshot_report", ROOT / "scripts/screenshot_report.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(
     shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
     reason="Debian's chromium is not installed (apt-get install chromium)",
 )
 def test_report_renders_alone_in_a_browser(tmp_path):
     cfg, _, _ = _report(tmp_path)
-    shot = _screenshot_module().screenshot(
+    shot = load_script("screenshot_report").screenshot(
         Path(cfg.out) / "report.html", tmp_path / "shot.png", width=1200
     )
     rgb = np.asarray(Image.open(shot).convert("RGB")).astype(np.int64)

@@ -13,7 +13,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -349,7 +349,7 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
         def state() -> dict:
             kept = {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.policy.mode}
             if pairs is not None:  # every process's position, in rank order
-                kept["stream"] = gather_object([pairs.state()])
+                kept["stream"] = pairs.gathered_state()
             return kept
 
         empty = model.empty_text(1)

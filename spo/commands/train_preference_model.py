@@ -348,7 +348,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
         def state() -> dict:
             kept = {"seen_pairs": bad.seen, "bad_pairs": bad.bad, "mode": cfg.judge}
             if pairs is not None:  # every process's position, in rank order
-                kept["stream"] = gather_object([pairs.state()])
+                kept["stream"] = pairs.gathered_state()
             return kept
 
         def accuracy(limit: int | None = None) -> dict[str, float]:

@@ -196,7 +196,15 @@ def round_batches(
     return [mine[i : i + batch_size] for i in range(0, each, batch_size)]
 
 
-def _epoch(cfg, loop, model, sampler, policy, prompts, epoch) -> tuple[int, dict]:
+def _epoch(
+    cfg: SPOTrainConfig,
+    loop: TrainLoop,
+    model: DiffusionModel,
+    sampler: PoolSampler,
+    policy: Policy,
+    prompts: list[str],
+    epoch: int,
+) -> tuple[int, dict]:
     """One epoch: every sampling batch (this process's share of the shuffled prompts) sampled
     with the current policy, then trained on. Returns the pairs kept by all processes and the
     sampler's mean statistics."""
@@ -231,7 +239,15 @@ def _epoch(cfg, loop, model, sampler, policy, prompts, epoch) -> tuple[int, dict
     return kept, mean
 
 
-def _train_round(cfg, loop, model, sampler, policy, pairs: KeptPairs, key) -> bool:
+def _train_round(
+    cfg: SPOTrainConfig,
+    loop: TrainLoop,
+    model: DiffusionModel,
+    sampler: PoolSampler,
+    policy: Policy,
+    pairs: KeptPairs,
+    key: tuple[int, int],
+) -> bool:
     """Train on one sampling batch's gathered pairs (`round_batches`). Its last micro-batch
     ends an optimiser step even when fewer than gradient_accumulation_steps were accumulated,
     so that no gradient is pending at a checkpoint (method.md's differences). Returns False
