@@ -90,14 +90,36 @@ def check_safetensors(path: Path) -> None:
         )
 
 
-# A judge folder holds one of these configs (preference_model.model / .latent) and its weights.
-JUDGE_CONFIGS = ("spm_config.json", "latent_judge_config.json")
+# A judge folder holds one of these configs (preference_model.model / .latent) and its weights:
+# the pixel SPM (judges decoded images) or the latent judge (judges a model family's latents).
+JUDGE_KINDS = {"pixel": "spm_config.json", "latent": "latent_judge_config.json"}
+JUDGE_CONFIGS = tuple(JUDGE_KINDS.values())
 JUDGE_WEIGHTS = "model.safetensors"
 
 
-def check_judge_folder(folder: str | Path) -> None:
+def judge_kind(folder: str | Path) -> str | None:
+    """Which judge a folder holds, by its config file: "pixel", "latent", or None."""
+    return next((k for k, name in JUDGE_KINDS.items() if (Path(folder) / name).is_file()), None)
+
+
+def judge_trained_on(folder: str | Path) -> dict[str, Any] | None:
+    """The base model a judge was trained on, as its config records it ({"source", "family",
+    "resolution", "latent_channels"}; None when unknown), read without building the judge."""
+    kind = judge_kind(folder)
+    if kind is None:
+        return None
+    try:
+        data = json.loads((Path(folder) / JUDGE_KINDS[kind]).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None  # check_judge_folder / load name the problem
+    trained_on = data.get("trained_on") if isinstance(data, dict) else None
+    return trained_on if isinstance(trained_on, dict) else None
+
+
+def check_judge_folder(folder: str | Path, kind: str | None = None, use: str = "") -> None:
     """The cheap checks of a judge folder, before any model is built: it exists, holds a judge
-    config, and its weights file is whole."""
+    config (of `kind`, when given: `use` says what needs that kind), and its weights file is
+    whole."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"{folder}: no such SPM checkpoint folder")
@@ -106,6 +128,9 @@ def check_judge_folder(folder: str | Path) -> None:
         raise CheckpointError(
             f"{folder} is not a step-aware judge checkpoint (no {' or '.join(JUDGE_CONFIGS)}{hint})"
         )
+    found = judge_kind(folder)
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{folder} is a {found} judge, but {use} takes a {kind} judge")
     weights = folder / JUDGE_WEIGHTS
     if not weights.is_file():
         raise CheckpointNotFoundError(f"{folder}: weights file {JUDGE_WEIGHTS} is missing")

@@ -7,7 +7,9 @@
 Each function takes a config object (from `load_config`, possibly edited), or a YAML path (or
 None for the built-in defaults) with dotted overrides and `out`, validates it exactly as the
 `spo` command does (a one-line `spo.errors.ConfigError` before any model loads), runs the
-command and returns its result as a dict. Errors are raised, not turned into exit codes.
+command and returns its result as a dict. Errors are raised, not turned into exit codes. An
+`out` holding another command's run, or a non-empty folder no command made, is refused as by the
+CLI (`use_existing_out=True` is its `--use-existing-out`).
 """
 
 from __future__ import annotations
@@ -64,37 +66,58 @@ def _from_yaml(command: str, text: str, overrides: Mapping[str, Any], out) -> An
         Path(f.name).unlink()
 
 
-def _run(command: str, function: str, config, overrides, out) -> dict:
+def _run(command: str, function: str, config, overrides, out, use_existing_out: bool) -> dict:
     import importlib
 
+    from spo.runs import check_out
+
     cfg = _resolve(command, config, overrides, out)
+    check_out(command, cfg.out, existing_ok=use_existing_out)
     module = importlib.import_module(f"spo.commands.{command.replace('-', '_')}")
     return getattr(module, function)(cfg)
 
 
 def train_preference_model(
-    config: Any = None, overrides: Mapping[str, Any] | None = None, out: str | Path | None = None
+    config: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    *,
+    use_existing_out: bool = False,
 ) -> dict:
     """`spo train-preference-model`: returns the final evaluation (eval.json)."""
-    return _run("train-preference-model", "train_preference_model", config, overrides, out)
+    return _run(
+        "train-preference-model", "train_preference_model", config, overrides, out, use_existing_out
+    )
 
 
 def train_dpo(
-    config: Any = None, overrides: Mapping[str, Any] | None = None, out: str | Path | None = None
+    config: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    *,
+    use_existing_out: bool = False,
 ) -> dict:
     """`spo train-dpo`: returns the run's summary (final/train_summary.json)."""
-    return _run("train-dpo", "train_dpo", config, overrides, out)
+    return _run("train-dpo", "train_dpo", config, overrides, out, use_existing_out)
 
 
 def train_spo(
-    config: Any = None, overrides: Mapping[str, Any] | None = None, out: str | Path | None = None
+    config: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    *,
+    use_existing_out: bool = False,
 ) -> dict:
     """`spo train-spo`: returns the run's summary (final/train_summary.json)."""
-    return _run("train-spo", "train_spo", config, overrides, out)
+    return _run("train-spo", "train_spo", config, overrides, out, use_existing_out)
 
 
 def compare(
-    config: Any = None, overrides: Mapping[str, Any] | None = None, out: str | Path | None = None
+    config: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    *,
+    use_existing_out: bool = False,
 ) -> dict:
     """`spo compare`: returns results.json's content (means, intervals, win rates)."""
-    return _run("compare", "run_compare", config, overrides, out)
+    return _run("compare", "run_compare", config, overrides, out, use_existing_out)

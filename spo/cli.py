@@ -1,12 +1,13 @@
 """The `spo` command: one subcommand per recipe, one contract for all of them.
 
-    spo <command> [--config FILE] [--out DIR] [--print-config] [key=value ...]
+    spo <command> [--config FILE] [--out DIR] [--use-existing-out] [--print-config] [key=value ...]
 
 The config is the command's dataclass defaults (its toy experiment), then the YAML file (a path,
 or a shipped config by name: `toy/dpo`), then the dotted overrides, then `--out`;
-`--print-config` prints it with every key's comment instead of running. Every problem found
-before the work starts is printed as one line, `spo: error: ...`, with exit code 2, and nothing
-is created.
+`--print-config` prints it with every key's comment instead of running. An `--out` that holds
+another command's run, lies inside a run folder, or is a non-empty folder no command made (unless
+`--use-existing-out`) is refused. Every problem found before the work starts is printed as one
+line, `spo: error: ...`, with exit code 2, and nothing is created.
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--out", metavar=metavar, default=None, help=f"{command.out} (overrides `out`)"
         )
+        if command.out == "run folder":
+            p.add_argument(
+                "--use-existing-out",
+                action="store_true",
+                help="write into an --out folder that exists, is not empty and was not made by "
+                "a spo command (a run folder of another command is refused all the same)",
+            )
         p.add_argument(
             "--print-config",
             action="store_true",
@@ -218,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"# {doc}\n# resolved: defaults <- --config <- key=value <- --out\n")
             print(commented_yaml(cfg), end="")
             return 0
+        from spo.runs import check_out
+
+        check_out(args.command, cfg.out, existing_ok=getattr(args, "use_existing_out", False))
         return run_command(args.command, cfg)
     except INPUT_ERRORS as e:
         return _error(e)

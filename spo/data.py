@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from spo.errors import ConfigError
-from spo.sources import LOCAL_FORMS, check_hub_dataset, is_local_path
+from spo.sources import LOCAL_FORMS, check_hub_dataset, is_local_path, read_text
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 VALID_LABELS = (0.0, 0.5, 1.0)
@@ -235,10 +235,19 @@ def check_pair_table(table, source: str) -> np.ndarray:
     check_pair_columns(table.column_names, source)
     if len(table) == 0:
         raise ConfigError(f"{source}: no pairs")
+    if not any(caption_text(c).strip() for c in table["caption"]):
+        raise ConfigError(
+            f"{source}: every caption is empty or null; the pairs need their prompts"
+        )
     labels = np.stack(
         [np.asarray(table[c], dtype=np.float64) for c in ("label_0", "label_1")], axis=1
     )
     return check_labels(labels, source)
+
+
+def caption_text(value: Any) -> str:
+    """A row's caption as text: a null caption is the empty prompt, not the word "None"."""
+    return "" if value is None else str(value)
 
 
 def check_labels(labels: np.ndarray, source: str) -> np.ndarray:
@@ -348,7 +357,7 @@ def pair_item(
         images, labels = images[::-1], labels[::-1]
     return {
         "pixels": torch.stack(images),
-        "caption": str(row["caption"]),
+        "caption": caption_text(row["caption"]),
         "labels": torch.tensor(np.array(labels), dtype=torch.float32),
         "weight": weight,
         "index": index,
@@ -566,7 +575,7 @@ def load_prompts(
             else:
                 hint = ""
             raise ConfigError(f"prompt file not found: {source}{hint}")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "prompt file")
         try:
             if path.suffix == ".json":
                 items = json.loads(text)

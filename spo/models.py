@@ -10,6 +10,7 @@ diffusers' own `DiffusionPipeline.from_pretrained`, so hub names and local folde
 from __future__ import annotations
 
 import contextlib
+import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -75,6 +76,27 @@ def quiet_loading() -> Iterator[None]:
         for module, was in zip((diffusers_logging, transformers_logging), enabled, strict=True):
             if was:
                 module.enable_progress_bar()
+
+
+def describe_pipeline_folder(source: str) -> dict | None:
+    """`DiffusionModel.describe`'s family and sizes read from a local pipeline folder's config
+    files, without loading a weight (None for a Hub name or an unreadable folder): a judge of
+    another family is refused before any model loads."""
+    root = Path(source)
+    try:
+        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+        unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        two_encoders = (index.get("text_encoder_2") or [None])[0] is not None
+        return {
+            "source": str(source),
+            "family": "sdxl" if two_encoders else "sd",
+            "resolution": int(unet["sample_size"]) * scale,
+            "latent_channels": int(unet["in_channels"]),
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def pipeline_family(pipe) -> Family:

@@ -10,6 +10,7 @@ file or checkpoint that resume would pick up.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -26,20 +27,33 @@ from typing import Any
 
 from spo.config.loader import dump_config
 from spo.errors import ConfigError
+from spo.sources import check_hub_model, is_local_path
 
 __all__ = [
+    "RUN_MARKER",
     "RunDir",
     "RunLock",
+    "check_out",
     "check_writable",
     "clean_leftovers",
     "atomic_dir",
     "atomic_write_bytes",
     "made_by",
     "prepare_run_dir",
+    "require_base_model",
     "require_model",
     "require_path",
+    "run_folder_command",
 ]
 
+# The demo's stage folders (OUT/<stage>) and the command that makes each.
+TOY_STAGES = {
+    "world": "toy-world",
+    "spm": "train-preference-model",
+    "dpo": "train-dpo",
+    "spo": "train-spo",
+    "compare": "compare",
+}
 # Toy run folders -> the command that makes them, for "input missing" messages.
 _MADE_BY = {
     "world": "spo toy-world",
@@ -47,6 +61,8 @@ _MADE_BY = {
     "dpo": "spo train-dpo --config configs/toy/dpo.yaml",
     "spo": "spo train-spo --config configs/toy/spo.yaml",
 }
+# Every run folder names the command that made it here, so no other command writes into it.
+RUN_MARKER = "spo_run.json"
 
 
 def _umask() -> int:
@@ -187,12 +203,33 @@ class RunDir:
             f.write(line)
 
 
-def prepare_run_dir(out: str | Path, cfg: Any) -> RunDir:
+def command_of(cfg: Any) -> str:
+    """The command whose config `cfg` is."""
+    from spo.config.schemas import COMMAND_CONFIGS
+
+    for name, schema in COMMAND_CONFIGS.items():
+        if isinstance(cfg, schema):
+            return name
+    raise TypeError(f"{type(cfg).__name__} is no command's config")
+
+
+def _unwritable(out: str | Path, error: OSError) -> ConfigError:
+    """One line for any OS error met while creating or writing a run folder."""
+    reason = error.strerror or str(error)
+    if isinstance(error, NotADirectoryError | FileExistsError):
+        reason = "a parent of it is a file, not a folder"
+    return ConfigError(f"cannot write to output folder {out}: {reason}")
+
+
+def prepare_run_dir(
+    out: str | Path, cfg: Any, *, folders: tuple[str, ...] = (), metrics: bool = False
+) -> RunDir:
     """Create the run folder `out` and record `cfg`, failing fast if it cannot be written.
 
-    Creates `checkpoints/`, `final/`, an empty `metrics.jsonl` (an existing one is kept, so a
-    resumed run appends to it) and writes the resolved `config.yaml`. Raises a one-line
-    ConfigError "cannot write to output folder OUT: reason" before anything else is done.
+    Writes the marker naming the command (`spo_run.json`) and the resolved `config.yaml`;
+    creates `folders` (a trainer's `checkpoints`, `final`) and, with `metrics`, an empty
+    `metrics.jsonl` (an existing one is kept, so a resumed run appends to it). Raises a
+    one-line ConfigError "cannot write to output folder OUT: reason" before anything else.
     """
     root = Path(out)
     try:
@@ -203,28 +240,32 @@ def prepare_run_dir(out: str | Path, cfg: Any) -> RunDir:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        reason = e.strerror or str(e)
-        if isinstance(e, NotADirectoryError | FileExistsError):
-            reason = "a parent of it is a file, not a folder"
-        raise ConfigError(f"cannot write to output folder {out}: {reason}") from e
+        raise _unwritable(out, e) from e
 
     run = RunDir(root)
+    command = command_of(cfg)
     try:
-        run.checkpoints.mkdir(exist_ok=True)
-        run.final.mkdir(exist_ok=True)
-        run.metrics_path.touch(exist_ok=True)
+        if not (root / RUN_MARKER).is_file():
+            marker = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            atomic_write_bytes(root / RUN_MARKER, (json.dumps(marker) + "\n").encode())
+        for name in folders:
+            (root / name).mkdir(exist_ok=True)
+        if metrics:
+            run.metrics_path.touch(exist_ok=True)
         atomic_write_bytes(run.config_path, dump_config(cfg).encode("utf-8"))
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {out}: {e.strerror or e}") from e
+        raise _unwritable(out, e) from e
     return run
 
 
 def check_writable(out: str | Path) -> None:
     """A one-line ConfigError when `out` could not be created or written, checked without
-    creating anything: the nearest existing ancestor must be a writable folder."""
+    leaving anything behind: the nearest existing ancestor must be a folder in which a
+    (removed at once) probe folder can be made, which also catches places the kernel refuses
+    to root (/sys, /proc) and read-only mounts."""
     path = Path(out).absolute()
     probe = path
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe == path and not path.is_dir():
         raise ConfigError(f"cannot write to output folder {out}: it exists and is not a folder")
@@ -232,6 +273,100 @@ def check_writable(out: str | Path) -> None:
         raise ConfigError(f"cannot write to output folder {out}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write to output folder {out}: {probe} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write-probe-"))
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(f"cannot write to output folder {out}: {probe}: {reason}") from e
+
+
+def _config_command(config: Path) -> str | None:
+    """The command whose schema best fits the top-level keys of a run's config.yaml (run
+    folders written before the marker): the one sharing the most keys, at least half."""
+    import yaml
+
+    from spo.config.schemas import COMMAND_CONFIGS
+
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict) or not data:
+        return None
+    keys = set(map(str, data))
+
+    def overlap(schema: type) -> float:
+        names = {f.name for f in dataclasses.fields(schema)}
+        return len(keys & names) / len(keys | names)
+
+    name, schema = max(COMMAND_CONFIGS.items(), key=lambda item: overlap(item[1]))
+    return name if overlap(schema) >= 0.5 else None
+
+
+def run_folder_command(folder: str | Path) -> str | None:
+    """The `spo` command that made `folder` (its marker; for older folders, its config.yaml,
+    or demo.json for the demo's), or None when it is not a run folder."""
+    folder = Path(folder)
+    marker = folder / RUN_MARKER
+    if marker.is_file():
+        try:
+            return str(json.loads(marker.read_text(encoding="utf-8"))["command"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unknown"
+    if (folder / "config.yaml").is_file():
+        return _config_command(folder / "config.yaml")
+    if (folder / "demo.json").is_file():
+        return "demo"
+    return None
+
+
+def _user_entries(folder: Path) -> list[str]:
+    """What `folder` holds besides run locks and leftovers of interrupted writes."""
+    return sorted(
+        e.name
+        for e in folder.iterdir()
+        if not (e.name.startswith(RunLock.NAME) or _LEFTOVER.match(e.name))
+    )
+
+
+def check_out(command: str, out: str | Path, *, existing_ok: bool = False) -> None:
+    """Refuse, in one line and before anything is created, an `--out` that would spoil what
+    is there: a run folder of another command, a place inside any run folder but the demo's
+    (reading a DPO run or an SPM never writes into it), or, for a folder `out`, one that is
+    not empty and no run folder (unless `existing_ok`). The demo's own folder may hold its
+    stage folders, each made by its stage's command, and other run folders beside them, but no
+    file of another command."""
+    path = Path(out).absolute()
+    for parent in path.parents:
+        owner = run_folder_command(parent) if parent.is_dir() else None
+        if owner is not None and (owner != "demo" or command == "prepare-prompts"):
+            raise ConfigError(
+                f"--out {out} lies inside {parent}, a run folder of `spo {owner}`; "
+                f"`spo {command}` never writes into another run's folder: choose an --out "
+                "outside it"
+            )
+    if command == "prepare-prompts" or not path.is_dir():
+        return
+    owner = run_folder_command(path)
+    if command == "demo":
+        for stage, maker in TOY_STAGES.items():
+            if (path / stage).is_dir():
+                check_out(maker, path / stage, existing_ok=existing_ok)
+    if owner is None:
+        entries = _user_entries(path)
+        if command == "demo":
+            entries = [e for e in entries if e not in TOY_STAGES]
+        if entries and not existing_ok:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ConfigError(
+                f"--out {out} is not empty ({shown}) and is no spo run folder; choose an empty "
+                "or new folder, or pass --use-existing-out to write into it"
+            )
+    elif owner != command:
+        raise ConfigError(
+            f"--out {out} is a run folder of `spo {owner}`; `spo {command}` would overwrite "
+            "it: choose another --out"
+        )
 
 
 # What an interrupted atomic write leaves behind: `.NAME.tmp-*`, `.NAME.old-*` (atomic_dir),
@@ -359,18 +494,23 @@ def require_path(path: str | Path, what: str) -> Path:
     return path
 
 
-# What a hub model id looks like ("name" or "org/name"); anything else is a local path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+def require_base_model(cfg: Any) -> None:
+    """A trainer's `base_model` and, when set, its replacement `vae` (`require_model`)."""
+    require_model(cfg.base_model)
+    if cfg.vae is not None:
+        require_model(cfg.vae, "vae", "config.json")
 
 
-def require_model(source: str, what: str = "base model") -> None:
-    """A local diffusers pipeline must exist and hold a model_index.json (one line naming the
-    command that makes it, for a toy run folder); a hub id is checked by the loader."""
+def require_model(source: str, what: str = "base model", file: str = "model_index.json") -> None:
+    """A model named by a local folder must exist and hold `file` (a diffusers pipeline's
+    model_index.json; a component's config.json), with one line naming the command that
+    makes it for a toy run folder; a name shaped like a Hub repository (`org/name`) that is no
+    local path gets the Hub's fast one-line check (`spo.sources.check_hub_model`)."""
     path = Path(source).expanduser()
-    if not (path.exists() or made_by(source) or not _HUB_ID.match(source)):
+    if not (path.exists() or made_by(source) or is_local_path(source)):
+        check_hub_model(source, what, file)
         return
     require_path(path, what)
-    if path.is_dir() and not (path / "model_index.json").is_file():
-        raise ConfigError(
-            f"{what} {source} is not a diffusers pipeline folder (no model_index.json)"
-        )
+    if path.is_dir() and not (path / file).is_file():
+        kind = "a diffusers pipeline folder" if file == "model_index.json" else "a model folder"
+        raise ConfigError(f"{what} {source} is not {kind} (no {file})")

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spo.errors import ConfigError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 # How long the Hub check waits for an answer: long enough for a slow link, short enough that an
 # unreachable Hub fails in seconds.
@@ -23,6 +27,22 @@ LOCAL_FORMS = (
     "/data/pickapic_v1/data/train-*.parquet), a folder laid out like the Hub repository, or a "
     "save_to_disk folder (docs/data.md)"
 )
+
+
+def read_text(path: str | Path | Traversable, what: str = "file") -> str:
+    """A text file's content, read as UTF-8 (a leading byte-order mark dropped): every text
+    file a command reads (prompts, captions, configs) comes through here, so undecodable bytes
+    are one line naming the file, line and column rather than a UnicodeDecodeError."""
+    data = Path(path).read_bytes() if isinstance(path, str) else path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(
+            f"{what} {path}: line {line}, column {column} is not UTF-8 text (byte "
+            f"0x{data[e.start]:02x}); save it as UTF-8"
+        ) from None
 
 
 def is_local_path(source: str) -> bool:
@@ -54,25 +74,61 @@ def check_hub_dataset(name: str, what: str) -> None:
     mode nothing is asked: `datasets` then reads its cache, or fails at once."""
     if hub_offline():
         return
+    _ask_hub(
+        "dataset",
+        name,
+        what,
+        LOCAL_FORMS,
+        gone="removed, private or misspelt; yuvalkirstain/pickapic_v2 was removed in 2025",
+        cache_hint="read what the datasets cache holds",
+    )
+
+
+def check_hub_model(name: str, what: str, file: str = "model_index.json") -> None:
+    """The same fast one-line check for a model named like a Hub repository (`org/name`), made
+    before any run folder exists: a model whose `file` is in the local Hugging Face cache
+    passes at once; otherwise offline mode, an unreachable Hub, a missing or gated repository
+    are one line naming the local form that works instead."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, file), str):
+        return
+    local = "give a local diffusers folder instead (save_pretrained / a downloaded snapshot)"
+    if offline_requested() or _hub_constants_offline():
+        raise ConfigError(
+            f"{what} {name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
+            f"{local}"
+        )
+    _ask_hub("model", name, what, local, gone="private or misspelt", cache_hint="use the cache")
+
+
+def _hub_constants_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _ask_hub(kind: str, name: str, what: str, local: str, *, gone: str, cache_hint: str) -> None:
+    """Ask the Hub about repository `name` (a `kind`: model or dataset) with a short timeout;
+    one line for each way it cannot serve it, naming `local` forms instead."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    info = HfApi().dataset_info if kind == "dataset" else HfApi().model_info
     try:
-        HfApi().dataset_info(name, timeout=HUB_TIMEOUT_S)
+        info(name, timeout=HUB_TIMEOUT_S)
     except GatedRepoError:
         raise ConfigError(
-            f"{what} {name}: a gated dataset; accept its terms on the Hub and log in "
-            f"(`hf auth login`), or {LOCAL_FORMS}"
+            f"{what} {name}: a gated {kind}; accept its terms on the Hub and log in "
+            f"(`hf auth login`), or {local}"
         ) from None
     except RepositoryNotFoundError:
         raise ConfigError(
-            f"{what} {name}: no such dataset on the Hugging Face Hub (removed, private or "
-            f"misspelt; yuvalkirstain/pickapic_v2 was removed in 2025); {LOCAL_FORMS}"
+            f"{what} {name}: no such {kind} on the Hugging Face Hub ({gone}); {local}"
         ) from None
     except Exception as e:  # httpx / OS errors of every kind: the Hub is out of reach
         reason = " ".join(str(e).split())[:160] or type(e).__name__
         raise ConfigError(
             f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) for {what} {name}: "
-            f"{reason}; {LOCAL_FORMS}; or set HF_HUB_OFFLINE=1 to read what the datasets cache "
-            "holds"
+            f"{reason}; {local}; or set HF_HUB_OFFLINE=1 to {cache_hint}"
         ) from None

@@ -36,6 +36,7 @@ from spo.data import (
     PairDataset,
     augmentation,
     bad_labels_message,
+    caption_text,
     check_labels,
     check_pair_columns,
     open_split,
@@ -225,7 +226,7 @@ class StreamedPairs:
                     crop_at=crop_at,
                     flip=flip,
                     swap=self.winner_first and labels[0] < labels[1],
-                    weight=self.weight_of(str(data["caption"])) if self.weight_of else 1.0,
+                    weight=self.weight_of(caption_text(data["caption"])) if self.weight_of else 1.0,
                     index=row,
                 )
             )

@@ -7,7 +7,8 @@ Each case runs `spo.cli.main(argv)` once and checks the CLI contract:
 2. stderr is exactly one line starting `spo: error:` (no traceback);
 3. nothing that existed before was changed (the shared mini world, this module's input files
    and the case's own tmp folder are snapshot before and after), and an `--out` folder that did
-   not exist is not created;
+   not exist is not created (nor anything added to one that did: another command's run folder,
+   a folder no command made);
 4. no model was loaded: every model-loading entry point raises AssertionError("model loaded")
    and records the call, so an input that is only caught by a loader (or not at all) fails.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ import pytest
 from helpers import judge_training_args, spo_args
 
 from spo.cli import COMMANDS, main
+from spo.config import COMMAND_CONFIGS, dump_config
+from spo.runs import prepare_run_dir
 
 ROOT = Path(__file__).parents[1]
 TOY = ROOT / "configs/toy"
@@ -53,6 +58,7 @@ class Case:
     out_exists: bool = False  # `out` exists (with a file in it) before the run
     setup: Callable[[Ctx], None] | None = None  # more preparation of the case's folder
     skip_as_root: bool = False  # permissions do not stop root
+    hub_unreachable: bool = False  # the Hub's address answers nothing (a closed local port)
 
 
 # ------------------------------------------------------------------------------------------
@@ -144,6 +150,83 @@ def spm_model(c: Ctx, folder: str) -> str:
 
 
 ASTRONAUT = "a photo of an astronaut riding a horse"
+LATIN1 = "a red circle on a white background\ncaf\xe9 au lait on a black background\n"
+
+# Every command that makes a run folder, with its command line in a case (`out` is its --out).
+RUN_COMMANDS: dict[str, Callable[..., list[str]]] = {
+    "toy-world": toy_world,
+    "train-preference-model": spm_train,
+    "train-dpo": dpo,
+    "train-spo": spo,
+    "compare": compare,
+    "demo": demo,
+    "benchmark": benchmark,
+}
+
+
+def run_folder_of(command: str, legacy: bool = False) -> Callable[[Ctx], None]:
+    """`out` made a run folder of `command` as the command makes it (its marker and config;
+    `legacy`: config.yaml alone, as before the marker), holding a result the user keeps."""
+
+    def setup(c: Ctx) -> None:
+        cfg = COMMAND_CONFIGS[command]()
+        if legacy:
+            (c.out / "config.yaml").write_text(dump_config(cfg))
+        else:
+            prepare_run_dir(c.out, cfg)
+        (c.out / "result.json").write_text('{"kept": true}\n')
+
+    return setup
+
+
+def user_folder(c: Ctx) -> None:
+    """`out` is a folder of the user's own: not empty, made by no command."""
+    (c.out / "thesis.tex").write_text("\\documentclass{article}\n")
+
+
+def inside_run(c: Ctx, *path: str) -> str:
+    return "--out=" + str(c.out.joinpath(*path))
+
+
+def matrix_cases() -> list[Case]:
+    """Every run-folder command with another command's run folder as --out, and
+    prepare-prompts writing its file into each command's folder."""
+    cases = []
+    for command, argv in RUN_COMMANDS.items():
+        for owner in RUN_COMMANDS:
+            if owner != command:
+                cases.append(
+                    C(
+                        f"out-{command}-into-{owner}-run",
+                        lambda c, argv=argv: argv(c),
+                        out_exists=True,
+                        setup=run_folder_of(owner),
+                    )
+                )
+        cases.append(
+            C(
+                f"out-prepare-prompts-into-{command}-run",
+                lambda c: prepare_prompts(c, inside_run(c, "prompts.txt")),
+                out_exists=True,
+                setup=run_folder_of(command),
+            )
+        )
+        cases.append(
+            C(
+                f"out-{command}-into-a-user-folder",
+                lambda c, argv=argv: argv(c),
+                out_exists=True,
+                setup=user_folder,
+            )
+        )
+        cases.append(
+            C(
+                f"out-{command}-under-sys",
+                lambda c, argv=argv: argv(c, "--out=/sys/spo-run"),
+            )
+        )
+    return cases
+
 
 C = Case
 CASES: list[Case] = [
@@ -209,6 +292,7 @@ CASES: list[Case] = [
         "dpo-resume-missing",
         lambda c: dpo(c, f"resume={c.inputs / 'no_checkpoint'}"),
         out_exists=True,
+        setup=run_folder_of("train-dpo"),
     ),
     C(
         "dpo-relabel-with-truncated-spm",
@@ -256,6 +340,7 @@ CASES: list[Case] = [
         "spo-resume-missing",
         lambda c: spo(c, f"resume={c.inputs / 'no_checkpoint'}"),
         out_exists=True,
+        setup=run_folder_of("train-spo"),
     ),
     C("spo-out-under-file", lambda c: spo(c, under_file(c))),
     # --- compare ------------------------------------------------------------------------------
@@ -314,6 +399,95 @@ CASES: list[Case] = [
     C("bench-pipeline-missing", lambda c: benchmark(c, f"pipeline={c.inputs / 'no_model'}")),
     C("bench-truncated-spm", lambda c: benchmark(c, f"spm={c.inputs / 'spm_truncated'}")),
     C("bench-out-under-file", lambda c: benchmark(c, under_file(c))),
+    # --- a folder that another run's command only reads is never written into -----------------
+    C(
+        "out-compare-inside-a-dpo-result",
+        lambda c: compare(c, inside_run(c, "final", "report")),
+        out_exists=True,
+        setup=run_folder_of("train-dpo"),
+    ),
+    C(
+        "out-spo-inside-its-spm",
+        lambda c: spo(c, inside_run(c, "final")),
+        out_exists=True,
+        setup=run_folder_of("train-preference-model"),
+    ),
+    C(
+        "out-dpo-into-a-legacy-spm-run",
+        lambda c: dpo(c),
+        out_exists=True,
+        setup=run_folder_of("train-preference-model", legacy=True),
+    ),
+    C(
+        "out-toy-world-into-a-legacy-dpo-run",
+        lambda c: toy_world(c),
+        out_exists=True,
+        setup=run_folder_of("train-dpo", legacy=True),
+    ),
+    # --- judges are typed where they are used --------------------------------------------------
+    C(
+        "compare-latent-judge-as-spm-scorer",
+        lambda c: compare(c, f"scorers=[oracle, {spm_model(c, 'latent_judge')}]"),
+    ),
+    C(
+        "dpo-relabel-with-latent-judge",
+        lambda c: dpo(c, f"relabel_with=spm:{c.inputs / 'latent_judge'}"),
+    ),
+    C(
+        "dpo-validation-scorer-latent-judge",
+        lambda c: dpo(c, f"validation_images.scorer=spm:{c.inputs / 'latent_judge'}"),
+    ),
+    C("bench-latent-judge-as-spm", lambda c: benchmark(c, f"spm={c.inputs / 'latent_judge'}")),
+    C("spo-pixel-judge-given-latent", lambda c: spo(c, "judge=latent")),
+    C("spo-latent-judge-given-pixel", lambda c: spo(c, spm="latent_judge")),
+    C("spo-judge-of-another-family", lambda c: spo(c, spm="spm_sdxl")),
+    # --- text files that are not UTF-8 ---------------------------------------------------------
+    C("spo-prompts-latin1", lambda c: spo(c, f"prompts={c.inputs / 'latin1.txt'}")),
+    C("compare-prompts-latin1", lambda c: compare(c, f"prompts={c.inputs / 'latin1.txt'}")),
+    C(
+        "prepare-prompts-source-latin1",
+        lambda c: prepare_prompts(c, f"source={c.inputs / 'latin1.txt'}"),
+    ),
+    C(
+        "dpo-validation-prompts-file-latin1",
+        lambda c: dpo(c, f"validation_images.prompts_file={c.inputs / 'latin1.txt'}"),
+    ),
+    C("dpo-config-file-latin1", lambda c: dpo(c, f"--config={c.inputs / 'latin1.yaml'}")),
+    # --- Hub-shaped names the Hub cannot serve -------------------------------------------------
+    C(
+        "hub-spm-base-model",
+        lambda c: spm_train(c, "base_model=no-org/no-model"),
+        hub_unreachable=True,
+    ),
+    C("hub-dpo-base-model", lambda c: dpo(c, "base_model=no-org/no-model"), hub_unreachable=True),
+    C("hub-dpo-vae", lambda c: dpo(c, "vae=no-org/no-vae"), hub_unreachable=True),
+    C("hub-spo-base-model", lambda c: spo(c, "base_model=no-org/no-model"), hub_unreachable=True),
+    C(
+        "hub-compare-pipeline",
+        lambda c: compare(c, "models=[{name: a, pipeline: no-org/no-model}]"),
+        hub_unreachable=True,
+    ),
+    C(
+        "hub-bench-pipeline",
+        lambda c: benchmark(c, "pipeline=no-org/no-model"),
+        hub_unreachable=True,
+    ),
+    # --- keys a command never read, and the smaller things -------------------------------------
+    C(
+        "dpo-pairs-validation-is-no-dpo-key",
+        lambda c: dpo(c, f"pairs.validation={c.inputs / 'no.parquet'}"),
+    ),
+    C("dpo-max-validation-pairs-is-no-dpo-key", lambda c: dpo(c, "pairs.max_validation_pairs=4")),
+    C("compare-grid-prompts-neg1", lambda c: compare(c, "grid_prompts=-1")),
+    C(
+        "dpo-captions-all-null",
+        lambda c: dpo(c, f"pairs.train={c.inputs / 'null_captions.parquet'}"),
+    ),
+    C(
+        "spm-captions-all-null",
+        lambda c: spm_train(c, f"pairs.train={c.inputs / 'null_captions.parquet'}"),
+    ),
+    *matrix_cases(),
 ]
 
 
@@ -368,7 +542,35 @@ def inputs(tmp_path_factory) -> Path:
     (root / "typo.yaml").write_text("optim:\n  lerning_rate: 0.1\n")
     (root / "a_file").write_text("a regular file\n")
     (root / "empty_dir").mkdir()
+    (root / "latin1.txt").write_bytes(LATIN1.encode("latin-1"))
+    (root / "latin1.yaml").write_bytes("# r\xe9glages\nseed: 1\n".encode("latin-1"))
+    null_captions = _pairs_table(_png()).set_column(0, "caption", pa.nulls(8, pa.string()))
+    pq.write_table(null_captions, root / "null_captions.parquet")
+    # a latent judge's folder as far as its kind goes: its config file and whole weights
+    (root / "latent_judge").mkdir()
+    (root / "latent_judge" / "latent_judge_config.json").write_text('{"kind": "latent_judge"}')
+    shutil.copy(root / "spm" / "model.safetensors", root / "latent_judge" / "model.safetensors")
+    # the toy SPM as if trained on an SDXL model
+    shutil.copytree(root / "spm", root / "spm_sdxl")
+    config = json.loads((root / "spm_sdxl" / "spm_config.json").read_text())
+    config["trained_on"] = {
+        "source": "x",
+        "family": "sdxl",
+        "resolution": 1024,
+        "latent_channels": 4,
+    }
+    (root / "spm_sdxl" / "spm_config.json").write_text(json.dumps(config))
     return root
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------
@@ -493,6 +695,10 @@ def test_bad_input_is_one_line_and_changes_nothing(
     if case.skip_as_root and os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")
     ctx = Ctx(mini_world, inputs, tmp_path)
+    if case.hub_unreachable:
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port
     if case.out_exists:
         ctx.out.mkdir()
         (ctx.out / "metrics.jsonl").write_text('{"step": 1}\n')

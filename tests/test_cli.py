@@ -127,7 +127,8 @@ def test_toy_world_happy_path_calls_build_world(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
     ((cfg, run),) = calls
     assert (cfg.train_pairs, cfg.seed, cfg.grid_prompts, cfg.out) == (9, 5, 2, "myrun")
-    assert run.root == Path("myrun") and run.checkpoints.is_dir() and run.final.is_dir()
+    assert run.root == Path("myrun") and run.metrics_path.is_file()
+    assert not run.checkpoints.exists() and not run.final.exists()  # a world has neither
     assert load_config(ToyWorldConfig, run.root / "config.yaml") == cfg
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from spo.config import COMMAND_CONFIGS, ToyWorldConfig, dump_config, load_config
+from spo.config import COMMAND_CONFIGS, CompareConfig, ToyWorldConfig, dump_config, load_config
 from spo.errors import ConfigError
-from spo.runs import RunDir, atomic_dir, atomic_write_bytes, prepare_run_dir
+from spo.runs import RunDir, atomic_dir, atomic_write_bytes, prepare_run_dir, run_folder_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,7 +278,7 @@ def test_yaml_float_without_a_dot(tmp_path):
 
 def test_prepare_run_dir_creates_the_layout_and_a_loadable_config(tmp_path):
     cfg = load_config(ToyWorldConfig, None, ["train_pairs=11"], out=str(tmp_path / "a" / "run"))
-    run = prepare_run_dir(cfg.out, cfg)
+    run = prepare_run_dir(cfg.out, cfg, folders=("checkpoints", "final"), metrics=True)
     assert isinstance(run, RunDir) and run.root == tmp_path / "a" / "run"
     assert run.checkpoints.is_dir() and run.final.is_dir()
     assert run.metrics_path.is_file() and run.metrics_path.read_text() == ""
@@ -290,7 +290,16 @@ def test_prepare_run_dir_creates_the_layout_and_a_loadable_config(tmp_path):
         "config.yaml",
         "final",
         "metrics.jsonl",
+        "spo_run.json",
     ]
+    assert run_folder_command(run.root) == "toy-world"
+
+
+def test_a_run_folder_holds_only_what_its_command_asks_for(tmp_path):
+    """compare and benchmark keep no checkpoints, final/ or metrics (issue 21)."""
+    run = prepare_run_dir(tmp_path / "run", CompareConfig())
+    assert sorted(p.name for p in run.root.iterdir()) == ["config.yaml", "spo_run.json"]
+    assert run_folder_command(run.root) == "compare"
 
 
 def test_prepare_run_dir_fails_fast_on_unwritable_out(tmp_path):

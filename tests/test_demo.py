@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 from spo.cli import main
 
@@ -26,6 +27,12 @@ def test_quick_demo_runs_skips_and_reruns(tmp_path, capsys):
     first = capsys.readouterr().out
     for stage in ("world", "spm", "dpo", "spo", "compare"):
         assert f"[demo] {stage}: $ spo " in first  # the equivalent command line is shown
+    for line in first.splitlines():
+        if "$ spo " in line:  # each key once, with the value that runs (issue 21)
+            keys = [a.partition("=")[0] for a in shlex.split(line.split("$ ")[1]) if "=" in a]
+            assert len(keys) == len(set(keys)), line
+    (dpo_line,) = [line for line in first.splitlines() if "[demo] dpo: $ spo" in line]
+    assert "max_steps=10 " in dpo_line and "max_steps=1000000" not in dpo_line
     for path in (
         "world/base_model/model_index.json",
         "world/pairs/train.parquet",

@@ -86,7 +86,9 @@ def test_a_finished_run_is_not_trained_again(mini_world, tmp_path, capsys):
     weights = load_file(out / "final/pytorch_lora_weights.safetensors")
     capsys.readouterr()
     assert main(dpo_args(mini_world, out)) == 0
-    assert "already finished (final/ written); nothing to do" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "already finished (final/ written); nothing to do" in said
+    assert "result written" not in said  # it did nothing, and says only that (issue 21)
     assert (out / "metrics.jsonl").read_text() == before
     assert_same(load_file(out / "final/pytorch_lora_weights.safetensors"), weights)
     # killed while writing final/: the rerun writes it from the last step's checkpoint,

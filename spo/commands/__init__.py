@@ -6,7 +6,9 @@ import json
 
 
 def report(result: dict, message: str) -> int:
-    """A command's closing words: its result as JSON, then where it was written; exit code 0."""
+    """A command's closing words: its result as JSON, then where it was written (not for a run
+    that had nothing to do: it said so, and wrote nothing); exit code 0."""
     print(json.dumps(result, indent=2))
-    print(message)
+    if not result.get("already_finished"):
+        print(message)
     return 0

@@ -132,7 +132,7 @@ def run(cfg: BenchmarkConfig) -> int:
     if cfg.pipeline is not None:
         require_model(cfg.pipeline, "pipeline")
     if cfg.spm is not None:
-        check_judge_folder(require_path(cfg.spm, "SPM"))
+        check_judge_folder(require_path(cfg.spm, "SPM"), kind="pixel", use="benchmark's spm")
     check_writable(cfg.out)
     run_dir = prepare_run_dir(cfg.out, cfg)
     result = run_benchmark(cfg)

@@ -8,9 +8,11 @@ re-scoring never regenerates. Image j of prompt i gets the same seed for every m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +70,8 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> DiffusionMod
     if spec.lora is not None:
         path = Path(spec.lora)
         try:
-            model.pipe.load_lora_weights(str(path))
+            with _diffusers_errors_only():  # its "No LoRA keys ... CLIPTextModel" notice
+                model.pipe.load_lora_weights(str(path))
         except Exception as e:  # diffusers / peft raise many kinds on a mismatch
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
@@ -86,6 +89,21 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> DiffusionMod
                 )
         model.pipe.unet = model.unet = unet.to(device).eval()
     return model
+
+
+@contextlib.contextmanager
+def _diffusers_errors_only() -> Iterator[None]:
+    """diffusers' warnings silenced: a UNet-only LoRA loads with a notice that it has no text
+    encoder weights, once per load (twice per model: checked, then generating). Whether the
+    LoRA fits is `_check_lora_fits`'s to say."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _check_lora_fits(spec: ModelSpec, path: Path, model: DiffusionModel) -> None:
@@ -297,7 +315,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     scorers = {spec: build_scorer(spec, device=device) for spec in cfg.scorers}
     for spec in cfg.models:  # every model must load (and its LoRA / UNet fit) before generating
         load_model(spec, DTYPES[cfg.dtype], "cpu")
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write to output folder {cfg.out}: {e.strerror}") from e
     lock = RunLock(cfg.out)
     lock.acquire()
     try:

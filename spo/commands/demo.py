@@ -21,7 +21,7 @@ from spo.commands import compare, toy_world, train_dpo, train_preference_model, 
 from spo.config import TOY_CONFIGS, DemoConfig, command_config
 from spo.errors import INPUT_ERRORS, TrainingError
 from spo.evaluation.stats import format_ci
-from spo.runs import atomic_write_bytes, check_writable
+from spo.runs import atomic_write_bytes, check_writable, prepare_run_dir
 
 STAGES = ("world", "spm", "dpo", "spo", "compare")
 MARKER = ".demo_stage.json"
@@ -99,7 +99,17 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
     head = [command, "--config", TOY_CONFIGS[command], "--out", str(root / stage)]
     if cfg.quick:
         rest = rest + QUICK[stage]
-    return head + rest
+    return head + last_values(rest)
+
+
+def last_values(overrides: list[str]) -> list[str]:
+    """`key=value` overrides with each key once, at its first place, with its last value (the
+    printed command line then reads as what runs: no `max_steps=1000000 max_steps=10`)."""
+    values: dict[str, str] = {}
+    for token in overrides:
+        key = token.partition("=")[0]
+        values[key] = token
+    return list(values.values())
 
 
 def _marker(root: Path, stage: str) -> dict | None:
@@ -135,7 +145,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run (or skip) every stage; return {stage: seconds or "skipped"} and the headline."""
     root = Path(cfg.out)
     check_writable(root)
-    root.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(root, cfg)
     done: dict[str, str] = {}  # stage -> marker id of the current, finished stage
     report: dict = {"stages": {}}
     for stage in STAGES:

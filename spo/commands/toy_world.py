@@ -132,7 +132,7 @@ def save_grid(path: Path, images: np.ndarray, texts: list[str], cols: int) -> No
 
 def run(cfg: ToyWorldConfig) -> int:
     """`spo toy-world`: the run folder first (fails fast), then the world."""
-    build_world(cfg, prepare_run_dir(cfg.out, cfg))
+    build_world(cfg, prepare_run_dir(cfg.out, cfg, metrics=True))
     return 0
 
 
@@ -142,7 +142,7 @@ def base_model_in_float32():
     text encoder in its stored fp16 beside a float32 UNet, which fails at the first prompt."""
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(str(BASE_MODEL_DIR), torch_dtype=torch.float32)
+    return StableDiffusionPipeline.from_pretrained(str(BASE_MODEL_DIR), dtype=torch.float32)
 
 
 def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:

@@ -22,6 +22,7 @@ from spo.config import DPOTrainConfig
 from spo.data import (
     BadImageCounter,
     PairDataset,
+    caption_text,
     check_pair_table,
     decode_image,
     read_pairs,
@@ -33,7 +34,7 @@ from spo.evaluation.scorers import build_scorer, check_scorer, prefer_by_scorer
 from spo.losses import DPOOutput, dpo_loss, sft_loss
 from spo.models import DiffusionModel, TextConditioning
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
-from spo.runs import made_by, require_model
+from spo.runs import made_by, require_base_model
 from spo.stream import StreamedPairs, describe, stream_of_training_pairs
 from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
@@ -217,7 +218,7 @@ class LatentCache:
         idx, flip_idx = torch.tensor(good, dtype=torch.long), torch.tensor(flip)
         order_idx = torch.tensor(order, dtype=torch.long)
         pick = (idx[:, None], flip_idx[:, None], order_idx)
-        captions = [str(dataset.table[i]["caption"]) for i in good]
+        captions = [caption_text(dataset.table[i]["caption"]) for i in good]
         return (self.mean[pick], self.std[pick]), captions, len(rows) - len(good)
 
 
@@ -270,7 +271,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also written to OUT/final/train_summary.json)."""
     # Cheap checks first: inputs, resume target, before any model is loaded.
     check_precision(cfg)
-    require_model(cfg.base_model)
+    require_base_model(cfg)
     p = cfg.pairs
     if streamed(cfg):
         stream = stream_of_training_pairs(p, cfg.seed)

@@ -43,7 +43,7 @@ from spo.data import (
 )
 from spo.errors import ConfigError
 from spo.models import DTYPES, DiffusionModel
-from spo.runs import atomic_write_bytes, made_by, require_model
+from spo.runs import atomic_write_bytes, made_by, require_base_model
 from spo.stream import StreamedPairs, describe, stream_of_training_pairs
 from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
@@ -262,7 +262,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     """Run the recipe; returns the final evaluation written to OUT/eval.json."""
     # Everything that can fail cheaply fails here, before the run folder or any compute.
     check_precision(cfg)
-    require_model(cfg.base_model)
+    require_base_model(cfg)
     if cfg.judge == "pixel":
         check_backbone(cfg)
     p = cfg.pairs

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,18 +21,16 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import preference_model
-from preference_model.errors import check_judge_folder
-from preference_model.latent import CONFIG_NAME as LATENT_CONFIG
-from preference_model.model import CONFIG_NAME as SPM_CONFIG
+from preference_model.errors import check_judge_folder, judge_kind, judge_trained_on
 from spo.commands import report
 from spo.config import SPOTrainConfig
 from spo.data import load_prompts
 from spo.errors import ConfigError
 from spo.losses import spo_loss
-from spo.models import DTYPES, DiffusionModel
+from spo.models import DTYPES, DiffusionModel, describe_pipeline_folder
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
-from spo.runs import made_by, require_model, require_path
+from spo.runs import made_by, require_base_model, require_path
 from spo.training.loop import TrainLoop, check_precision, seeded_generator
 from spo.training.publish import model_card
 
@@ -42,33 +39,34 @@ KIND = "spo_training"
 
 def check_judge_kind(cfg: SPOTrainConfig) -> None:
     """One line, before any model loads, when `spm` holds the other kind of judge."""
-    folder = Path(cfg.spm)
-    found = {
-        "pixel": (folder / SPM_CONFIG).is_file(),
-        "latent": (folder / LATENT_CONFIG).is_file(),
-    }
-    other = "latent" if cfg.judge == "pixel" else "pixel"
-    if found[other] and not found[cfg.judge]:
+    found = judge_kind(cfg.spm)
+    if found is not None and found != cfg.judge:
         raise ConfigError(
-            f"{cfg.spm} is a {other} judge, but judge={cfg.judge}: set judge={other}, or give "
+            f"{cfg.spm} is a {found} judge, but judge={cfg.judge}: set judge={found}, or give "
             f"a {cfg.judge} judge (`spo train-preference-model judge={cfg.judge}` makes one)"
         )
 
 
+def check_judge_family(cfg: SPOTrainConfig, trained_on: dict | None, ours: dict | None) -> None:
+    """One line when the judge was trained on another model family than the base model's
+    (`trained_on` and `ours` as `DiffusionModel.describe` gives them; unknown: no check)."""
+    if trained_on is None or ours is None:
+        return
+    for key in ("family", "resolution", "latent_channels"):
+        if trained_on.get(key) != ours[key]:
+            raise ConfigError(
+                f"judge {cfg.spm} was trained on a {trained_on.get('family')} model "
+                f"({key} {trained_on.get(key)}), this base model has {key} {ours[key]}; "
+                "SPO needs a judge of the same model family (method.md 2)"
+            )
+
+
 def load_spm(cfg: SPOTrainConfig, model: DiffusionModel):
     """The step-aware judge (in `speed.judge_dtype`), refused with one line when it was
-    trained on another model family."""
+    trained on another model family (checked before loading already for a local base model;
+    here for a Hub one)."""
     spm = preference_model.load(cfg.spm, device=model.device, dtype=DTYPES[cfg.speed.judge_dtype])
-    trained_on = spm.config.trained_on
-    if trained_on is not None:
-        ours = model.describe()
-        for key in ("family", "resolution", "latent_channels"):
-            if trained_on.get(key) != ours[key]:
-                raise ConfigError(
-                    f"judge {cfg.spm} was trained on a {trained_on.get('family')} model "
-                    f"({key} {trained_on.get(key)}), this base model has {key} {ours[key]}; "
-                    "SPO needs a judge of the same model family (method.md 2)"
-                )
+    check_judge_family(cfg, spm.config.trained_on, model.describe())
     return spm
 
 
@@ -90,10 +88,11 @@ def run(cfg: SPOTrainConfig) -> int:
 def train_spo(cfg: SPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also in OUT/final/train_summary.json)."""
     check_precision(cfg)
-    require_model(cfg.base_model)
+    require_base_model(cfg)
     require_path(cfg.spm, "SPM")
     check_judge_kind(cfg)
     check_judge_folder(cfg.spm)
+    check_judge_family(cfg, judge_trained_on(cfg.spm), describe_pipeline_folder(cfg.base_model))
     check_lora_targets(cfg.base_model, cfg.policy)
     prompts = load_prompts(
         cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)

@@ -38,7 +38,17 @@ def _text(comment: str) -> str:
 
 @functools.cache
 def field_comments(cls: type) -> dict[str, Comment]:
-    """Field name -> its Comment, read from the source of the dataclass `cls`."""
+    """Field name -> its Comment, read from the source of the dataclass `cls` and of the
+    dataclasses it extends (a field's own class wins)."""
+    comments: dict[str, Comment] = {}
+    for base in reversed(cls.__mro__):
+        if base is not cls and dataclasses.is_dataclass(base):
+            comments |= field_comments(base)
+    return comments | _own_comments(cls)
+
+
+def _own_comments(cls: type) -> dict[str, Comment]:
+    """The comments of the fields defined in the source of `cls` itself."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # no source shipped (e.g. a frozen app): values only

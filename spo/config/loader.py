@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from spo.errors import ConfigError
+from spo.sources import read_text
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -201,19 +202,21 @@ def _keep_text(value: Any, node: yaml.Node | None, tp: Any) -> Any:
     return value
 
 
-def _load_yaml(path: Path | Traversable, schema: type) -> dict:
-    """Read a YAML file that must be a mapping, string-typed values as written; every failure
-    is one line naming the file."""
+def _load_yaml(path: Path | Traversable, schema: type, retired: Sequence[str] = ()) -> dict:
+    """Read a YAML file that must be a mapping, string-typed values as written, less the
+    dotted `retired` keys; every failure is one line naming the file."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data, node = _parse_yaml(path.read_text(encoding="utf-8"))
+        data, node = _parse_yaml(read_text(path, "config file"))
     except yaml.MarkedYAMLError as e:
         where = ""
         if e.problem_mark is not None:
             where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}"
         raise ConfigError(f"cannot parse config file {path}: {e.problem or e}{where}") from e
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError) as e:
         raise ConfigError(f"cannot parse config file {path}: {e}") from e
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
@@ -222,6 +225,13 @@ def _load_yaml(path: Path | Traversable, schema: type) -> dict:
     if not isinstance(data, dict):
         kind = "list" if isinstance(data, list) else type(data).__name__
         raise ConfigError(f"config file {path} must be a YAML mapping of key: value, got a {kind}")
+    for key in retired:
+        *parents, leaf = key.split(".")
+        section = data
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(leaf, None)
     _check_mapping_keys(data, schema, "", str(path))
     return _keep_text(data, node, schema)
 
@@ -244,6 +254,8 @@ def load_config(
     path: str | Path | Traversable | None,
     overrides: Sequence[str] = (),
     out: str | None = None,
+    *,
+    retired: Sequence[str] = (),
 ) -> T:
     """Build a `schema` instance: dataclass defaults <- YAML `path` <- `overrides` <- `out`.
 
@@ -251,7 +263,8 @@ def load_config(
     and type-checked against the schema, except that a string key keeps its text as given
     (`mixed_precision=no` is "no", not False). `out`, when given, replaces the `out` field
     (the CLI's `--out`). Any problem raises a one-line ConfigError naming the file or override,
-    the key, and for unknown keys the closest valid one.
+    the key, and for unknown keys the closest valid one. `retired` keys of the file are
+    dropped (a run folder's config.yaml recorded by an older version).
     """
     if not _is_section(schema):
         raise TypeError(f"schema must be a dataclass type, got {schema!r}")
@@ -259,7 +272,7 @@ def load_config(
 
     if path is not None:
         path = Path(path) if isinstance(path, str) else path
-        data = _load_yaml(path, schema)
+        data = _load_yaml(path, schema, retired)
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from spo.errors import ConfigError
 from spo.sources import is_local_path, offline_requested
@@ -132,21 +132,14 @@ class BackboneConfig:
 
 
 @dataclass
-class PairsConfig:
-    """Where the preference pairs come from (Pick-a-Pic schema)."""
+class TrainPairsConfig:
+    """Where the training pairs come from (Pick-a-Pic schema; no validation split)."""
 
     # a parquet file / folder / glob, a save_to_disk folder, or a hub dataset name
     train: str = "runs/toy/world/pairs/train.parquet"
-    validation: str = "runs/toy/world/pairs/validation.parquet"
-    train_split: str = "train"  # split names, used for hub datasets and DatasetDict folders
-    validation_split: str = "validation"
+    train_split: str = "train"  # split name, used for hub datasets and DatasetDict folders
     max_train_pairs: int | None = None  # use only the first N training pairs (None: all)
-    max_validation_pairs: int | None = None  # likewise for validation
     max_bad_image_share: float = 0.01  # undecodable pairs are skipped; fail past this share
-    # Relabel every training and validation pair with the clean backbone's scores of the
-    # original images (the SDXL SPM's recipe): a win / lose label if the gap of the 2-way
-    # softmax probabilities exceeds this, else a tie. None keeps the pairs' own labels.
-    relabel_tie_gap: float | None = None
     # Read the pairs as a stream (datasets streaming: rows are read as training takes them, the
     # split is never downloaded whole first) or whole. null: stream hub datasets (but read
     # datasets' cache whole when HF_HUB_OFFLINE is set), read local sources whole. A streamed
@@ -165,13 +158,30 @@ class PairsConfig:
         return not is_local_path(source) and not offline_requested()
 
     def validate(self) -> None:
-        for key in ("max_train_pairs", "max_validation_pairs"):
-            value = getattr(self, key)
-            _require(value is None or value > 0, f"pairs.{key}", value, "must be > 0 or null")
+        value = self.max_train_pairs
+        _require(value is None or value > 0, "pairs.max_train_pairs", value, "must be > 0 or null")
         size = self.shuffle_buffer
         _require(size > 0, "pairs.shuffle_buffer", size, "must be > 0")
         share = self.max_bad_image_share
         _require(0 <= share < 1, "pairs.max_bad_image_share", share, "must be in [0, 1)")
+
+
+@dataclass
+class PairsConfig(TrainPairsConfig):
+    """Where the preference pairs come from (Pick-a-Pic schema): training and validation."""
+
+    validation: str = "runs/toy/world/pairs/validation.parquet"  # the same forms as `train`
+    validation_split: str = "validation"
+    max_validation_pairs: int | None = None  # use only the first N validation pairs
+    # Relabel every training and validation pair with the clean backbone's scores of the
+    # original images (the SDXL SPM's recipe): a win / lose label if the gap of the 2-way
+    # softmax probabilities exceeds this, else a tie. None keeps the pairs' own labels.
+    relabel_tie_gap: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        n = self.max_validation_pairs
+        _require(n is None or n > 0, "pairs.max_validation_pairs", n, "must be > 0 or null")
         gap = self.relabel_tie_gap
         _require(gap is None or 0 <= gap < 1, "pairs.relabel_tie_gap", gap, "must be in [0, 1)")
 
@@ -424,12 +434,21 @@ def _toy_validation() -> ValidationImagesConfig:
 class DPOTrainConfig:
     """`spo train-dpo`: the Diffusion-DPO baseline (method.md 1)."""
 
+    # Keys of older versions that the command never read: dropped from a run folder's
+    # recorded config.yaml when it is resumed
+    RETIRED: ClassVar[tuple[str, ...]] = (
+        "pairs.validation",
+        "pairs.validation_split",
+        "pairs.max_validation_pairs",
+        "pairs.relabel_tie_gap",
+    )
+
     out: str = "runs/toy/dpo"  # run folder
     seed: int = 0
     base_model: str = "runs/toy/world/base_model"  # diffusers SD1.5- or SDXL-family pipeline
     vae: str | None = None  # replace the pipeline's VAE (SDXL: madebyollin/sdxl-vae-fp16-fix)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)
+    pairs: TrainPairsConfig = field(default_factory=TrainPairsConfig)
     # Relabel every pair with a scorer before training (the release's "choice model"):
     # none | oracle (toy world) | spm:<folder> (an SPM at t = 0) | pickscore:<model>
     relabel_with: str = "none"
@@ -730,6 +749,8 @@ class CompareConfig:
         )
         for key in ("images_per_prompt", "num_inference_steps", "batch_size", "bootstrap"):
             _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        n = self.grid_prompts
+        _require(n >= 0, "grid_prompts", n, "must be >= 0 (0: no image grid)")
         n = self.max_prompts
         _require(n is None or n > 0, "max_prompts", n, "must be > 0 or null (all)")
         _require(bool(self.scorers), "scorers", self.scorers, "needs at least one scorer")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -81,8 +82,10 @@ def local_folder(source: str) -> tuple[Path | None, str | None]:
 
 def run_folder(weights: str | Path, marker: str = "metrics.jsonl") -> Path | None:
     """The run folder whose `final/` holds `weights` (a file or folder), when it holds
-    `marker`; None for weights that did not come out of a run of this project."""
-    path = Path(weights).resolve()
+    `marker`; None for weights that did not come out of a run of this project. The folder is
+    named as `weights` names it (a relative path stays relative: the report shows no
+    absolute paths of the machine it was made on)."""
+    path = Path(os.path.normpath(weights))
     for p in (path, *path.parents):
         if p.name == "final":
             return p.parent if (p.parent / marker).is_file() else None
@@ -148,11 +151,11 @@ def training_records(cfg: CompareConfig) -> dict:
         runs[spec.name] = {"folder": str(run), "curves": {k: list(v) for k, v in curves.items()}}
         judge = run_judge(run)
         if judge is not None:
-            judges.setdefault(str(judge.resolve()), []).append(f"judge of {spec.name}")
+            judges.setdefault(os.path.normpath(judge), []).append(f"judge of {spec.name}")
     for scorer in cfg.scorers:
         name, _, argument = scorer.partition(":")
         if name == "spm" and argument:
-            judges.setdefault(str(Path(argument).resolve()), []).append(f"scorer {name}")
+            judges.setdefault(os.path.normpath(argument), []).append(f"scorer {name}")
     return {
         "runs": runs,
         "judges": [

@@ -313,7 +313,8 @@ class TrainLoop:
         recorded_file = Path(self.cfg.out) / "config.yaml"
         if not recorded_file.is_file():
             return False
-        recorded = load_config(type(self.cfg), recorded_file)
+        retired = getattr(self.cfg, "RETIRED", ())
+        recorded = load_config(type(self.cfg), recorded_file, retired=retired)
         changes = config_changes(recorded, self.cfg)
         trained = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
         if trained:
@@ -331,13 +332,15 @@ class TrainLoop:
         return written and not extended
 
     def previous_result(self, name: str = "final/train_summary.json") -> dict:
-        """The result a finished run wrote (`name` in its folder), said to be reused."""
+        """The result a finished run wrote (`name` in its folder), said to be reused, with
+        `already_finished: true`."""
         path = Path(self.cfg.out) / name
         print(
             f"{self.cfg.out}: this run already finished (final/ written); nothing to do "
             "(raise max_steps to train on, or resume=none to start afresh)"
         )
-        return json.loads(path.read_text()) if path.is_file() else {}
+        result = json.loads(path.read_text()) if path.is_file() else {}
+        return result | {"already_finished": True}
 
     @classmethod
     def for_diffusion(cls, cfg, *, kind: str, name: str) -> TrainLoop:
@@ -364,11 +367,14 @@ class TrainLoop:
         def open_run() -> RunDir:
             root = Path(self.cfg.out)
             check_writable(root)
-            root.mkdir(parents=True, exist_ok=True)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot write to output folder {root}: {e.strerror}") from e
             self.lock.acquire()
             for name in clean_leftovers(root):
                 print(f"run folder: removed {name} left by an interrupted run")
-            run = prepare_run_dir(root, self.cfg)
+            run = prepare_run_dir(root, self.cfg, folders=("checkpoints", "final"), metrics=True)
             if not self.resume_from:  # a new run: the metrics of an earlier one go
                 run.metrics_path.write_text("")
             return run

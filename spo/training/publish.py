@@ -58,7 +58,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 unet = UNet2DConditionModel.from_pretrained("{location}", subfolder="unet")
-pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float32)
+pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet, dtype=torch.float32)
 image = pipe("a prompt").images[0]
 ```"""
     return f"""With diffusers (`pytorch_lora_weights.safetensors`, rank and alpha in its metadata):
@@ -67,7 +67,7 @@ image = pipe("a prompt").images[0]
 import torch
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float32)
+pipe = DiffusionPipeline.from_pretrained("{base}", dtype=torch.float32)
 pipe.load_lora_weights("{location}")
 image = pipe("a prompt").images[0]
 ```

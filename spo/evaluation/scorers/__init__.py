@@ -58,7 +58,12 @@ def check_scorer(spec: str, prompts: Sequence[str] = ()) -> None:
     if name == "spm":
         from spo.runs import require_path
 
-        check_judge_folder(require_path(arg, "SPM"))
+        check_judge_folder(
+            require_path(arg, "SPM"),
+            kind="pixel",
+            use="the spm: scorer (it scores images; a latent judge scores the noisy latents of its "
+            "own model family, in `spo train-spo judge=latent`)",
+        )
     if name == "oracle":
         from spo.toy.render import Prompt
 
