@@ -479,6 +479,7 @@ CASES: list[Case] = [
     ),
     C("dpo-max-validation-pairs-is-no-dpo-key", lambda c: dpo(c, "pairs.max_validation_pairs=4")),
     C("compare-grid-prompts-neg1", lambda c: compare(c, "grid_prompts=-1")),
+    C("out-prepare-prompts-under-sys", lambda c: prepare_prompts(c, "--out=/sys/spo-prompts.txt")),
     C(
         "dpo-captions-all-null",
         lambda c: dpo(c, f"pairs.train={c.inputs / 'null_captions.parquet'}"),

@@ -28,7 +28,7 @@ import json
 import sys
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +190,6 @@ class Check:
 
     command: str
     variants: tuple[Variant, ...]
-    # Keys no run here reads, with the reason (kept tiny: a branch is covered by a variant).
-    exempt: dict[str, str] = field(default_factory=dict)
 
 
 TINY_HF_CLIP = {
@@ -542,9 +540,7 @@ def test_every_shown_config_key_is_read(
     if stubbed is not None:
         assert stubbed == list(module.STAGES), "the demo did not reach every stage"
     assert shown, "no keys shown"
-    stale = set(check.exempt) - shown
-    assert not stale, f"exempt keys that are not shown: {sorted(stale)}"
-    unread = sorted(shown - read - set(check.exempt))
+    unread = sorted(shown - read)
     assert not unread, (
         f"`spo {check.command} --print-config` shows keys that the command never reads "
         f"(runs: {', '.join(v.name for v in check.variants)}): {', '.join(unread)}"
