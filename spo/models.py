@@ -1,10 +1,11 @@
-"""Diffusion models of the Stable Diffusion family behind one small interface.
+"""Diffusion models behind one small interface.
 
 Why: the SPM's noisy-image maker, the DPO and SPO recipes and the evaluation all need the same
-few things from a diffusers pipeline (text conditioning, the UNet call with SDXL's extra
-inputs, VAE encode / decode, the noise schedule), for SD1.5-family pipelines (one text encoder)
-and SDXL-family ones (two text encoders, pooled embedding, `add_time_ids`). Loading goes through
-diffusers' own `DiffusionPipeline.from_pretrained`, so hub names and local folders both work.
+few things from a diffusers pipeline (text conditioning, the denoiser call with a family's extra
+inputs, VAE encode / decode, the noise schedule). What differs between model families (SD1.5's
+one text encoder; SDXL's two, pooled embedding and `add_time_ids`) is each family's module in
+`spo.families`, which `DiffusionModel` delegates to. Loading goes through diffusers' own
+`DiffusionPipeline.from_pretrained`, so hub names and local folders both work.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from spo.ddim import add_noise, cfg_combine, predict_epsilon, predict_x0
 from spo.errors import ConfigError
+from spo.families import TextConditioning, family_name, family_of
 from spo.sources import is_local_path
 
-Family = Literal["sd", "sdxl"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PRECISIONS = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -33,31 +32,6 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype frozen weights are loaded in for accelerate's `mixed_precision` (no / fp16 /
     bf16)."""
     return DTYPES[_PRECISIONS[mixed_precision]]
-
-
-@dataclass
-class TextConditioning:
-    """What the UNet is conditioned on: hidden states, plus SDXL's pooled text embedding."""
-
-    hidden: Tensor  # (N, L, D)
-    pooled: Tensor | None = None  # (N, P), SDXL only
-
-    def __len__(self) -> int:
-        return self.hidden.shape[0]
-
-    def index(self, idx: Tensor | Sequence[int]) -> TextConditioning:
-        idx = torch.as_tensor(idx, device=self.hidden.device)
-        pooled = None if self.pooled is None else self.pooled[idx]
-        return TextConditioning(self.hidden[idx], pooled)
-
-    def repeat_interleave(self, repeats: int) -> TextConditioning:
-        pooled = None if self.pooled is None else self.pooled.repeat_interleave(repeats, 0)
-        return TextConditioning(self.hidden.repeat_interleave(repeats, 0), pooled)
-
-    @staticmethod
-    def cat(parts: Sequence[TextConditioning]) -> TextConditioning:
-        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        return TextConditioning(torch.cat([p.hidden for p in parts]), pooled)
 
 
 @contextlib.contextmanager
@@ -88,20 +62,15 @@ def describe_pipeline_folder(source: str) -> dict | None:
         unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
         vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
         scale = 2 ** (len(vae["block_out_channels"]) - 1)
-        two_encoders = (index.get("text_encoder_2") or [None])[0] is not None
+        second = (index.get("text_encoder_2") or [None])[0] is not None
         return {
             "source": str(source),
-            "family": "sdxl" if two_encoders else "sd",
+            "family": family_name(index["_class_name"], second),
             "resolution": int(unet["sample_size"]) * scale,
             "latent_channels": int(unet["in_channels"]),
         }
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def pipeline_family(pipe) -> Family:
-    """'sdxl' for pipelines with two text encoders and SDXL's added conditioning, else 'sd'."""
-    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
 
 
 class DiffusionModel:
@@ -114,7 +83,8 @@ class DiffusionModel:
 
     def __init__(self, pipe, text_cache_size: int = 4096) -> None:
         self.pipe = pipe
-        self.family: Family = pipeline_family(pipe)
+        self.family_module = family_of(pipe)
+        self.family = self.family_module.name
         self.vae = pipe.vae
         self.unet = pipe.unet
         self.scheduler = pipe.scheduler
@@ -220,23 +190,11 @@ class DiffusionModel:
     # ------------------------------------------------------------------------------ text
 
     @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> TextConditioning:
-        if self.family == "sdxl":
-            hidden, _, pooled, _ = self.pipe.encode_prompt(
-                prompts, device=self.device, do_classifier_free_guidance=False
-            )
-            return TextConditioning(hidden, pooled)
-        hidden, _ = self.pipe.encode_prompt(
-            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return TextConditioning(hidden)
-
-    @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> TextConditioning:
         """Text conditioning per prompt; each distinct prompt is encoded once (LRU cache)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
-            encoded = self._encode(missing)
+            encoded = self.family_module.encode(missing, self.device)
             for i, prompt in enumerate(missing):
                 self._text_cache[prompt] = encoded.index([i])
         parts = []
@@ -250,31 +208,17 @@ class DiffusionModel:
     @torch.no_grad()
     def empty_text(self, n: int) -> TextConditioning:
         """The unconditional input of classifier-free guidance for n samples: the empty prompt,
-        or zeros where the pipeline says so (SDXL's `force_zeros_for_empty_prompt`)."""
-        empty = self.encode_text([""])
-        if self.family == "sdxl" and self.pipe.config.get("force_zeros_for_empty_prompt", False):
-            empty = TextConditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
-        return empty.index([0] * n)
+        or what the family makes of it (SDXL's `force_zeros_for_empty_prompt`)."""
+        return self.family_module.unconditional(self.encode_text([""])).index([0] * n)
 
     # ------------------------------------------------------------------------------ UNet
-
-    def add_time_ids(self, n: int, dtype: torch.dtype) -> Tensor:
-        """SDXL's micro-conditioning (original size, crop top-left, target size): full-frame
-        images at the model's resolution."""
-        r = self.resolution
-        ids = torch.tensor([r, r, 0, 0, r, r], dtype=dtype, device=self.device)
-        return ids.expand(n, -1)
 
     def unet_forward(
         self, unet, latents: Tensor, timesteps: Tensor, text: TextConditioning
     ) -> Tensor:
-        """`unet(latents, t, text)` with SDXL's added conditioning when the family needs it."""
-        kwargs = {}
-        if self.family == "sdxl":
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": text.pooled.to(latents.dtype),
-                "time_ids": self.add_time_ids(latents.shape[0], latents.dtype),
-            }
+        """`unet(latents, t, text)` with the family's extra inputs (SDXL's added
+        conditioning)."""
+        kwargs = self.family_module.denoiser_kwargs(latents, text, self.resolution)
         hidden = text.hidden.to(latents.dtype)
         return unet(latents, timesteps, encoder_hidden_states=hidden, **kwargs).sample
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from spo.errors import ConfigError, TrainingError
-from spo.models import is_local_path
+from spo.families import family_class
+from spo.sources import is_local_path
 
 
 def _value(value: Any) -> str:
@@ -35,7 +36,7 @@ def _front_matter(policy: dict[str, Any], method: str) -> str:
     model is named in the text only."""
     from huggingface_hub import ModelCardData
 
-    family = "stable-diffusion-xl" if policy["family"] == "sdxl" else "stable-diffusion"
+    family = family_class(policy["family"]).hub_tag
     tags = ["text-to-image", "diffusers", "diffusers-training", family, method.lower()]
     if policy["mode"] == "lora":
         tags.append("lora")

@@ -1,0 +1,103 @@
+"""Model families: what differs between SD1.5-, SDXL- (and later flow-) pipelines, one module
+each, behind one small interface that `spo.models.DiffusionModel` delegates to.
+
+Why a module per family: the recipes and samplers call `DiffusionModel` and never ask which
+family a model is; a new family is a new module here and one line in `FAMILIES`, not an
+`if family == ...` in every recipe (docs/architecture.md). A family is found from the pipeline
+class diffusers names in `model_index.json` (`_class_name`), so a folder's family is known
+before any weight loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TextConditioning:
+    """What the UNet is conditioned on: hidden states, plus SDXL's pooled text embedding."""
+
+    hidden: Tensor  # (N, L, D)
+    pooled: Tensor | None = None  # (N, P), SDXL only
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def index(self, idx: Tensor | Sequence[int]) -> TextConditioning:
+        idx = torch.as_tensor(idx, device=self.hidden.device)
+        pooled = None if self.pooled is None else self.pooled[idx]
+        return TextConditioning(self.hidden[idx], pooled)
+
+    def repeat_interleave(self, repeats: int) -> TextConditioning:
+        pooled = None if self.pooled is None else self.pooled.repeat_interleave(repeats, 0)
+        return TextConditioning(self.hidden.repeat_interleave(repeats, 0), pooled)
+
+    @staticmethod
+    def cat(parts: Sequence[TextConditioning]) -> TextConditioning:
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return TextConditioning(torch.cat([p.hidden for p in parts]), pooled)
+
+
+# Family name -> the module holding its `Family` subclass (imported only when asked for).
+FAMILIES: dict[str, str] = {
+    "sd": "spo.families.sd",
+    "sdxl": "spo.families.sdxl",
+}
+
+
+class Family:
+    """One model family. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    # the diffusers pipeline classes (model_index.json `_class_name`) of this family
+    pipelines: ClassVar[tuple[str, ...]]
+    hub_tag: ClassVar[str]  # the Hub tag of the family on a model card
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
+        """The denoiser's text conditioning of `prompts` (no classifier-free guidance)."""
+        raise NotImplementedError
+
+    def unconditional(self, empty: TextConditioning) -> TextConditioning:
+        """The conditioning of the guidance's unconditional branch, given the empty prompt's."""
+        return empty
+
+    def denoiser_kwargs(
+        self, latents: Tensor, text: TextConditioning, resolution: int
+    ) -> dict[str, Any]:
+        """Extra keyword arguments of the denoiser call beside latents, timesteps and hidden
+        states (SDXL's added conditioning)."""
+        return {}
+
+
+def family_class(name: str) -> type[Family]:
+    """The `Family` subclass registered as `name`."""
+    return importlib.import_module(FAMILIES[name]).FAMILY
+
+
+def family_for_pipeline(class_name: str) -> str | None:
+    """The family name serving diffusers pipeline class `class_name`, or None."""
+    for name in FAMILIES:
+        if class_name in family_class(name).pipelines:
+            return name
+    return None
+
+
+def family_name(class_name: str, second_text_encoder: bool) -> str:
+    """The family of a pipeline by its class; a pipeline class no family names (a custom one)
+    is told apart by its components: two text encoders, SDXL, else SD."""
+    return family_for_pipeline(class_name) or ("sdxl" if second_text_encoder else "sd")
+
+
+def family_of(pipe: Any) -> Family:
+    """The family of a loaded (or built) pipeline."""
+    second = getattr(pipe, "text_encoder_2", None) is not None
+    return family_class(family_name(type(pipe).__name__, second))(pipe)
