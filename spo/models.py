@@ -21,7 +21,7 @@ from torch import Tensor
 
 from spo.ddim import add_noise, cfg_combine, predict_epsilon, predict_x0
 from spo.errors import ConfigError
-from spo.families import TextConditioning, family_name, family_of
+from spo.families import TextConditioning, family_class, family_name, family_of
 from spo.sources import is_local_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -59,18 +59,32 @@ def describe_pipeline_folder(source: str) -> dict | None:
     root = Path(source)
     try:
         index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
-        unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
         vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
         scale = 2 ** (len(vae["block_out_channels"]) - 1)
         second = (index.get("text_encoder_2") or [None])[0] is not None
+        family = family_name(index["_class_name"], second)
+        denoiser = json.loads(
+            (root / family_class(family).denoiser / "config.json").read_text(encoding="utf-8")
+        )
         return {
             "source": str(source),
-            "family": family_name(index["_class_name"], second),
-            "resolution": int(unet["sample_size"]) * scale,
-            "latent_channels": int(unet["in_channels"]),
+            "family": family,
+            "resolution": int(denoiser["sample_size"]) * scale,
+            "latent_channels": int(denoiser["in_channels"]),
         }
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def require_ddpm_family(source: str, command: str, what: str = "base model") -> None:
+    """One line, before any model loads, when a local pipeline is of a flow-matching family
+    that `command` does not train (its recipe is written for a discrete noise schedule)."""
+    facts = describe_pipeline_folder(source)
+    if facts is not None and family_class(facts["family"]).schedule != "ddpm":
+        raise ConfigError(
+            f"{what} {source} is a flow-matching model ({facts['family']}); `spo {command}` "
+            "trains the SD1.5 and SDXL families (discrete noise schedules) only, so far"
+        )
 
 
 class DiffusionModel:
@@ -86,10 +100,15 @@ class DiffusionModel:
         self.family_module = family_of(pipe)
         self.family = self.family_module.name
         self.vae = pipe.vae
-        self.unet = pipe.unet
+        # the denoiser (a UNet, or a flow family's transformer), named `unet` by the recipes
+        self.unet = getattr(pipe, self.family_module.denoiser)
         self.scheduler = pipe.scheduler
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
-        self.prediction_type = self.scheduler.config.prediction_type
+        if self.family_module.schedule == "ddpm":
+            self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
+            self.prediction_type = self.scheduler.config.prediction_type
+        else:  # rectified flow: no discrete alphas; the denoiser predicts the velocity
+            self.alphas_cumprod = None
+            self.prediction_type = "flow"
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = int(self.unet.config.sample_size) * self.vae_scale_factor
@@ -106,7 +125,7 @@ class DiffusionModel:
         vae: str | None = None,
         what: str = "base model",
     ) -> DiffusionModel:
-        """Load a diffusers SD / SDXL pipeline folder or hub name, frozen, on `device`.
+        """Load a diffusers pipeline folder or hub name of any family, frozen, on `device`.
 
         `vae` replaces the pipeline's VAE (e.g. SDXL's fp16-safe VAE). A VAE that asks to be
         upcast (`force_upcast`) stays in float32 when `dtype` is float16.
@@ -125,7 +144,7 @@ class DiffusionModel:
                 pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load {what} {source}: {e}") from e
-        for name in ("vae", "unet", "text_encoder"):
+        for name in ("vae", family_of(pipe).denoiser, "text_encoder"):
             if getattr(pipe, name, None) is None:
                 raise ConfigError(f"{what} {source}: the pipeline has no {name}")
         return cls.from_pipeline(pipe, dtype=dtype, device=device, upcast_vae=vae is None)
@@ -139,12 +158,11 @@ class DiffusionModel:
         device: str | torch.device = "cpu",
         upcast_vae: bool = True,
     ) -> DiffusionModel:
-        """A loaded (or freshly built) pipeline, frozen, with a DDIM scheduler, on `device`. A
-        VAE that asks to be upcast (`force_upcast`) stays in float32 when `dtype` is float16."""
-        from diffusers import DDIMScheduler
-
-        # Sampling follows method.md 3 / 4 (DDIM); the noise schedule is the pipeline's own.
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        """A loaded (or freshly built) pipeline, frozen, with its family's sampling scheduler
+        (DDIM on the pipeline's noise schedule, method.md 3 / 4; a flow family keeps its own),
+        on `device`. A VAE that asks to be upcast (`force_upcast`) stays in float32 when
+        `dtype` is float16."""
+        pipe.scheduler = family_of(pipe).sampling_scheduler(pipe.scheduler)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         force_upcast = pipe.vae.config.get("force_upcast", False)
@@ -216,11 +234,9 @@ class DiffusionModel:
     def unet_forward(
         self, unet, latents: Tensor, timesteps: Tensor, text: TextConditioning
     ) -> Tensor:
-        """`unet(latents, t, text)` with the family's extra inputs (SDXL's added
-        conditioning)."""
-        kwargs = self.family_module.denoiser_kwargs(latents, text, self.resolution)
-        hidden = text.hidden.to(latents.dtype)
-        return unet(latents, timesteps, encoder_hidden_states=hidden, **kwargs).sample
+        """One call of the denoiser `unet` (this model's, or a trained copy) as its family
+        makes it (SDXL's added conditioning, SD3's pooled projections)."""
+        return self.family_module.forward(unet, latents, timesteps, text, self.resolution)
 
     def guided_output(
         self, unet, x: Tensor, t: int | Tensor, cond: TextConditioning, scale: float

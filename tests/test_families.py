@@ -87,3 +87,82 @@ def test_no_code_outside_the_family_modules_asks_which_family_a_model_is():
             ):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_an_sd3_pipeline_is_the_sd3_family_behind_the_same_interface(tmp_path):
+    """The tiny SD3 pipeline (SPEC 8) loads as a flow-family DiffusionModel: its text
+    conditioning is the pipeline's own, the denoiser call is the transformer's, and generating
+    gives the plain pipeline's images for the same seeds."""
+    from diffusers import StableDiffusion3Pipeline
+    from tiny_pipelines import build_tiny_sd3
+
+    build_tiny_sd3(tmp_path / "sd3")
+    model = DiffusionModel.from_pretrained(str(tmp_path / "sd3"))
+    assert model.family == "sd3" and model.prediction_type == "flow"
+    assert model.unet is model.pipe.transformer
+    assert type(model.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert model.describe() == describe_pipeline_folder(str(tmp_path / "sd3"))
+    assert model.describe()["latent_channels"] == 4 and model.resolution == 32
+
+    text = model.encode_text(["a red circle", "a blue cross"])
+    hidden, _, pooled, _ = model.pipe.encode_prompt(
+        ["a red circle", "a blue cross"], None, None, do_classifier_free_guidance=False
+    )
+    assert torch.equal(text.hidden, hidden) and torch.equal(text.pooled, pooled)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([700.0, 250.0])
+    ours = model.unet_forward(model.unet, latents, t, text)
+    direct = model.pipe.transformer(
+        hidden_states=latents, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled
+    ).sample
+    assert torch.equal(ours, direct)
+
+    images = model.generate(["a red circle"], [3], num_inference_steps=3, guidance_scale=2.0)
+    plain = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "sd3"))
+    expected = plain(
+        ["a red circle"],
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="pt",
+    ).images
+    assert images.shape == (1, 3, 32, 32)
+    assert torch.allclose(images, expected.clamp(0, 1), atol=1e-5)
+
+
+def test_a_trainer_refuses_a_flow_model_in_one_line_before_loading(tmp_path, capsys):
+    from helpers import dpo_args, one_error_line
+    from tiny_pipelines import build_tiny_sd3
+
+    from spo.cli import main
+
+    build_tiny_sd3(tmp_path / "sd3")
+    capsys.readouterr()
+    args = dpo_args(tmp_path, tmp_path / "run", f"base_model={tmp_path / 'sd3'}")
+    assert main(args) == 2
+    assert "is a flow-matching model (sd3)" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_mixes_families_in_one_report(mini_world, tmp_path):
+    """An SD and an SD3 model on the same prompts and seeds, scored and reported together."""
+    import json
+
+    from helpers import compare_args
+    from tiny_pipelines import build_tiny_sd3
+
+    from spo.cli import main
+
+    build_tiny_sd3(tmp_path / "sd3")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background\na blue cross on a black background\n")
+    models = [
+        f"{{name: sd, pipeline: {mini_world / 'base_model'}}}",
+        f"{{name: sd3, pipeline: {tmp_path / 'sd3'}}}",
+    ]
+    small = ("images_per_prompt=1", "num_inference_steps=2", "bootstrap=10", "grid_prompts=1")
+    assert main(compare_args(tmp_path / "cmp", prompts, models, *small)) == 0
+    results = json.loads((tmp_path / "cmp/results.json").read_text())
+    assert set(results["scores"]) == {"sd", "sd3"}
+    assert "sd3" in results["paired_differences"]["oracle"]
+    assert len(list((tmp_path / "cmp/images/sd3").glob("*.png"))) == 2

@@ -12,11 +12,20 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
 from spo.architectures import sd_scheduler
 from spo.toy.text import VOCAB_SIZE, build_tokenizer
@@ -109,6 +118,45 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         unet=unet,
         scheduler=sd_scheduler(),
         force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
+    """A StableDiffusion3Pipeline folder (32x32 images) at `path`, in SPEC 8's tiny layout: an
+    MMDiT of 1 layer (4 heads x 8, patch 1), two CLIP encoders with projections (pooled 32 + 32),
+    a 1-layer T5 as large as the joint attention (32), the flow-matching Euler scheduler (shift
+    3) and a VAE whose config has SD3's `shift_factor`."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.1)
+    t5 = T5Config(
+        vocab_size=VOCAB_SIZE, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(_text_config(32)),
+        tokenizer=build_tokenizer(MAX_TOKENS),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(32)),
+        tokenizer_2=build_tokenizer(MAX_TOKENS),
+        text_encoder_3=T5EncoderModel(t5),
+        tokenizer_3=build_tokenizer(MAX_TOKENS),
     )
     pipe.save_pretrained(path)
     return path

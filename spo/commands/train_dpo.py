@@ -32,7 +32,7 @@ from spo.data import (
 from spo.errors import ConfigError
 from spo.evaluation.scorers import build_scorer, check_scorer, prefer_by_scorer
 from spo.losses import DPOOutput, dpo_loss, sft_loss
-from spo.models import DiffusionModel, TextConditioning
+from spo.models import DiffusionModel, TextConditioning, require_ddpm_family
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.runs import made_by, require_base_model
 from spo.stream import StreamedPairs, describe, stream_of_training_pairs
@@ -272,6 +272,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     # Cheap checks first: inputs, resume target, before any model is loaded.
     check_precision(cfg)
     require_base_model(cfg)
+    require_ddpm_family(cfg.base_model, "train-dpo")
     p = cfg.pairs
     if streamed(cfg):
         stream = stream_of_training_pairs(p, cfg.seed)

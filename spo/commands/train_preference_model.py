@@ -42,7 +42,7 @@ from spo.data import (
     split_rows,
 )
 from spo.errors import ConfigError
-from spo.models import DTYPES, DiffusionModel
+from spo.models import DTYPES, DiffusionModel, require_ddpm_family
 from spo.runs import atomic_write_bytes, made_by, require_base_model
 from spo.stream import StreamedPairs, describe, stream_of_training_pairs
 from spo.training.distributed import sum_over_ranks
@@ -263,6 +263,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     # Everything that can fail cheaply fails here, before the run folder or any compute.
     check_precision(cfg)
     require_base_model(cfg)
+    require_ddpm_family(cfg.base_model, "train-preference-model")
     if cfg.judge == "pixel":
         check_backbone(cfg)
     p = cfg.pairs

@@ -27,7 +27,7 @@ from spo.config import SPOTrainConfig
 from spo.data import load_prompts
 from spo.errors import ConfigError
 from spo.losses import spo_loss
-from spo.models import DTYPES, DiffusionModel, describe_pipeline_folder
+from spo.models import DTYPES, DiffusionModel, describe_pipeline_folder, require_ddpm_family
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
 from spo.runs import made_by, require_base_model, require_path
@@ -89,6 +89,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also in OUT/final/train_summary.json)."""
     check_precision(cfg)
     require_base_model(cfg)
+    require_ddpm_family(cfg.base_model, "train-spo")
     require_path(cfg.spm, "SPM")
     check_judge_kind(cfg)
     check_judge_folder(cfg.spm)

@@ -48,6 +48,7 @@ class TextConditioning:
 FAMILIES: dict[str, str] = {
     "sd": "spo.families.sd",
     "sdxl": "spo.families.sdxl",
+    "sd3": "spo.families.sd3",
 }
 
 
@@ -58,6 +59,10 @@ class Family:
     # the diffusers pipeline classes (model_index.json `_class_name`) of this family
     pipelines: ClassVar[tuple[str, ...]]
     hub_tag: ClassVar[str]  # the Hub tag of the family on a model card
+    denoiser: ClassVar[str] = "unet"  # the pipeline component that denoises
+    # ddpm: a discrete noise schedule sampled with DDIM (epsilon or v prediction); flow:
+    # rectified flow, velocity prediction, sampled with the pipeline's flow-matching scheduler
+    schedule: ClassVar[str] = "ddpm"
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -76,6 +81,29 @@ class Family:
         """Extra keyword arguments of the denoiser call beside latents, timesteps and hidden
         states (SDXL's added conditioning)."""
         return {}
+
+    def forward(
+        self,
+        denoiser: Any,
+        latents: Tensor,
+        timesteps: Tensor,
+        text: TextConditioning,
+        resolution: int,
+    ) -> Tensor:
+        """One call of `denoiser` (the family's own, or a trained copy of it): a UNet's
+        `unet(latents, t, encoder_hidden_states, **denoiser_kwargs)` by default."""
+        kwargs = self.denoiser_kwargs(latents, text, resolution)
+        hidden = text.hidden.to(latents.dtype)
+        return denoiser(latents, timesteps, encoder_hidden_states=hidden, **kwargs).sample
+
+    def sampling_scheduler(self, scheduler: Any) -> Any:
+        """The scheduler the toolkit samples with: DDIM on the pipeline's own noise schedule
+        (method.md 3 / 4); flow families keep theirs."""
+        if self.schedule != "ddpm":
+            return scheduler
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(scheduler.config)
 
 
 def family_class(name: str) -> type[Family]:

@@ -1,0 +1,48 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT transformer predicting the rectified-flow velocity,
+conditioned on two CLIP encoders' hidden states (and T5's, when the pipeline has it) and their
+pooled embeddings (SPEC 8); sampled with the flow-matching Euler scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spo.families import Family, TextConditioning
+
+
+class SD3Family(Family):
+    name = "sd3"
+    pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    hub_tag = "sd3"
+    denoiser = "transformer"
+    schedule = "flow"
+
+    def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
+        """The pipeline's own encoding (CLIP penultimate states beside T5's, or zeros where
+        the pipeline has no T5), at its default T5 length, as it samples."""
+        hidden, _, pooled, _ = self.pipe.encode_prompt(
+            list(prompts), None, None, device=device, do_classifier_free_guidance=False
+        )
+        return TextConditioning(hidden, pooled)
+
+    def forward(
+        self,
+        denoiser: Any,
+        latents: Tensor,
+        timesteps: Tensor,
+        text: TextConditioning,
+        resolution: int,
+    ) -> Tensor:
+        """The transformer's velocity; `timesteps` are 1000 x the noise level (SPEC 8)."""
+        return denoiser(
+            hidden_states=latents,
+            timestep=timesteps,
+            encoder_hidden_states=text.hidden.to(latents.dtype),
+            pooled_projections=text.pooled.to(latents.dtype),
+        ).sample
+
+
+FAMILY = SD3Family
