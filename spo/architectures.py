@@ -57,6 +57,25 @@ SETTINGS = {
 }
 
 
+# SD3.5 Medium's transformer (SPEC 8; stabilityai/stable-diffusion-3.5-medium's config): the
+# MMDiT-X of 24 layers, 24 heads x 64, with dual attention in layers 0-12 and RMS q/k norms.
+SD35_MEDIUM_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+
+
 def sd_scheduler() -> DDIMScheduler:
     """SD1.5 / SDXL's noise schedule with DDIM's leading spacing (offset 1: 951, ..., 1)."""
     return DDIMScheduler(

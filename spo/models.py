@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from spo import flow
 from spo.ddim import add_noise, cfg_combine, predict_epsilon, predict_x0
 from spo.errors import ConfigError
 from spo.families import TextConditioning, family_class, family_name, family_of
@@ -261,6 +262,29 @@ class DiffusionModel:
         return predict_epsilon(x, out, self.alpha_bar(timesteps), self.prediction_type)
 
     # ------------------------------------------------------------------------------ schedule
+
+    def training_timesteps(self, n: int, generator: torch.Generator) -> Tensor:
+        """n denoiser timesteps to train at: uniform over the discrete schedule (ddpm); for
+        rectified flow 1000 x a noise level drawn logit-normal (SD3's training density) and
+        moved by the scheduler's shift, as the model is sampled (method.md: flow DPO)."""
+        if self.prediction_type != "flow":
+            return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+        shift = float(self.scheduler.config.get("shift", 1.0))
+        sigmas = flow.sample_sigmas_logit_normal(n, shift=shift, generator=generator)
+        return flow.sigmas_to_timesteps(sigmas, self.num_train_timesteps)
+
+    def noised(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """(the noisy latents at `timesteps`, the denoiser's regression target): the noise
+        (epsilon), v (v-prediction) or the velocity eps - x0 (rectified flow)."""
+        if self.prediction_type == "flow":
+            sigma = timesteps.float() / self.num_train_timesteps
+            x = flow.interpolate(latents, noise, sigma)
+            return x, flow.velocity_target(latents, noise)
+        x_t = self.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            a = self.alpha_bar(timesteps).view(-1, *([1] * (latents.ndim - 1)))
+            return x_t, a.sqrt() * noise - (1 - a).sqrt() * latents
+        return x_t, noise
 
     def alpha_bar(self, timesteps: Tensor) -> Tensor:
         """Cumulative alpha of each timestep, float32 on the timesteps' device."""

@@ -22,30 +22,36 @@ import torch
 
 from spo.config.schemas import PolicyConfig
 from spo.errors import ConfigError
-from spo.models import DiffusionModel
+from spo.families import family_class
+from spo.models import DiffusionModel, describe_pipeline_folder
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def check_lora_targets(base_model: str, cfg: PolicyConfig) -> None:
-    """One line for a `policy.lora_targets` name that matches no UNet module, before any
+    """One line for a `policy.lora_targets` name that matches no denoiser module, before any
     weights load: peft (which matches a name against the end of each module path) would say so
-    only after the model loaded. Checked on a weightless UNet built from the pipeline's
-    unet/config.json; for a hub id, peft checks it."""
-    config = Path(base_model) / "unet" / "config.json"
-    if cfg.mode != "lora" or not config.is_file():
+    only after the model loaded. Checked on a weightless denoiser (a UNet, or a flow family's
+    transformer) built from its config.json in the pipeline folder; for a hub id, peft checks
+    it."""
+    facts = describe_pipeline_folder(base_model)
+    if cfg.mode != "lora" or facts is None:
         return
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
+    folder = Path(base_model) / family_class(facts["family"]).denoiser
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cls = getattr(diffusers, config["_class_name"])
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config.parent))
-    names = [name for name, _ in unet.named_modules()]
+        denoiser = cls.from_config(cls.load_config(folder))
+    names = [name for name, _ in denoiser.named_modules()]
     for target in cfg.lora_targets:
         if not any(name == target or name.endswith("." + target) for name in names):
             raise ConfigError(
-                f"invalid value {target!r} in config key 'policy.lora_targets': no UNet module "
-                "has that name (e.g. to_q, to_k, to_v, to_out.0, proj_in, ff.net.2)"
+                f"invalid value {target!r} in config key 'policy.lora_targets': no "
+                f"{config['_class_name']} module has that name (e.g. to_q, to_k, to_v, "
+                "to_out.0, proj_in, ff.net.2)"
             )
 
 
@@ -137,7 +143,8 @@ class Policy:
         from safetensors.torch import load_file
 
         state = load_file(folder / LORA_WEIGHTS)
-        state = {k.removeprefix("unet."): v for k, v in state.items()}
+        prefix = f"{self.model.family_module.denoiser}."
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
         result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(state))
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
@@ -168,11 +175,14 @@ class Policy:
             from safetensors.torch import save_file
 
             config = self.lora_config()
+            denoiser = self.model.family_module.denoiser  # unet, or a flow family's transformer
             type(self.model.pipe).save_lora_weights(
                 folder,
-                unet_lora_layers=self.lora_state_dict(),
                 safe_serialization=True,
-                unet_lora_adapter_metadata=config,
+                **{
+                    f"{denoiser}_lora_layers": self.lora_state_dict(),
+                    f"{denoiser}_lora_adapter_metadata": config,
+                },
             )
             # peft's own layout (what PeftModel.save_pretrained writes): its keys are the
             # wrapped model's, `base_model.model.<module>.lora_A.weight`.
@@ -181,7 +191,8 @@ class Policy:
             text = json.dumps(config, indent=2, sort_keys=True)
             (folder / CONFIG_NAME).write_text(text + "\n")
         else:
-            self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+            folder_name = self.model.family_module.denoiser
+            self.unet.save_pretrained(folder / folder_name, safe_serialization=True)
         (folder / "policy.json").write_text(json.dumps(self.describe(), indent=2) + "\n")
         if card is not None:
             (folder / "README.md").write_text(card)

@@ -23,13 +23,14 @@ def shipped(name: str):
 
 def test_every_shipped_config_is_listed_and_the_checkout_link_points_at_them():
     names = shipped_configs()
-    assert len(names) == 21 and "toy/dpo" in names and "sdxl/spo_latent" in names
+    assert len(names) == 22 and "toy/dpo" in names and "sdxl/spo_latent" in names
     assert (ROOT / "configs").resolve() == (ROOT / "spo/configs").resolve()
     on_disk = sorted(f"{p.parent.name}/{p.stem}" for p in ROOT.glob("configs/*/*.yaml"))
     assert names == on_disk
     assert shipped_configs("train-dpo") == [
         "sd15/dpo",
         "sd15/dpo_lora",
+        "sd35/dpo_lora",
         "sdxl/dpo",
         "sdxl/dpo_lora",
         "toy/dpo",
@@ -82,9 +83,12 @@ def _sampling_cfgs(cfg) -> dict[str, float]:
     return found
 
 
-@pytest.mark.parametrize("name", [n for n in shipped_configs() if not n.startswith("toy/")])
+@pytest.mark.parametrize(
+    "name", [n for n in shipped_configs() if n.split("/")[0] in ("sd15", "sdxl")]
+)
 def test_real_configs_sample_at_method_md_cfg(name: str):
-    """The toy world's CFG 2.0 defaults must not leak into the sd15 / sdxl configs."""
+    """The toy world's CFG 2.0 defaults must not leak into the sd15 / sdxl configs (the flow
+    configs sample at their own published CFG, SPEC 8)."""
     found = _sampling_cfgs(shipped(name))
     assert set(found.values()) <= {5.0}, found
     # every other config samples: the latent judge never, sdxl/dpo_lora draws no validation grid
@@ -147,3 +151,22 @@ def test_lpo_settings():
             951,
         )
         assert (judge.optim.lr, judge.optim.warmup_steps, judge.max_steps) == (1e-5, 500, 4000)
+
+
+def test_the_sd35_lora_targets_are_modules_of_the_sd35_medium_transformer():
+    """configs/sd35/dpo_lora.yaml names modules the real architecture has (built weightless:
+    SPEC 8 gives 2.24B parameters for SD3.5 Medium's transformer in diffusers 0.42)."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+
+    from spo.architectures import SD35_MEDIUM_TRANSFORMER
+
+    with init_empty_weights():
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+    params = sum(p.numel() for p in transformer.parameters())
+    assert round(params / 1e9, 2) == 2.24
+    names = [n for n, _ in transformer.named_modules()]
+    targets = shipped("sd35/dpo_lora").policy.lora_targets
+    assert shipped("sd35/dpo_lora").validation_images.guidance_scale == 4.5
+    for target in targets:
+        assert any(n.endswith("." + target) for n in names), target

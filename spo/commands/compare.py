@@ -113,7 +113,8 @@ def _check_lora_fits(spec: ModelSpec, path: Path, model: DiffusionModel) -> None
 
     file = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
     with safe_open(str(file), framework="pt") as f:
-        expected = sum(1 for k in f.keys() if k.startswith("unet.") and "lora" in k)
+        prefix = f"{model.family_module.denoiser}."
+        expected = sum(1 for k in f.keys() if k.startswith(prefix) and "lora" in k)
     loaded = sum(1 for name, _ in model.unet.named_parameters() if "lora_" in name)
     if loaded < expected or expected == 0:
         raise ConfigError(

@@ -32,7 +32,7 @@ from spo.data import (
 from spo.errors import ConfigError
 from spo.evaluation.scorers import build_scorer, check_scorer, prefer_by_scorer
 from spo.losses import DPOOutput, dpo_loss, sft_loss
-from spo.models import DiffusionModel, TextConditioning, require_ddpm_family
+from spo.models import DiffusionModel, TextConditioning
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.runs import made_by, require_base_model
 from spo.stream import StreamedPairs, describe, stream_of_training_pairs
@@ -112,7 +112,8 @@ class DPOInputs:
     x_t: torch.Tensor  # (2B, C, h, w) noisy latents
     t: torch.Tensor  # (2B,) the pair's timestep, twice
     text: TextConditioning  # (2B) the caption, or the empty prompt when dropped
-    target: torch.Tensor  # (2B, C, h, w) what the UNet should predict (noise, or v)
+    # (2B, C, h, w) what the denoiser should predict: the noise, v, or the flow velocity
+    target: torch.Tensor
 
 
 def dpo_inputs(
@@ -137,13 +138,8 @@ def dpo_inputs(
         mean, std = (torch.cat([x[:, 0], x[:, 1]]).to(model.device) for x in images)
         latents = model.sample_latents(mean, std, gen).float()
     noise = torch.randn((b, *latents.shape[1:]), generator=gen).to(latents).repeat(2, 1, 1, 1)
-    t = torch.randint(0, model.num_train_timesteps, (b,), generator=gen)
-    t = t.to(latents.device).repeat(2)
-    x_t = model.add_noise(latents, noise, t)
-    target = noise
-    if model.prediction_type == "v_prediction":
-        a = model.alpha_bar(t).view(-1, 1, 1, 1)
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents
+    t = model.training_timesteps(b, gen).to(latents.device).repeat(2)
+    x_t, target = model.noised(latents, noise, t)
     drop = torch.rand(b, generator=gen) < prompt_dropout
     text = model.encode_text(captions)
     text = TextConditioning.cat(
@@ -272,7 +268,6 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     # Cheap checks first: inputs, resume target, before any model is loaded.
     check_precision(cfg)
     require_base_model(cfg)
-    require_ddpm_family(cfg.base_model, "train-dpo")
     p = cfg.pairs
     if streamed(cfg):
         stream = stream_of_training_pairs(p, cfg.seed)

@@ -60,6 +60,7 @@ class Family:
     pipelines: ClassVar[tuple[str, ...]]
     hub_tag: ClassVar[str]  # the Hub tag of the family on a model card
     denoiser: ClassVar[str] = "unet"  # the pipeline component that denoises
+    denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # its diffusers class
     # ddpm: a discrete noise schedule sampled with DDIM (epsilon or v prediction); flow:
     # rectified flow, velocity prediction, sampled with the pipeline's flow-matching scheduler
     schedule: ClassVar[str] = "ddpm"

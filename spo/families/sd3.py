@@ -18,6 +18,7 @@ class SD3Family(Family):
     pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     hub_tag = "sd3"
     denoiser = "transformer"
+    denoiser_class = "SD3Transformer2DModel"
     schedule = "flow"
 
     def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:

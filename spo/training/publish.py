@@ -53,13 +53,15 @@ def _front_matter(policy: dict[str, Any], method: str) -> str:
 def _usage(policy: dict[str, Any], location: str) -> str:
     """How to load the result, with diffusers and (LoRA) with peft."""
     base = policy["base_model"]
+    family = family_class(policy["family"])
     if policy["mode"] != "lora":
+        name, cls = family.denoiser, family.denoiser_class
         return f"""```python
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, {cls}
 
-unet = UNet2DConditionModel.from_pretrained("{location}", subfolder="unet")
-pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet, dtype=torch.float32)
+{name} = {cls}.from_pretrained("{location}", subfolder="{name}")
+pipe = DiffusionPipeline.from_pretrained("{base}", {name}={name}, dtype=torch.float32)
 image = pipe("a prompt").images[0]
 ```"""
     return f"""With diffusers (`pytorch_lora_weights.safetensors`, rank and alpha in its metadata):
@@ -74,14 +76,14 @@ image = pipe("a prompt").images[0]
 ```
 
 With peft (`adapter_config.json` + `adapter_model.safetensors`), adapters added to the
-pipeline's UNet in place:
+pipeline's {family.denoiser} in place:
 
 ```python
 from diffusers import DiffusionPipeline
 from peft import PeftModel
 
 pipe = DiffusionPipeline.from_pretrained("{base}")
-PeftModel.from_pretrained(pipe.unet, "{location}")
+PeftModel.from_pretrained(pipe.{family.denoiser}, "{location}")
 image = pipe("a prompt").images[0]
 ```"""
 
