@@ -28,7 +28,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import judge_training_args, spo_args
+from safetensors.torch import save_file
+from tiny_pipelines import build_tiny_sd3
 
 from spo.cli import COMMANDS, main
 from spo.config import COMMAND_CONFIGS, dump_config
@@ -488,6 +491,23 @@ CASES: list[Case] = [
         "spm-captions-all-null",
         lambda c: spm_train(c, f"pairs.train={c.inputs / 'null_captions.parquet'}"),
     ),
+    # --- model families -------------------------------------------------------------------
+    C(
+        "compare-flow-lora-on-an-sd-pipeline",
+        lambda c: compare(
+            c,
+            f"models=[{{name: a, pipeline: {c.world / 'base_model'}, "
+            f"lora: {c.inputs / 'flow_lora'}}}]",
+        ),
+    ),
+    C(
+        "compare-sd-lora-on-an-sd3-pipeline",
+        lambda c: compare(
+            c, f"models=[{{name: a, pipeline: {c.inputs / 'sd3'}, lora: {c.inputs / 'sd_lora'}}}]"
+        ),
+    ),
+    C("spm-flow-base-model", lambda c: spm_train(c, f"base_model={c.inputs / 'sd3'}")),
+    C("spo-flow-base-model", lambda c: spo(c, f"base_model={c.inputs / 'sd3'}")),
     *matrix_cases(),
 ]
 
@@ -561,6 +581,12 @@ def inputs(tmp_path_factory) -> Path:
         "latent_channels": 4,
     }
     (root / "spm_sdxl" / "spm_config.json").write_text(json.dumps(config))
+    # a tiny SD3 pipeline, and LoRA files named for each family's denoiser
+    build_tiny_sd3(root / "sd3")
+    for name, component in (("flow_lora", "transformer"), ("sd_lora", "unet")):
+        (root / name).mkdir()
+        weights = {f"{component}.blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8)}
+        save_file(weights, root / name / "pytorch_lora_weights.safetensors")
     return root
 
 

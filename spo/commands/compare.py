@@ -28,7 +28,8 @@ from spo.evaluation import provenance
 from spo.evaluation.report import write_report
 from spo.evaluation.scorers import build_scorer, check_scorer
 from spo.evaluation.stats import format_ci, mean_ci, paired_difference_ci, win_rate_ci
-from spo.models import DTYPES, DiffusionModel
+from spo.families import family_class
+from spo.models import DTYPES, DiffusionModel, describe_pipeline_folder
 from spo.runs import (
     RunLock,
     atomic_write_bytes,
@@ -54,6 +55,8 @@ def check_models(cfg: CompareConfig) -> None:
         if spec.lora is not None and not Path(spec.lora).exists():
             path = Path(spec.lora)
             raise ConfigError(f"model '{spec.name}': LoRA not found: {path}" + _hint(path))
+        if spec.lora is not None:
+            _check_lora_family(spec)
         if spec.unet is not None and not (Path(spec.unet) / "config.json").is_file():
             path = Path(spec.unet)
             raise ConfigError(f"model '{spec.name}': no UNet folder at {path}" + _hint(path))
@@ -106,12 +109,37 @@ def _diffusers_errors_only() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
+def _lora_file(path: Path) -> Path:
+    return path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+
+
+def _check_lora_family(spec: ModelSpec) -> None:
+    """One line, before any model loads, for a LoRA of another model family than its pipeline
+    (a flow transformer's adapters on a UNet pipeline, or the reverse): the component its
+    weights are named after (`unet.`, `transformer.`) against the pipeline family's denoiser."""
+    from safetensors import safe_open
+
+    facts = describe_pipeline_folder(spec.pipeline)
+    file = _lora_file(Path(spec.lora))
+    if facts is None or not file.is_file():
+        return
+    with safe_open(str(file), framework="pt") as f:
+        components = {key.split(".")[0] for key in f.keys()}
+    denoiser = family_class(facts["family"]).denoiser
+    if components and denoiser not in components:
+        raise ConfigError(
+            f"model '{spec.name}': LoRA {spec.lora} adapts a {'/'.join(sorted(components))}, "
+            f"but pipeline {spec.pipeline} is a {facts['family']} model whose denoiser is its "
+            f"{denoiser}: a LoRA of another model family"
+        )
+
+
 def _check_lora_fits(spec: ModelSpec, path: Path, model: DiffusionModel) -> None:
     """diffusers loads a LoRA whose layers are partly absent with a warning only: count the
     adapter tensors that arrived against those in the file."""
     from safetensors import safe_open
 
-    file = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+    file = _lora_file(path)
     with safe_open(str(file), framework="pt") as f:
         prefix = f"{model.family_module.denoiser}."
         expected = sum(1 for k in f.keys() if k.startswith(prefix) and "lora" in k)
