@@ -38,6 +38,17 @@ def _write_pairs(path: Path, prompts, n: int, seed: int) -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a busy machine extra threads cost minutes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mini_world(tmp_path_factory) -> Path:
     """Toy pairs (48 train, 16 validation), a tiny SD pipeline and a tiny CLIP config."""

@@ -41,6 +41,8 @@ import spo.config
 from spo.cli import COMMANDS
 from spo.config import COMMAND_CONFIGS, command_config, commented_yaml
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIG_DIR = Path(spo.config.__file__).resolve().parent
 LOOP_FILE = str(CONFIG_DIR.parent / "training" / "loop.py")
 
@@ -385,17 +387,6 @@ def fresh_accelerate_state() -> Iterator[None]:
     reset_accelerate()
     yield
     reset_accelerate()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads; on a busy machine extra threads cost minutes."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ A few optimisation steps only: the quality of the real build is measured by its 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,16 +15,10 @@ import torch
 from helpers import load_script
 from safetensors import safe_open
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 flow = load_script("build_toy_flow_model")
 PROMPTS = ["a red circle on a teal background", "a blue cross on a white background"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
