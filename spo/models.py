@@ -210,12 +210,12 @@ class DiffusionModel:
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> TextConditioning:
-        """Text conditioning per prompt; each distinct prompt is encoded once (LRU cache)."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            encoded = self.family_module.encode(missing, self.device)
-            for i, prompt in enumerate(missing):
-                self._text_cache[prompt] = encoded.index([i])
+        """Text conditioning per prompt; each distinct prompt is encoded once (LRU cache), on
+        its own: a text encoder's output can round differently with the batch it is in (SD3's
+        pooled projections do, by 2e-7), and a resumed run, whose cache starts empty, must see
+        bit for bit the conditioning of the uninterrupted one."""
+        for prompt in dict.fromkeys(p for p in prompts if p not in self._text_cache):
+            self._text_cache[prompt] = self.family_module.encode([prompt], self.device)
         parts = []
         for prompt in prompts:
             self._text_cache.move_to_end(prompt)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import dpo_args, judge_training_args, one_error_line, spo_args
 from safetensors.torch import load_file
+from tiny_pipelines import build_tiny_sd3
 
 from spo.cli import main
 from spo.runs import RunLock
@@ -81,10 +82,19 @@ def judge(mini_world, tmp_path_factory) -> Path:
     return out / "final"
 
 
-def _cases(world: Path, judge: Path, prompts: Path):
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory) -> Path:
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
+def _cases(world: Path, judge: Path, prompts: Path, sd3: Path | None = None):
     """(args builder, weights file) per trainer; each run has a checkpoint before its end."""
     return {
         "dpo": (lambda out: dpo_args(world, out), "pytorch_lora_weights.safetensors"),
+        "flow-dpo": (
+            lambda out: dpo_args(world, out, f"base_model={sd3}", "beta=100"),
+            "pytorch_lora_weights.safetensors",
+        ),
         # 15 validation pairs: the two processes' shards differ in size
         "spm": (
             lambda out: judge_training_args(world, out, "pairs.max_validation_pairs=15"),
@@ -105,11 +115,14 @@ def _cases(world: Path, judge: Path, prompts: Path):
     }
 
 
-@pytest.mark.parametrize("trainer", ["dpo", "spm", "spo"])
+@pytest.mark.parametrize(
+    "trainer", ["dpo", "spm", "spo", pytest.param("flow-dpo", marks=pytest.mark.slow)]
+)
 def test_two_processes_repeat_and_resume_to_the_same_weights(
-    trainer, mini_world, judge, four_prompts, tmp_path
+    trainer, mini_world, judge, four_prompts, tmp_path, request
 ):
-    args, name = _cases(mini_world, judge, four_prompts)[trainer]
+    sd3 = request.getfixturevalue("sd3") if trainer == "flow-dpo" else None
+    args, name = _cases(mini_world, judge, four_prompts, sd3)[trainer]
     straight = torchrun(args(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-2000:]
     again = torchrun(args(tmp_path / "b"))
