@@ -104,10 +104,14 @@ def test_an_sd3_pipeline_is_the_sd3_family_behind_the_same_interface(tmp_path):
     assert model.describe() == describe_pipeline_folder(str(tmp_path / "sd3"))
     assert model.describe()["latent_channels"] == 4 and model.resolution == 32
 
-    text = model.encode_text(["a red circle", "a blue cross"])
-    hidden, _, pooled, _ = model.pipe.encode_prompt(
-        ["a red circle", "a blue cross"], None, None, do_classifier_free_guidance=False
-    )
+    prompts = ["a red circle", "a blue cross"]
+    text = model.encode_text(prompts)
+    each = [
+        model.pipe.encode_prompt([p], None, None, do_classifier_free_guidance=False)
+        for p in prompts
+    ]
+    hidden = torch.cat([e[0] for e in each])  # one prompt at a time, as DiffusionModel encodes
+    pooled = torch.cat([e[2] for e in each])
     assert torch.equal(text.hidden, hidden) and torch.equal(text.pooled, pooled)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([700.0, 250.0])
