@@ -114,8 +114,10 @@ def test_noisy_maker_batches_and_shares_noise(builder, tmp_path):
     calls = []
     model.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     encoded = []
-    original = model._encode
-    model._encode = lambda prompts: encoded.append(list(prompts)) or original(prompts)
+    family, original = model.family_module, model.family_module.encode
+    family.encode = lambda prompts, device: (
+        encoded.append(list(prompts)) or original(prompts, device)
+    )
 
     maker = NoisyImageMaker(
         model, guidance_scale=5.0, max_pairs=4, sample_posterior=False, noise_t0=False
