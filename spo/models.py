@@ -64,14 +64,13 @@ def describe_pipeline_folder(source: str) -> dict | None:
         scale = 2 ** (len(vae["block_out_channels"]) - 1)
         second = (index.get("text_encoder_2") or [None])[0] is not None
         family = family_name(index["_class_name"], second)
-        denoiser = json.loads(
-            (root / family_class(family).denoiser / "config.json").read_text(encoding="utf-8")
-        )
+        kind = family_class(family)
+        denoiser = json.loads((root / kind.denoiser / "config.json").read_text(encoding="utf-8"))
         return {
             "source": str(source),
             "family": family,
-            "resolution": int(denoiser["sample_size"]) * scale,
-            "latent_channels": int(denoiser["in_channels"]),
+            "resolution": kind.native_resolution(denoiser, scale),
+            "latent_channels": kind.latent_channels(denoiser),
         }
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -86,6 +85,23 @@ def require_ddpm_family(source: str, command: str, what: str = "base model") -> 
             f"{what} {source} is a flow-matching model ({facts['family']}); `spo {command}` "
             "trains the SD1.5 and SDXL families (discrete noise schedules) only, so far"
         )
+
+
+def check_family(found: str | None, wanted: str | None, source: str) -> None:
+    """One line when a config written for the model family `wanted` (its `model_family` key)
+    is given a base model of another family (`found`; None: not known before loading)."""
+    if wanted is not None and found is not None and found != wanted:
+        raise ConfigError(
+            f"base model {source} is a {found} model, but this config is written for {wanted} "
+            f"(config key 'model_family'): use a {found} config, or set model_family={found} "
+            "(or null) if its settings are meant for it"
+        )
+
+
+def require_family(source: str, wanted: str | None) -> None:
+    """`check_family` before any weight loads, for a local pipeline folder."""
+    facts = describe_pipeline_folder(source)
+    check_family(facts and facts["family"], wanted, source)
 
 
 class DiffusionModel:
@@ -112,7 +128,10 @@ class DiffusionModel:
             self.prediction_type = "flow"
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.resolution = int(self.unet.config.sample_size) * self.vae_scale_factor
+        self.resolution = self.family_module.native_resolution(
+            self.unet.config, self.vae_scale_factor
+        )
+        self.latent_channels = self.family_module.latent_channels(self.unet.config)
         self._text_cache: OrderedDict[str, TextConditioning] = OrderedDict()
         self._text_cache_size = text_cache_size
 
@@ -203,7 +222,7 @@ class DiffusionModel:
             "source": str(self.pipe.name_or_path),
             "family": self.family,
             "resolution": self.resolution,
-            "latent_channels": int(self.unet.config.in_channels),
+            "latent_channels": self.latent_channels,
         }
 
     # ------------------------------------------------------------------------------ text
@@ -266,10 +285,12 @@ class DiffusionModel:
     def training_timesteps(self, n: int, generator: torch.Generator) -> Tensor:
         """n denoiser timesteps to train at: uniform over the discrete schedule (ddpm); for
         rectified flow 1000 x a noise level drawn logit-normal (SD3's training density) and
-        moved by the scheduler's shift, as the model is sampled (method.md: flow DPO)."""
+        moved by the scheduler's shift at the model's resolution (FLUX's depends on it), as the
+        model is sampled (method.md: flow DPO)."""
         if self.prediction_type != "flow":
             return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
-        shift = float(self.scheduler.config.get("shift", 1.0))
+        size = self.resolution // self.vae_scale_factor
+        shift = self.family_module.flow_shift(size, size)
         sigmas = flow.sample_sigmas_logit_normal(n, shift=shift, generator=generator)
         return flow.sigmas_to_timesteps(sigmas, self.num_train_timesteps)
 
@@ -355,6 +376,8 @@ class DiffusionModel:
                 gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
                 images = self.pipe(
                     list(prompts[i : i + batch_size]),
+                    height=self.resolution,
+                    width=self.resolution,
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     generator=gens,

@@ -31,7 +31,7 @@ import pytest
 import torch
 from helpers import judge_training_args, spo_args
 from safetensors.torch import save_file
-from tiny_pipelines import build_tiny_sd3
+from tiny_pipelines import build_tiny_flux, build_tiny_sd3
 
 from spo.cli import COMMANDS, main
 from spo.config import COMMAND_CONFIGS, dump_config
@@ -506,6 +506,20 @@ CASES: list[Case] = [
             c, f"models=[{{name: a, pipeline: {c.inputs / 'sd3'}, lora: {c.inputs / 'sd_lora'}}}]"
         ),
     ),
+    C(
+        "compare-sd3-lora-on-a-flux-pipeline",
+        lambda c: compare(
+            c, f"models=[{{name: a, pipeline: {c.inputs / 'flux'}, lora: {c.inputs / 'sd3_lora'}}}]"
+        ),
+    ),
+    # configs/sd35/dpo_lora.yaml says model_family: sd3 (test_configs checks every real config
+    # names its family)
+    C(
+        "dpo-sd3-config-on-a-flux-folder",
+        lambda c: dpo(c, "model_family=sd3", f"base_model={c.inputs / 'flux'}"),
+    ),
+    C("dpo-model-family-unknown", lambda c: dpo(c, "model_family=sd4")),
+    C("dpo-resolution-not-a-multiple-of-16", lambda c: dpo(c, "resolution=100")),
     C("spm-flow-base-model", lambda c: spm_train(c, f"base_model={c.inputs / 'sd3'}")),
     C("spo-flow-base-model", lambda c: spo(c, f"base_model={c.inputs / 'sd3'}")),
     *matrix_cases(),
@@ -587,6 +601,10 @@ def inputs(tmp_path_factory) -> Path:
         (root / name).mkdir()
         weights = {f"{component}.blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8)}
         save_file(weights, root / name / "pytorch_lora_weights.safetensors")
+    # a tiny FLUX pipeline, and a transformer LoRA whose policy.json says it was trained on SD3
+    build_tiny_flux(root / "flux")
+    shutil.copytree(root / "flow_lora", root / "sd3_lora")
+    (root / "sd3_lora" / "policy.json").write_text('{"mode": "lora", "family": "sd3"}')
     return root
 
 

@@ -171,3 +171,45 @@ def test_compare_mixes_families_in_one_report(mini_world, tmp_path):
     assert set(results["scores"]) == {"sd", "sd3"}
     assert "sd3" in results["paired_differences"]["oracle"]
     assert len(list((tmp_path / "cmp/images/sd3").glob("*.png"))) == 2
+
+
+def test_a_flux_pipeline_packs_its_latents_inside_the_family(tmp_path):
+    """The tiny FLUX pipeline (SPEC 8) is the flux family: the recipes hand it unpacked latents
+    and 1000 x the noise level; one Euler step from pure noise with its velocity is exactly the
+    plain pipeline's one-step sample (packed, guidance 3.5, the same seed). Its training noise
+    levels are shifted by e^mu of its image sequence length, as its sampler's are."""
+    import math
+
+    from diffusers import FluxPipeline
+    from tiny_pipelines import build_tiny_flux
+
+    from spo.families.flux import TRAINING_GUIDANCE
+    from spo.flow import calculate_shift
+
+    build_tiny_flux(tmp_path / "flux")
+    model = DiffusionModel.from_pretrained(str(tmp_path / "flux"))
+    assert model.family == "flux" and model.prediction_type == "flow"
+    assert model.latent_channels == 4 and model.resolution == 128 * 2  # FLUX's 1024 / 8 x 2
+    assert model.describe() == describe_pipeline_folder(str(tmp_path / "flux"))
+    model.resolution = 32
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    text = model.encode_text(["a red circle"])
+    assert text.hidden.shape == (1, 512, 32) and text.pooled.shape == (1, 32)
+    v = model.unet_forward(model.unet, z, torch.tensor([1000.0]), text)
+    assert v.shape == z.shape
+    plain = FluxPipeline.from_pretrained(str(tmp_path / "flux"))
+    out = plain(
+        ["a red circle"],
+        height=32,
+        width=32,
+        num_inference_steps=1,
+        guidance_scale=TRAINING_GUIDANCE,
+        generator=torch.Generator().manual_seed(5),
+        output_type="latent",
+    ).images
+    assert torch.allclose(FluxPipeline._pack_latents(z - v, 1, 4, 16, 16), out, atol=1e-6)
+
+    tokens = 8 * 8  # 16x16 latents packed 2x2
+    assert math.isclose(model.family_module.flow_shift(16, 16), math.exp(calculate_shift(tokens)))
+    static = types.SimpleNamespace(scheduler=types.SimpleNamespace(config={"shift": 3.0}))
+    assert Family(static).flow_shift(16, 16) == 3.0

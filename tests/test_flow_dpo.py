@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 from helpers import assert_resume_is_exact, dpo_args
-from tiny_pipelines import build_tiny_sd3
+from tiny_pipelines import build_tiny_flux, build_tiny_sd3
 
 from spo.cli import main
 from spo.commands.train_dpo import dpo_inputs
@@ -52,25 +52,41 @@ def _args(sd3, world, out, *extra):
     return dpo_args(world, out, f"base_model={sd3}", "beta=100", *extra)
 
 
-def test_flow_lora_loads_in_stock_diffusers_and_peft_and_changes_images(sd3, mini_world, tmp_path):
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "pipe")
+
+
+@pytest.mark.parametrize(
+    ("family", "pipeline_class", "extra"),
+    [
+        ("sd3", "StableDiffusion3Pipeline", ()),
+        # FLUX's native 1024 px is too large for a CPU test: trained and sampled at 32
+        ("flux", "FluxPipeline", ("resolution=32", "model_family=flux")),
+    ],
+)
+def test_flow_lora_loads_in_stock_diffusers_and_peft_and_changes_images(
+    family, pipeline_class, extra, request, mini_world, tmp_path
+):
+    pipe_dir = request.getfixturevalue(family)
     out = tmp_path / "dpo"
-    assert main(_args(sd3, mini_world, out, "optim.lr=0.05")) == 0
+    assert main(_args(pipe_dir, mini_world, out, "optim.lr=0.05", *extra)) == 0
     summary = json.loads((out / "final/train_summary.json").read_text())
-    assert summary["family"] == "sd3" and summary["step"] == 4
+    assert summary["family"] == family and summary["step"] == 4
     script = textwrap.dedent(f"""
         import sys, torch
-        from diffusers import StableDiffusion3Pipeline
+        from diffusers import {pipeline_class} as Pipeline
         from peft import PeftModel
         def sample(pipe):
             g = torch.Generator().manual_seed(0)
-            return pipe(["a red circle"], num_inference_steps=3, generator=g,
-                        output_type="np").images
-        pipe = StableDiffusion3Pipeline.from_pretrained({str(sd3)!r})
+            return pipe(["a red circle"], num_inference_steps=3, generator=g, height=32,
+                        width=32, output_type="np").images
+        pipe = Pipeline.from_pretrained({str(pipe_dir)!r})
         before = sample(pipe)
         pipe.load_lora_weights({str(out / "final")!r})
         lora_params = sum(1 for n, _ in pipe.transformer.named_parameters() if "lora_" in n)
         after = sample(pipe)
-        other = StableDiffusion3Pipeline.from_pretrained({str(sd3)!r})
+        other = Pipeline.from_pretrained({str(pipe_dir)!r})
         PeftModel.from_pretrained(other.transformer, {str(out / "final")!r})
         with_peft = sample(other)
         assert "spo" not in sys.modules

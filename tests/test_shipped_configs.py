@@ -23,11 +23,12 @@ def shipped(name: str):
 
 def test_every_shipped_config_is_listed_and_the_checkout_link_points_at_them():
     names = shipped_configs()
-    assert len(names) == 22 and "toy/dpo" in names and "sdxl/spo_latent" in names
+    assert len(names) == 23 and "toy/dpo" in names and "sdxl/spo_latent" in names
     assert (ROOT / "configs").resolve() == (ROOT / "spo/configs").resolve()
     on_disk = sorted(f"{p.parent.name}/{p.stem}" for p in ROOT.glob("configs/*/*.yaml"))
     assert names == on_disk
     assert shipped_configs("train-dpo") == [
+        "flux/dpo_lora",
         "sd15/dpo",
         "sd15/dpo_lora",
         "sd35/dpo_lora",
@@ -170,3 +171,32 @@ def test_the_sd35_lora_targets_are_modules_of_the_sd35_medium_transformer():
     assert shipped("sd35/dpo_lora").validation_images.guidance_scale == 4.5
     for target in targets:
         assert any(n.endswith("." + target) for n in names), target
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in shipped_configs("train-dpo") if not n.startswith("toy/")]
+)
+def test_every_real_dpo_config_names_its_model_family(name: str):
+    """A real config's settings are its family's: a base model of another family is refused
+    (tests/test_bad_inputs.py: dpo-sd3-config-on-a-flux-folder)."""
+    family = {"sd15": "sd", "sdxl": "sdxl", "sd35": "sd3", "flux": "flux"}[name.split("/")[0]]
+    assert shipped(name).model_family == family
+
+
+def test_the_flux_config_fits_flux_dev():
+    """configs/flux/dpo_lora.yaml: its LoRA targets are modules of FLUX.1-dev's transformer
+    (built weightless, 11.90B parameters as SPEC 8 says), its resolution a multiple of the
+    packed latent grid, its guidance FLUX.1-dev's."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    from spo.architectures import FLUX_DEV_TRANSFORMER
+
+    with init_empty_weights():
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 2) == 11.90
+    names = [n for n, _ in transformer.named_modules()]
+    cfg = shipped("flux/dpo_lora")
+    for target in cfg.policy.lora_targets:
+        assert any(n.endswith("." + target) for n in names), target
+    assert cfg.resolution % 16 == 0 and cfg.validation_images.guidance_scale == 3.5

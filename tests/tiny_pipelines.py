@@ -13,6 +13,8 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -144,9 +146,7 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
     )
     vae = _vae()
     vae.register_to_config(shift_factor=0.1)
-    t5 = T5Config(
-        vocab_size=VOCAB_SIZE, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4
-    )
+    t5 = T5Config(vocab_size=VOCAB_SIZE, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -157,6 +157,49 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
         tokenizer_2=build_tokenizer(MAX_TOKENS),
         text_encoder_3=T5EncoderModel(t5),
         tokenizer_3=build_tokenizer(MAX_TOKENS),
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_flux(path: Path, seed: int = 0) -> Path:
+    """A FluxPipeline folder in SPEC 8's tiny layout: a FLUX transformer of 1 double- and 1
+    single-stream block (2 heads x 16, rope axes (4, 4, 8)) with the guidance embedding, on the
+    tiny VAE's 4-channel latents packed 2x2 (in_channels 16); a CLIP for the pooled embedding
+    (32), a 1-layer T5 as wide as the joint attention (32), and FLUX.1-dev's dynamically
+    shifting scheduler. The pipeline's native size is FLUX's 1024 px: train it at 32."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    t5 = T5Config(vocab_size=VOCAB_SIZE, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.1)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=CLIPTextModel(_text_config(32)),
+        tokenizer=build_tokenizer(MAX_TOKENS),
+        text_encoder_2=T5EncoderModel(t5),
+        tokenizer_2=build_tokenizer(MAX_TOKENS),
     )
     pipe.save_pretrained(path)
     return path

@@ -113,10 +113,20 @@ def _lora_file(path: Path) -> Path:
     return path if path.is_file() else path / "pytorch_lora_weights.safetensors"
 
 
+def _trained_family(folder: Path) -> str | None:
+    """The model family recorded in the `policy.json` this toolkit writes beside its LoRA
+    (SD3 and FLUX adapters are both `transformer.` weights; only the record tells them apart)."""
+    try:
+        return json.loads((folder / "policy.json").read_text(encoding="utf-8")).get("family")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _check_lora_family(spec: ModelSpec) -> None:
     """One line, before any model loads, for a LoRA of another model family than its pipeline
     (a flow transformer's adapters on a UNet pipeline, or the reverse): the component its
-    weights are named after (`unet.`, `transformer.`) against the pipeline family's denoiser."""
+    weights are named after (`unet.`, `transformer.`) against the pipeline family's denoiser,
+    and the family in the LoRA's `policy.json` where there is one."""
     from safetensors import safe_open
 
     facts = describe_pipeline_folder(spec.pipeline)
@@ -125,6 +135,12 @@ def _check_lora_family(spec: ModelSpec) -> None:
         return
     with safe_open(str(file), framework="pt") as f:
         components = {key.split(".")[0] for key in f.keys()}
+    trained = _trained_family(file.parent)
+    if trained is not None and trained != facts["family"]:
+        raise ConfigError(
+            f"model '{spec.name}': LoRA {spec.lora} was trained on a {trained} model, but "
+            f"pipeline {spec.pipeline} is a {facts['family']} model: a LoRA of another family"
+        )
     denoiser = family_class(facts["family"]).denoiser
     if components and denoiser not in components:
         raise ConfigError(

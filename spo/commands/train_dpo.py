@@ -32,7 +32,7 @@ from spo.data import (
 from spo.errors import ConfigError
 from spo.evaluation.scorers import build_scorer, check_scorer, prefer_by_scorer
 from spo.losses import DPOOutput, dpo_loss, sft_loss
-from spo.models import DiffusionModel, TextConditioning
+from spo.models import DiffusionModel, TextConditioning, check_family, require_family
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
 from spo.runs import made_by, require_base_model
 from spo.stream import StreamedPairs, describe, stream_of_training_pairs
@@ -201,7 +201,7 @@ class LatentCache:
     @staticmethod
     def size_bytes(model: DiffusionModel, n_pairs: int, random_flip: bool) -> int:
         """Memory of the cache: pairs x 2 images x mirrors x (mean, std) x latent elements."""
-        c, size = model.unet.config.in_channels, model.unet.config.sample_size
+        c, size = model.latent_channels, model.resolution // model.vae_scale_factor
         item = torch.finfo(next(model.vae.parameters()).dtype).bits // 8
         return n_pairs * 2 * (2 if random_flip else 1) * 2 * c * size * size * item
 
@@ -268,6 +268,7 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     # Cheap checks first: inputs, resume target, before any model is loaded.
     check_precision(cfg)
     require_base_model(cfg)
+    require_family(cfg.base_model, cfg.model_family)
     p = cfg.pairs
     if streamed(cfg):
         stream = stream_of_training_pairs(p, cfg.seed)
@@ -294,6 +295,9 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
         accelerator = loop.make_accelerator()
         set_seed(cfg.seed)
         model = DiffusionModel.for_training(cfg, accelerator)
+        check_family(model.family, cfg.model_family, cfg.base_model)  # a Hub model's, loaded
+        if cfg.resolution is not None:
+            model.resolution = cfg.resolution
         dataset = pairs = None
         if stream is None:
             if cfg.relabel_with != "none":

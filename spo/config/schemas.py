@@ -48,7 +48,7 @@ class ToyWorldConfig:
     tie_delta: float = 0.03  # |R(a) - R(b)| below this is labelled a tie (0.5 / 0.5)
     grid_prompts: int = 8  # prompts in the base model's sample grid
     grid_images_per_prompt: int = 4  # images per prompt in that grid
-    num_inference_steps: int = 20  # DDIM steps when sampling the base model
+    num_inference_steps: int = 20  # sampling steps of the base models (DDIM; Euler for the flow one)
     # CFG when sampling the base model; 2.0, not method.md's 5.0: at 5.0 the toy base model's
     # samples are nearly all clean, leaving no room to prefer (measured in docs/toy-world.md)
     guidance_scale: float = 2.0
@@ -445,7 +445,13 @@ class DPOTrainConfig:
 
     out: str = "runs/toy/dpo"  # run folder
     seed: int = 0
-    base_model: str = "runs/toy/world/base_model"  # diffusers SD1.5- or SDXL-family pipeline
+    base_model: str = "runs/toy/world/base_model"  # diffusers pipeline: SD1.5, SDXL, SD3, FLUX
+    # The model family this config is written for (sd | sdxl | sd3 | flux): a base_model of
+    # another family is refused before training; null: any
+    model_family: str | None = None
+    # Training image size; null: the model's own (its denoiser's sample size x the VAE factor;
+    # FLUX, whose transformer has none: its pipeline's 1024)
+    resolution: int | None = None
     vae: str | None = None  # replace the pipeline's VAE (SDXL: madebyollin/sdxl-vae-fp16-fix)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     pairs: TrainPairsConfig = field(default_factory=TrainPairsConfig)
@@ -494,6 +500,9 @@ class DPOTrainConfig:
         self.pairs.validate()
         self.policy.validate()
         _require(self.loss in ("dpo", "sft"), "loss", self.loss, "must be dpo or sft")
+        _validate_family(self.model_family)
+        r = self.resolution
+        _require(r is None or (r > 0 and r % 16 == 0), "resolution", r, "must be a multiple of 16")
         _require(math.isfinite(self.beta) and self.beta > 0, "beta", self.beta, "must be > 0")
         _require(self.beta_scale > 0, "beta_scale", self.beta_scale, "must be > 0")
         p = self.prompt_dropout
@@ -526,6 +535,16 @@ class DPOTrainConfig:
                 f"relabel_with={relabel} relabels every pair before training, which needs the "
                 "whole split: set pairs.streaming=false (read it whole) or relabel_with=none"
             )
+
+
+def _validate_family(family: str | None) -> None:
+    from spo.families import FAMILIES
+
+    if family is not None and family not in FAMILIES:
+        raise ConfigError(
+            f"invalid value {family!r} in config key 'model_family': must be one of "
+            f"{', '.join(FAMILIES)} (or null: any)"
+        )
 
 
 @dataclass
@@ -789,7 +808,10 @@ class BenchmarkConfig:
     architecture (nothing downloaded), optionally against the released code's structure."""
 
     out: str = "runs/benchmark"  # benchmark.json and benchmark.md
-    preset: str = "tiny"  # tiny (the toy world's architecture) | sd15 | sdxl (method.md 5)
+    # tiny (the toy world's architecture) | sd15 | sdxl (method.md 5) | tiny_flow (the toy flow
+    # model's) | sd35m | flux (SPEC 8; their pass is the pipeline's Euler sampler, see
+    # docs/benchmarks.md)
+    preset: str = "tiny"
     # released: also run the released code's structure in the same process (the UNet twice per
     # network on a pair's shared x_t, fp32 judge, eager, no decode tuning); none: ours only
     baseline: str = "none"
@@ -811,12 +833,8 @@ class BenchmarkConfig:
 
     def validate(self) -> None:
         _require(bool(str(self.out).strip()), "out", self.out, "must be a non-empty path")
-        _require(
-            self.preset in ("tiny", "sd15", "sdxl"),
-            "preset",
-            self.preset,
-            "must be tiny, sd15 or sdxl",
-        )
+        presets = ("tiny", "sd15", "sdxl", "tiny_flow", "sd35m", "flux")  # spo.architectures
+        _require(self.preset in presets, "preset", self.preset, "must be " + ", ".join(presets))
         _require(
             self.baseline in ("none", "released"),
             "baseline",

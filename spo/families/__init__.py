@@ -11,6 +11,7 @@ before any weight loads.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -49,6 +50,7 @@ FAMILIES: dict[str, str] = {
     "sd": "spo.families.sd",
     "sdxl": "spo.families.sdxl",
     "sd3": "spo.families.sd3",
+    "flux": "spo.families.flux",
 }
 
 
@@ -67,6 +69,44 @@ class Family:
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
+
+    @classmethod
+    def latent_channels(cls, denoiser_config: dict[str, Any]) -> int:
+        """The VAE latent channels the denoiser takes, from its config."""
+        return int(denoiser_config["in_channels"])
+
+    @classmethod
+    def native_resolution(cls, denoiser_config: dict[str, Any], vae_scale: int) -> int:
+        """The image size the model is made for, from its denoiser's config."""
+        return int(denoiser_config["sample_size"]) * vae_scale
+
+    @classmethod
+    def image_tokens(cls, latent_height: int, latent_width: int, denoiser_config: dict) -> int:
+        """The denoiser's image sequence length (a flow scheduler's dynamic shift reads it)."""
+        patch = int(denoiser_config.get("patch_size", 1))
+        return (latent_height // patch) * (latent_width // patch)
+
+    def flow_shift(self, latent_height: int, latent_width: int) -> float:
+        """The scheduler's timestep shift at this latent size as a static factor: `shift`, or
+        e^mu for a dynamically shifting scheduler (FLUX; the exponential shift with mu equals
+        the static one with factor e^mu), mu from the image sequence length as its pipeline
+        computes it."""
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return float(config.get("shift", 1.0))
+        from spo.flow import calculate_shift
+
+        tokens = self.image_tokens(
+            latent_height, latent_width, getattr(self.pipe, self.denoiser).config
+        )
+        mu = calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return math.exp(mu)
 
     def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
         """The denoiser's text conditioning of `prompts` (no classifier-free guidance)."""

@@ -1,0 +1,88 @@
+"""FLUX.1: a rectified-flow transformer of double- and single-stream blocks (SPEC 8) that sees
+its 16-channel latents packed 2x2 into 64-channel tokens, conditioned on T5's hidden states and
+CLIP's pooled embedding, with the guidance scale as an input (FLUX.1-dev is guidance-distilled:
+one forward per step, no unconditional branch) instead of classifier-free guidance.
+
+The recipes keep latents unpacked (N, C, H, W) everywhere (noise, interpolation, the MSE, which
+packing only permutes); packing happens inside `forward`, with the pipeline's own helpers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spo.families import Family, TextConditioning
+
+# The guidance value a guidance-embedded transformer is trained at: FLUX.1-dev's pipeline
+# default, which diffusers' FLUX LoRA trainers also pass while training.
+TRAINING_GUIDANCE = 3.5
+
+
+class FluxFamily(Family):
+    name = "flux"
+    pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
+    hub_tag = "flux"
+    denoiser = "transformer"
+    denoiser_class = "FluxTransformer2DModel"
+    schedule = "flow"
+    pipeline_sample_size = 128  # FluxPipeline.default_sample_size: 1024 px with the 8x VAE
+
+    @classmethod
+    def latent_channels(cls, denoiser_config: dict[str, Any]) -> int:
+        """The VAE's channels: the transformer's input is four of them packed (2x2)."""
+        return int(denoiser_config["in_channels"]) // 4
+
+    @classmethod
+    def native_resolution(cls, denoiser_config: dict[str, Any], vae_scale: int) -> int:
+        """The pipeline's default size (the transformer has no sample size: rope positions)."""
+        return cls.pipeline_sample_size * vae_scale
+
+    @classmethod
+    def image_tokens(cls, latent_height: int, latent_width: int, denoiser_config: dict) -> int:
+        return (latent_height // 2) * (latent_width // 2)
+
+    def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
+        """The pipeline's own encoding: T5's hidden states (its default length 512) and CLIP's
+        pooled embedding."""
+        hidden, pooled, _ = self.pipe.encode_prompt(list(prompts), None, device=device)
+        return TextConditioning(hidden, pooled)
+
+    def forward(
+        self,
+        denoiser: Any,
+        latents: Tensor,
+        timesteps: Tensor,
+        text: TextConditioning,
+        resolution: int,
+    ) -> Tensor:
+        """The velocity for unpacked latents: packed 2x2 on the way in and unpacked on the way
+        out, exactly as the pipeline does; the transformer takes the noise level itself
+        (timesteps / 1000) and, when guidance-distilled, `TRAINING_GUIDANCE`."""
+        pipe_class = type(self.pipe)
+        n, c, h, w = latents.shape
+        packed = pipe_class._pack_latents(latents, n, c, h, w)
+        img_ids = pipe_class._prepare_latent_image_ids(
+            n, h // 2, w // 2, latents.device, latents.dtype
+        )
+        txt_ids = torch.zeros(text.hidden.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = None
+        if denoiser.config.guidance_embeds:
+            guidance = torch.full((n,), TRAINING_GUIDANCE, device=latents.device)
+        out = denoiser(
+            hidden_states=packed,
+            timestep=timesteps.to(latents.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=text.pooled.to(latents.dtype),
+            encoder_hidden_states=text.hidden.to(latents.dtype),
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+        ).sample
+        vae_scale = resolution // h
+        return pipe_class._unpack_latents(out, h * vae_scale, w * vae_scale, vae_scale)
+
+
+FAMILY = FluxFamily
