@@ -6,7 +6,7 @@ need a rectified-flow base model that runs on a CPU, just as the SD1.5-style UNe
 with a plain `diffusers.StableDiffusion3Pipeline.from_pretrained(out, dtype=torch.float32)`
 (weights stored in fp16 like the UNet base), without importing this project.
 
-What it holds (see `TRANSFORMER_CONFIG` for the transformer):
+What it holds (spo/toy/flow_base_model.py builds the parts; `TRANSFORMER_CONFIG` there):
   transformer     SD3Transformer2DModel (MMDiT): patch 1 on the toy VAE's 4x8x8 latents (64
                   image tokens), width 128 (4 heads of 32), 6 joint blocks, RMS qk-norm (as in
                   SD3.5), adaLN-Zero initialisation (as in DiT): `TRANSFORMER_PARAMETERS`;
@@ -80,15 +80,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import Tensor
 from transformers import (
-    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
 )
 
 from spo.flow import (
@@ -99,8 +95,16 @@ from spo.flow import (
     sigmas_to_timesteps,
     velocity_target,
 )
+from spo.toy.flow_base_model import (
+    DEFAULT_SHIFT,
+    JOINT_DIM,
+    assemble,
+    clip_with_projection,
+    load_vae,
+    new_transformer,
+)
 from spo.toy.oracle import evaluate, recognition_rates
-from spo.toy.render import BACKGROUNDS, COLOURS, SHAPES, SIZE, Prompt, split_prompts
+from spo.toy.render import SIZE, Prompt, split_prompts
 
 
 def _load_unet_builder():
@@ -118,95 +122,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE_DIR = ROOT / "spo" / "toy" / "base_model"
 OUT_DIR = ROOT / "spo" / "toy" / "flow_base_model"
 LATENT = (4, SIZE // 8, SIZE // 8)
-CLIP_WIDTH = 64  # the toy CLIP text encoder's width; SD3 concatenates two of them
-JOINT_DIM = 2 * CLIP_WIDTH  # joint_attention_dim: the concatenated CLIP tokens, = T5's d_model
-T5_TOKENS = 256  # the pipeline's default max_sequence_length: zero T5 tokens it appends
-TRANSFORMER_CONFIG: dict[str, Any] = {
-    "sample_size": SIZE // 8,
-    "patch_size": 1,
-    "in_channels": 4,
-    "out_channels": 4,
-    "num_layers": 6,
-    "attention_head_dim": 32,
-    "num_attention_heads": 4,
-    "joint_attention_dim": JOINT_DIM,
-    "caption_projection_dim": 128,  # = the width, as in SD3 (context and image share attention)
-    "pooled_projection_dim": JOINT_DIM,  # the two pooled CLIP projections, concatenated
-    "pos_embed_max_size": SIZE // 8,
-    "qk_norm": "rms_norm",
-}
 TRANSFORMER_PARAMETERS = 3_481_604  # of new_transformer(); the test checks the exported one
-DEFAULT_SHIFT = 1.5
+T5_TOKENS = 256  # the pipeline's default max_sequence_length: zero T5 tokens it appends
 CFG = 2.0  # the toy world's guidance scale (docs/toy-world.md)
 SAMPLE_STEPS = 20
 EMA_DECAY = 0.998
 CAPTION_DROPOUT = 0.1
-# tokenizer_3's vocabulary: T5's special tokens, the toy words, and single characters so that
-# any lower-case text tokenizes (its ids only feed the zero T5, so nothing depends on them)
-T5_WORDS = ["a", "on", "background", *COLOURS, *SHAPES, *BACKGROUNDS]
 
 
 # ----------------------------------------------------------------------------- components
-
-
-def new_transformer() -> SD3Transformer2DModel:
-    """The MMDiT with adaLN-Zero initialisation: every block's modulation (shift, scale, gate)
-    and the output layer start at zero, so the network starts as the identity on its residual
-    streams and predicts zero velocity (DiT's initialisation; diffusers starts them random)."""
-    model = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
-    zero = [model.norm_out.linear, model.proj_out]
-    for block in model.transformer_blocks:
-        zero.append(block.norm1.linear)
-        if not block.context_pre_only:
-            zero.append(block.norm1_context.linear)
-    with torch.no_grad():
-        for layer in zero:
-            layer.weight.zero_()
-            layer.bias.zero_()
-    return model
-
-
-def clip_with_projection(base: Path) -> CLIPTextModelWithProjection:
-    """A CLIPTextModelWithProjection from the toy CLIPTextModel's weights, with an identity
-    projection (so its pooled output starts as the toy encoder's), in float32."""
-    toy = CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32)
-    model = CLIPTextModelWithProjection(toy.config)
-    model.text_model.load_state_dict(toy.state_dict())  # strict: every weight, same names
-    with torch.no_grad():
-        model.text_projection.weight.copy_(torch.eye(toy.config.hidden_size))
-    return model.float()
-
-
-def new_t5_tokenizer() -> T5Tokenizer:
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(T5_WORDS)]
-    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-def new_zero_t5(vocab_size: int) -> T5EncoderModel:
-    """A T5 encoder whose output is exactly zero (no layers, final RMS norm weight 0)."""
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=JOINT_DIM,
-        d_kv=8,
-        d_ff=8,
-        num_layers=0,
-        num_heads=1,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    model = T5EncoderModel(config)
-    with torch.no_grad():
-        model.encoder.final_layer_norm.weight.zero_()
-    return model
-
-
-def load_vae(base: Path) -> AutoencoderKL:
-    vae = AutoencoderKL.from_pretrained(base / "vae", dtype=torch.float32)
-    vae.register_to_config(shift_factor=0.0)
-    return vae.eval().requires_grad_(False)
 
 
 def load_tokenizer(base: Path) -> CLIPTokenizer:
@@ -414,12 +338,12 @@ def build_latents(work: Path, base: Path, n: int, seed: int = 0, chunk: int = 20
 class Trainee:
     """The trained modules and their EMA copies (the text encoders' token tables frozen)."""
 
-    def __init__(self, base: Path) -> None:
-        self.transformer = new_transformer()
+    def __init__(self, base: Path, patch_size: int = 1) -> None:
+        self.transformer = new_transformer(patch_size)
         self.text = clip_with_projection(base)
         self.text_2 = clip_with_projection(base)
         self.ema = {
-            "transformer": new_transformer().requires_grad_(False),
+            "transformer": new_transformer(patch_size).requires_grad_(False),
             "text": clip_with_projection(base).requires_grad_(False),
             "text_2": clip_with_projection(base).requires_grad_(False),
         }
@@ -453,18 +377,21 @@ def train_transformer(
     eval_every: float = 10.0,
     max_steps: int | None = None,
     final_check: bool = True,
+    patch_size: int = 1,
 ) -> int:
     """Joint transformer + text encoder training by rectified flow, for `minutes` of training
     time in all (counted across resumed runs) or until `max_steps`; returns the number of
     optimisation steps this call ran. Saves every `save_every` minutes (0: every step)."""
     torch.manual_seed(seed)
     vae, tokenizer = load_vae(base), load_tokenizer(base)
-    model = Trainee(base)
+    ckpt, step, elapsed = work / "transformer.pt", 0, 0.0
+    state = torch.load(ckpt) if ckpt.exists() else None
+    if state is not None:
+        patch_size = state.get("patch_size", 1)  # a resumed run keeps its architecture
+    model = Trainee(base, patch_size)
     params = model.params()
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
-    ckpt, step, elapsed = work / "transformer.pt", 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt)
+    if state is not None:
         for name, module in model.modules().items():
             module.load_state_dict(state[name])
             model.ema[name].load_state_dict(state["ema_" + name])
@@ -484,7 +411,8 @@ def train_transformer(
         state = {name: m.state_dict() for name, m in model.modules().items()}
         state |= {"ema_" + name: m.state_dict() for name, m in model.ema.items()}
         state |= {"opt": opt.state_dict(), "step": step, "elapsed": elapsed}
-        atomic_save(state | {"rng": torch.get_rng_state(), "shift": shift}, ckpt)
+        state |= {"rng": torch.get_rng_state(), "shift": shift, "patch_size": patch_size}
+        atomic_save(state, ckpt)
 
     def done() -> bool:
         return elapsed >= minutes * 60 or (max_steps is not None and step >= max_steps)
@@ -580,25 +508,13 @@ def final_sample_check(work, model, tokenizer, vae, shift, step, elapsed) -> dic
 
 def build_pipeline(work: Path, base: Path, shift: float | None = None):
     """The EMA weights of `work/transformer.pt` as a StableDiffusion3Pipeline (float32)."""
-    from diffusers import StableDiffusion3Pipeline
-
     state = torch.load(work / "transformer.pt")
-    transformer = new_transformer()
+    transformer = new_transformer(state.get("patch_size", 1))
     text, text_2 = clip_with_projection(base), clip_with_projection(base)
     for name, module in (("transformer", transformer), ("text", text), ("text_2", text_2)):
         module.load_state_dict(state["ema_" + name])
-    tokenizer_3 = new_t5_tokenizer()
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=state["shift"] if shift is None else shift),
-        vae=load_vae(base),
-        text_encoder=text,
-        tokenizer=load_tokenizer(base),
-        text_encoder_2=text_2,
-        tokenizer_2=load_tokenizer(base),
-        text_encoder_3=new_zero_t5(len(tokenizer_3)),
-        tokenizer_3=tokenizer_3,
-    )
+    shift = state["shift"] if shift is None else shift
+    return assemble(transformer, text, text_2, shift, load_vae(base), base)
 
 
 def export(work: Path, base: Path, out: Path, check: bool = True) -> None:
@@ -642,6 +558,7 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=DEFAULT_SHIFT, help="timestep shift")
     ap.add_argument("--save-every", type=float, default=5.0, help="minutes between saves")
     ap.add_argument("--eval-every", type=float, default=10.0, help="minutes between checks")
+    ap.add_argument("--patch-size", type=int, default=1, help="of a new transformer (1 or 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 if sharing the CPU)")
     args = ap.parse_args()
@@ -660,6 +577,7 @@ def main() -> None:
             shift=args.shift,
             save_every=args.save_every,
             eval_every=args.eval_every,
+            patch_size=args.patch_size,
         )
     if args.stage in ("export", "all"):
         export(args.work, args.base, args.out)

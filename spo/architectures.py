@@ -13,6 +13,11 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -22,6 +27,8 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
 )
 
 from preference_model import pickscore_clip_config
@@ -30,7 +37,8 @@ from spo.errors import ConfigError
 from spo.toy.base_model import BASE_MODEL_DIR
 from spo.toy.text import VOCAB_SIZE, build_tokenizer
 
-PRESETS = ("tiny", "sd15", "sdxl")
+PRESETS = ("tiny", "sd15", "sdxl", "tiny_flow", "sd35m", "flux")
+FLOW_PRESETS = ("tiny_flow", "sd35m", "flux")  # rectified-flow transformers (SPEC 8)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +62,17 @@ SETTINGS = {
     "sdxl": PresetSettings(
         k=2, inner_steps=3, lora_rank=64, gradient_checkpointing=True, train_batch=2
     ),
+    # flow presets: SPO's sampler comes with issue 23; k and inner_steps are its future pool,
+    # the LoRA rank configs/sd35/dpo_lora.yaml's (Flow-Factory's 32)
+    "tiny_flow": PresetSettings(
+        k=4, inner_steps=0, lora_rank=4, gradient_checkpointing=False, train_batch=10
+    ),
+    "sd35m": PresetSettings(
+        k=2, inner_steps=3, lora_rank=32, gradient_checkpointing=True, train_batch=2
+    ),
+    "flux": PresetSettings(
+        k=2, inner_steps=3, lora_rank=32, gradient_checkpointing=True, train_batch=1
+    ),
 }
 
 
@@ -73,6 +92,22 @@ SD35_MEDIUM_TRANSFORMER = {
     "pos_embed_max_size": 384,
     "dual_attention_layers": tuple(range(13)),
     "qk_norm": "rms_norm",
+}
+
+
+# FLUX.1-dev's transformer (SPEC 8; black-forest-labs/FLUX.1-dev's config): 19 double-stream
+# and 38 single-stream blocks, 24 heads x 128, 16-channel latents packed 2x2, guidance embedding.
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
 }
 
 
@@ -118,12 +153,73 @@ def _sd_vae(scaling_factor: float, sample_size: int):
     )
 
 
+def _flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """SD3's / FLUX's VAE: SD's layout with 16 latent channels and no quant convs."""
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=16,
+        layers_per_block=2,
+        sample_size=1024,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _flow_pipeline(preset: str):
+    """The flow presets (SPEC 8). `tiny_flow` is the toy flow base model's architecture;
+    SD3.5 Medium runs without T5 (its pipeline's documented mode: zeros in T5's place); FLUX's
+    T5 has T5-XXL's width and 2 of its 24 layers: text is encoded once per prompt and cached,
+    so only the denoiser and the VAE are timed."""
+    if preset == "tiny_flow":
+        from spo.toy.flow_base_model import build_untrained
+
+        return build_untrained()
+    if preset == "sd35m":
+        return StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_flow_vae(1.5305, 0.0609),
+            text_encoder=_clip_text(768, 12, 12, projection=768),
+            tokenizer=build_tokenizer(77),
+            text_encoder_2=_clip_text(1280, 32, 20, projection=1280),
+            tokenizer_2=build_tokenizer(77),
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    t5 = T5Config(
+        vocab_size=VOCAB_SIZE, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2,
+        feed_forward_proj="gated-gelu",
+    )  # fmt: skip
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_flow_vae(0.3611, 0.1159),
+        text_encoder=_clip_text(768, 12, 12),
+        tokenizer=build_tokenizer(77),
+        text_encoder_2=T5EncoderModel(t5),
+        tokenizer_2=build_tokenizer(77),
+    )
+
+
 def build_pipeline(preset: str, device: str | torch.device, dtype: torch.dtype):
     """A diffusers pipeline of `preset` with random weights, built on `device` in `dtype`."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     with torch.device(device):
-        if preset == "tiny":
+        if preset in FLOW_PRESETS:
+            pipe = _flow_pipeline(preset)
+        elif preset == "tiny":
             pipe = StableDiffusionPipeline(
                 vae=AutoencoderKL.from_config(AutoencoderKL.load_config(BASE_MODEL_DIR / "vae")),
                 text_encoder=CLIPTextModel(

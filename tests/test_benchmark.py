@@ -61,3 +61,44 @@ def test_real_architectures_have_the_published_sizes():
     assert round(millions(sdxl.unet) / 100) == 26  # 2.6B
     assert round(millions(sdxl.text_encoder_2)) == 695  # OpenCLIP ViT-bigG/14's text tower
     assert round(millions(build_spm("sd15", "meta")) / 100) == 13  # PickScore, 1.3B
+
+
+def test_flow_architectures_have_the_published_sizes():
+    """SPEC 8's transformers (diffusers 0.42), their 16-channel VAE and the toy flow model,
+    built on the meta device."""
+    import torch
+
+    from spo.architectures import build_pipeline
+    from spo.toy.flow_base_model import TRANSFORMER_CONFIG
+
+    def billions(module):
+        return sum(p.numel() for p in module.parameters()) / 1e9
+
+    sd35m = build_pipeline("sd35m", "meta", torch.float32)
+    assert round(billions(sd35m.transformer), 2) == 2.24
+    assert sd35m.vae.config.latent_channels == 16 and sd35m.vae.config.shift_factor == 0.0609
+    assert sd35m.text_encoder_3 is None  # run without T5, as its pipeline allows
+    flux = build_pipeline("flux", "meta", torch.float32)
+    assert round(billions(flux.transformer), 2) == 11.90
+    assert flux.transformer.config.guidance_embeds and flux.transformer.config.in_channels == 64
+    assert flux.vae.config.scaling_factor == 0.3611
+    tiny = build_pipeline("tiny_flow", "meta", torch.float32)
+    assert {k: tiny.transformer.config[k] for k in TRANSFORMER_CONFIG} == TRANSFORMER_CONFIG
+
+
+def test_tiny_flow_benchmark_reports_the_sampling_pass_and_the_dpo_step(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["benchmark", "--preset", "tiny_flow", "--baseline", "released", "--out", str(out)]
+    small = ["prompts=2", "num_steps=3", "repeats=1", "dpo_full_batch=1", "dpo_lora_batch=2"]
+    assert main([*args, *small]) == 0
+    result = json.loads((out / "benchmark.json").read_text())
+    assert result["family"] == "sd3" and result["resolution"] == 64
+    assert result["denoiser_parameters"] == 3_481_604
+    p = result["pass"]
+    assert 0 < p["pass_denoiser_s"] + p["pass_decode_s"] <= p["pass_s"] * 1.05
+    assert p["pass_decode_s"] > 0
+    assert set(result["dpo"]) == {"lora", "full"} and result["dpo"]["lora"]["ratio"] > 0
+    assert result["flops"]["unet"]["gflop_per_item"] > 0
+    table = (out / "benchmark.md").read_text()
+    assert "Euler steps at guidance 2.0" in table and "DPO lora" in table
+    assert table in capsys.readouterr().out

@@ -15,6 +15,8 @@ import torch
 from helpers import load_script
 from safetensors import safe_open
 
+from spo.toy.flow_base_model import TRANSFORMER_CONFIG
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 flow = load_script("build_toy_flow_model")
@@ -65,9 +67,7 @@ def test_exported_folder_loads_with_plain_diffusers(tmp_path: Path, bank: Path) 
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     assert n_params == flow.TRANSFORMER_PARAMETERS
     assert n_params == sum(p.numel() for p in flow.new_transformer().parameters())
-    assert {k: pipe.transformer.config[k] for k in flow.TRANSFORMER_CONFIG} == (
-        flow.TRANSFORMER_CONFIG
-    )
+    assert {k: pipe.transformer.config[k] for k in TRANSFORMER_CONFIG} == TRANSFORMER_CONFIG
     assert isinstance(pipe.text_encoder, CLIPTextModelWithProjection)
     assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
     assert isinstance(pipe.text_encoder_3, T5EncoderModel)

@@ -27,7 +27,7 @@ import torch
 import preference_model
 from preference_model import LatentJudge
 from preference_model.errors import check_judge_folder
-from spo.architectures import SETTINGS, build_pipeline, build_spm
+from spo.architectures import FLOW_PRESETS, SETTINGS, build_pipeline, build_spm
 from spo.commands.train_dpo import dpo_inputs, dpo_objective
 from spo.config import BenchmarkConfig, DPOTrainConfig, PolicyConfig, SamplerConfig, SpeedConfig
 from spo.losses import spo_loss
@@ -46,6 +46,14 @@ DPO = DPOTrainConfig(beta=5000.0)
 RELEASED = SpeedConfig(share_start=False, fast_decode=False, compile_vae=False)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense fp16 / bf16
 PROMPT = "a photo of a red fox sitting in the snow, number {i}"
+# the flow presets' sampling guidance: the toy world's CFG, SD3.5's 4.5 (Flow-GRPO's
+# evaluation), FLUX.1-dev's embedded 3.5 (one forward per step)
+FLOW_GUIDANCE = {"tiny_flow": 2.0, "sd35m": 4.5, "flux": 3.5}
+# configs/sd35/dpo_lora.yaml's targets: the joint attention's projections (FLUX has them too)
+FLOW_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+)  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -86,8 +94,9 @@ class PhaseClock:
         self._start = 0.0
         model.unet.register_forward_pre_hook(lambda *_: self._begin())
         model.unet.register_forward_hook(lambda *_: self._end("unet"))
-        decode = model.decode_latents
-        model.decode_latents = self.wrap("decode", decode)
+        # the decoder itself, so that a pipeline's own decoding is timed too (flow presets)
+        model.vae.decoder.register_forward_pre_hook(lambda *_: self._begin())
+        model.vae.decoder.register_forward_hook(lambda *_: self._end("decode"))
 
     def _begin(self) -> None:
         _sync(self.device)
@@ -147,11 +156,15 @@ def run(cfg: BenchmarkConfig) -> int:
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
     """Every figure, as a dict (see the module docstring)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # flow transformers run in bf16 (fp16 overflows SD3's activations, SPEC 8)
+    half = torch.bfloat16 if cfg.preset in FLOW_PRESETS else torch.float16
+    dtype = half if device.type == "cuda" else torch.float32
     preset = SETTINGS[cfg.preset]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
     torch.manual_seed(cfg.seed)
     model = _diffusion_model(cfg, device, dtype)
+    if model.family_module.schedule == "flow":
+        return _flow_benchmark(cfg, model, autocast, device, dtype)
     spm = preference_model.load(cfg.spm, device) if cfg.spm else build_spm(cfg.preset, device)
     # the latent judge starts from the base UNet (before the policy's adapters are added)
     latent_judge = LatentJudge.from_pipeline(
@@ -176,18 +189,12 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     if cfg.baseline == "released":
         variants = {"baseline": RELEASED, **variants}  # the baseline first: fast_decode sticks
 
-    result: dict[str, Any] = {
-        "preset": cfg.preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "prompts": cfg.prompts,
+    result: dict[str, Any] = _header(cfg, device, dtype) | {
         "sampler": {"num_steps": sampler_cfg.num_steps, "k": sampler_cfg.k,
                     "inner_steps": sampler_cfg.inner_steps,
                     "divert_step": sampler_cfg.divert_step},
         "lora_rank": preset.lora_rank,
         "train_batch": preset.train_batch,
-        "repeats": cfg.repeats,
         "variants": {},
     }  # fmt: skip
     pairs = None
@@ -226,6 +233,67 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
             result["ratios"]["step_peak_memory"] = ours["step_peak_gb"] / base["step_peak_gb"]
     result["judge_half_precision"] = _judge_half(spm, model, policy, sampler_cfg, prompts, device)
     result["flops"] = _flop_rates(cfg, model, policy, sampler_cfg, prompts, autocast, device)
+    result["dpo"] = _dpo(cfg, model, policy, autocast, device, dtype)
+    return result
+
+
+def _header(cfg: BenchmarkConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "preset": cfg.preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "prompts": cfg.prompts,
+        "repeats": cfg.repeats,
+    }
+
+
+def _flow_benchmark(cfg: BenchmarkConfig, model: DiffusionModel, autocast, device, dtype) -> dict:
+    """A flow model's figures: its sampling pass (the pipeline's Euler ODE sampler at the
+    preset's guidance, transformer and decode timed apart), the transformer's FLOP rate, and
+    the DPO step (LoRA, full). SPO's step-wise pass on flow models is issue 23's."""
+    preset = SETTINGS[cfg.preset]
+    policy = Policy(
+        model,
+        PolicyConfig(
+            lora_rank=preset.lora_rank,
+            lora_alpha=2 * preset.lora_rank,  # configs/sd35/dpo_lora.yaml's alpha = 2 x rank
+            lora_targets=list(FLOW_LORA_TARGETS),
+            gradient_checkpointing=preset.gradient_checkpointing,
+        ),
+    )
+    prompts = [PROMPT.format(i=i) for i in range(cfg.prompts)]
+    seeds = list(range(cfg.prompts))
+    clock = PhaseClock(model, device)
+    guidance = FLOW_GUIDANCE[cfg.preset]
+
+    def one_pass():
+        clock.reset()
+        model.generate(prompts, seeds, cfg.num_steps, guidance, batch_size=cfg.prompts)
+
+    policy.unet.eval()
+    seconds = median_seconds(one_pass, cfg.repeats, device)
+    phases = dict(clock.seconds)
+    peak = peak_gb(one_pass, device)
+    policy.unet.train()
+    result = _header(cfg, device, dtype) | {
+        "family": model.family,
+        "resolution": model.resolution,
+        "num_steps": cfg.num_steps,
+        "guidance_scale": guidance,
+        "lora_rank": preset.lora_rank,
+        "denoiser_parameters": sum(
+            p.numel() for n, p in model.unet.named_parameters() if "lora_" not in n
+        ),
+        "pass": {
+            "pass_s": seconds,
+            "pass_peak_gb": peak,
+            "pass_denoiser_s": phases["unet"],
+            "pass_decode_s": phases["decode"],
+        },
+    }
+    sampler_like = SamplerConfig(k=1, guidance_scale=guidance)
+    result["flops"] = _flop_rates(cfg, model, policy, sampler_like, prompts, autocast, device)
     result["dpo"] = _dpo(cfg, model, policy, autocast, device, dtype)
     return result
 
@@ -382,7 +450,7 @@ def _kept(scores: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
 
 def _flop_rates(cfg, model, policy, sampler_cfg, prompts, autocast, device) -> dict:
     """GFLOP per UNet row and per decoded image, their TFLOP/s, and the MFU."""
-    c, size = model.unet.config.in_channels, model.unet.config.sample_size
+    c, size = model.latent_channels, model.resolution // model.vae_scale_factor
     rows = len(prompts) * sampler_cfg.k
     x = torch.randn(rows, c, size, size, device=device)
     text = model.encode_text(prompts).repeat_interleave(sampler_cfg.k)
@@ -465,6 +533,8 @@ def _dpo(cfg, model, policy, autocast, device, dtype) -> dict:
 
 def markdown(result: dict) -> str:
     """The figures as a markdown table: ours, the released structure, and the ratio."""
+    if "pass" in result:
+        return _flow_markdown(result)
     variants = result["variants"]
     names = [n for n in ("ours", "baseline") if n in variants]
     head = "| piece | " + " | ".join(names) + (" | baseline / ours |" if len(names) > 1 else " |")
@@ -510,6 +580,29 @@ def markdown(result: dict) -> str:
         f"{j['flipped_share']:.1%} of {j['decisions']} pair decisions flip (not exact: off by "
         "default)"
     )
+    return "\n".join(lines + _compute_lines(result)) + "\n"
+
+
+def _flow_markdown(result: dict) -> str:
+    p = result["pass"]
+    peak = f", peak {p['pass_peak_gb']:.1f} GB" if p["pass_peak_gb"] is not None else ""
+    lines = [
+        f"`spo benchmark` preset {result['preset']} ({result['family']}, "
+        f"{result['denoiser_parameters'] / 1e9:.2f}B transformer parameters) on "
+        f"{result['device']} ({result['dtype']}), {result['resolution']} px; median of "
+        f"{result['repeats']}",
+        "",
+        f"sampling {result['prompts']} images, {result['num_steps']} Euler steps at guidance "
+        f"{result['guidance_scale']}: {p['pass_s']:.3g} s (transformer "
+        f"{p['pass_denoiser_s']:.3g}, decode {p['pass_decode_s']:.3g}){peak}",
+        "SPO's step-wise pass and training step on flow models: not yet (issue 23)",
+    ]
+    return "\n".join(lines + _compute_lines(result)) + "\n"
+
+
+def _compute_lines(result: dict) -> list[str]:
+    """The FLOP rates and the DPO steps, as every preset reports them."""
+    lines = []
     for name, f in result["flops"].items():
         if name == "peak_tflops":
             continue
@@ -525,7 +618,7 @@ def markdown(result: dict) -> str:
             f"DPO {mode}, batch {d['batch']}: {ours['pairs_per_s']:.2f} pairs/s from the latent "
             f"cache{peak}, {base['pairs_per_s']:.2f} encoding every step: {d['ratio']:.2f}x"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _fmt(value) -> str:
