@@ -382,6 +382,7 @@ class DiffusionModel:
                     guidance_scale=guidance_scale,
                     generator=gens,
                     output_type="pt",
+                    **self.family_module.pipeline_kwargs(),
                 ).images
                 out.append(images.float().clamp(0, 1).cpu())
         return torch.cat(out)

@@ -106,8 +106,12 @@ def test_an_sd3_pipeline_is_the_sd3_family_behind_the_same_interface(tmp_path):
 
     prompts = ["a red circle", "a blue cross"]
     text = model.encode_text(prompts)
+    # T5 at min(the pipeline's 256, the T5 tokenizer's model_max_length): the tiny one's 16
+    assert model.family_module.t5_tokens == 16
     each = [
-        model.pipe.encode_prompt([p], None, None, do_classifier_free_guidance=False)
+        model.pipe.encode_prompt(
+            [p], None, None, do_classifier_free_guidance=False, max_sequence_length=16
+        )
         for p in prompts
     ]
     hidden = torch.cat([e[0] for e in each])  # one prompt at a time, as DiffusionModel encodes
@@ -129,6 +133,7 @@ def test_an_sd3_pipeline_is_the_sd3_family_behind_the_same_interface(tmp_path):
         guidance_scale=2.0,
         generator=[torch.Generator().manual_seed(3)],
         output_type="pt",
+        max_sequence_length=16,
     ).images
     assert images.shape == (1, 3, 32, 32)
     assert torch.allclose(images, expected.clamp(0, 1), atol=1e-5)
@@ -194,7 +199,9 @@ def test_a_flux_pipeline_packs_its_latents_inside_the_family(tmp_path):
     model.resolution = 32
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     text = model.encode_text(["a red circle"])
-    assert text.hidden.shape == (1, 512, 32) and text.pooled.shape == (1, 32)
+    # T5 at min(FLUX's 512, the T5 tokenizer's model_max_length): the tiny one's 16
+    assert model.family_module.t5_tokens == 16
+    assert text.hidden.shape == (1, 16, 32) and text.pooled.shape == (1, 32)
     v = model.unet_forward(model.unet, z, torch.tensor([1000.0]), text)
     assert v.shape == z.shape
     plain = FluxPipeline.from_pretrained(str(tmp_path / "flux"))
@@ -206,6 +213,7 @@ def test_a_flux_pipeline_packs_its_latents_inside_the_family(tmp_path):
         guidance_scale=TRAINING_GUIDANCE,
         generator=torch.Generator().manual_seed(5),
         output_type="latent",
+        max_sequence_length=16,
     ).images
     assert torch.allclose(FluxPipeline._pack_latents(z - v, 1, 4, 16, 16), out, atol=1e-6)
 

@@ -588,7 +588,7 @@ def _flow_markdown(result: dict) -> str:
     peak = f", peak {p['pass_peak_gb']:.1f} GB" if p["pass_peak_gb"] is not None else ""
     lines = [
         f"`spo benchmark` preset {result['preset']} ({result['family']}, "
-        f"{result['denoiser_parameters'] / 1e9:.2f}B transformer parameters) on "
+        f"{_count(result['denoiser_parameters'])} transformer parameters) on "
         f"{result['device']} ({result['dtype']}), {result['resolution']} px; median of "
         f"{result['repeats']}",
         "",
@@ -619,6 +619,10 @@ def _compute_lines(result: dict) -> list[str]:
             f"cache{peak}, {base['pairs_per_s']:.2f} encoding every step: {d['ratio']:.2f}x"
         )
     return lines
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _fmt(value) -> str:

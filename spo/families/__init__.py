@@ -112,6 +112,11 @@ class Family:
         """The denoiser's text conditioning of `prompts` (no classifier-free guidance)."""
         raise NotImplementedError
 
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of the pipeline's call when the toolkit samples with it, so that
+        sampling sees the text conditioning `encode` makes (flow families: the T5 length)."""
+        return {}
+
     def unconditional(self, empty: TextConditioning) -> TextConditioning:
         """The conditioning of the guidance's unconditional branch, given the empty prompt's."""
         return empty

@@ -45,10 +45,24 @@ class FluxFamily(Family):
     def image_tokens(cls, latent_height: int, latent_width: int, denoiser_config: dict) -> int:
         return (latent_height // 2) * (latent_width // 2)
 
+    pipeline_t5_tokens = 512  # FluxPipeline's default max_sequence_length
+
+    @property
+    def t5_tokens(self) -> int:
+        """T5's sequence length: the pipeline's default, or the T5 tokenizer's
+        `model_max_length` when smaller."""
+        limit = getattr(self.pipe.tokenizer_2, "model_max_length", None) or 512
+        return min(self.pipeline_t5_tokens, int(limit))
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.t5_tokens}
+
     def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
-        """The pipeline's own encoding: T5's hidden states (its default length 512) and CLIP's
-        pooled embedding."""
-        hidden, pooled, _ = self.pipe.encode_prompt(list(prompts), None, device=device)
+        """The pipeline's own encoding at `t5_tokens`: T5's hidden states and CLIP's pooled
+        embedding."""
+        hidden, pooled, _ = self.pipe.encode_prompt(
+            list(prompts), None, device=device, max_sequence_length=self.t5_tokens
+        )
         return TextConditioning(hidden, pooled)
 
     def forward(

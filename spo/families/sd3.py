@@ -21,11 +21,29 @@ class SD3Family(Family):
     denoiser_class = "SD3Transformer2DModel"
     schedule = "flow"
 
+    pipeline_t5_tokens = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+    @property
+    def t5_tokens(self) -> int:
+        """T5's sequence length: the pipeline's default, or its T5 tokenizer's
+        `model_max_length` when smaller (the toy flow model's 1: its T5 is zero)."""
+        tokenizer = getattr(self.pipe, "tokenizer_3", None)
+        limit = getattr(tokenizer, "model_max_length", None) or self.pipeline_t5_tokens
+        return min(self.pipeline_t5_tokens, int(limit))
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.t5_tokens}
+
     def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
         """The pipeline's own encoding (CLIP penultimate states beside T5's, or zeros where
-        the pipeline has no T5), at its default T5 length, as it samples."""
+        the pipeline has no T5), at `t5_tokens`, as the toolkit samples."""
         hidden, _, pooled, _ = self.pipe.encode_prompt(
-            list(prompts), None, None, device=device, do_classifier_free_guidance=False
+            list(prompts),
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.t5_tokens,
         )
         return TextConditioning(hidden, pooled)
 

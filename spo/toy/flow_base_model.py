@@ -82,7 +82,9 @@ def new_t5_tokenizer():
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(T5_WORDS)]
     vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    # model_max_length 1: the toolkit encodes T5 at min(the pipeline's 256, this), one zero
+    # token, which the transformer was trained for (the builder's `pad_sink`)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=1)
 
 
 def new_zero_t5(vocab_size: int):
