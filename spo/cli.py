@@ -184,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "--quick", action="store_true", help="a smoke run of every stage (minutes)"
             )
         if name == "benchmark":
-            p.add_argument("--preset", help="tiny | sd15 | sdxl | tiny_flow | sd35m | flux (the config key `preset`)")
+            p.add_argument(
+                "--preset",
+                help="tiny | sd15 | sdxl | tiny_flow | sd35m | flux (the config key `preset`)",
+            )
             p.add_argument("--baseline", help="none | released (the config key `baseline`)")
         p.add_argument(
             "overrides",

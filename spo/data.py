@@ -236,9 +236,7 @@ def check_pair_table(table, source: str) -> np.ndarray:
     if len(table) == 0:
         raise ConfigError(f"{source}: no pairs")
     if not any(caption_text(c).strip() for c in table["caption"]):
-        raise ConfigError(
-            f"{source}: every caption is empty or null; the pairs need their prompts"
-        )
+        raise ConfigError(f"{source}: every caption is empty or null; the pairs need their prompts")
     labels = np.stack(
         [np.asarray(table[c], dtype=np.float64) for c in ("label_0", "label_1")], axis=1
     )

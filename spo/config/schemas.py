@@ -48,7 +48,7 @@ class ToyWorldConfig:
     tie_delta: float = 0.03  # |R(a) - R(b)| below this is labelled a tie (0.5 / 0.5)
     grid_prompts: int = 8  # prompts in the base model's sample grid
     grid_images_per_prompt: int = 4  # images per prompt in that grid
-    num_inference_steps: int = 20  # sampling steps of the base models (DDIM; Euler for the flow one)
+    num_inference_steps: int = 20  # sampling steps of the base models (DDIM; flow: Euler)
     # CFG when sampling the base model; 2.0, not method.md's 5.0: at 5.0 the toy base model's
     # samples are nearly all clean, leaving no room to prefer (measured in docs/toy-world.md)
     guidance_scale: float = 2.0
