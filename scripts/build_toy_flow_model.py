@@ -284,12 +284,13 @@ def sample_check(
     shift: float = DEFAULT_SHIFT,
     t5_tokens: int = T5_TOKENS,
     n_per_prompt: int = 4,
+    cfg: float = CFG,
 ) -> dict[str, float]:
-    """The 16 eval prompts x `n_per_prompt` seeds at CFG 2.0, 20 Euler steps."""
+    """The 16 eval prompts x `n_per_prompt` seeds at CFG `cfg` (2.0), 20 Euler steps."""
     texts = eval_texts(n_per_prompt)
     z = sample_latents(
         transformer, text_encoder, text_encoder_2, tokenizer, texts, 0, shift=shift,
-        t5_tokens=t5_tokens,
+        t5_tokens=t5_tokens, cfg=cfg,
     )  # fmt: skip
     return oracle_check(decode(vae, z), texts)
 
@@ -482,7 +483,8 @@ def fmt(check: dict[str, float]) -> str:
 
 def final_sample_check(work, model, tokenizer, vae, shift, step, elapsed) -> dict[str, Any]:
     """The sample check of the EMA weights (as exported: max_sequence_length 256, the training
-    shift), plus the same with max_sequence_length 1 and with other sampling shifts."""
+    shift), plus the same with max_sequence_length 1 (as the toolkit samples it), at CFG 3 and
+    5, and with other sampling shifts."""
     modules = ema_modules(model)
     result: dict[str, Any] = {
         "step": step,
@@ -496,6 +498,11 @@ def final_sample_check(work, model, tokenizer, vae, shift, step, elapsed) -> dic
     print(f"sample check (EMA, step {step}): {fmt(result['check'])}", flush=True)
     result["max_sequence_length_1"] = sample_check(*modules, tokenizer, vae, shift, t5_tokens=1)
     print(f"  with max_sequence_length 1: {fmt(result['max_sequence_length_1'])}", flush=True)
+    result["guidance"] = {}
+    for scale in (3.0, 5.0):
+        check = sample_check(*modules, tokenizer, vae, shift, t5_tokens=1, cfg=scale)
+        result["guidance"][str(scale)] = check
+        print(f"  CFG {scale} (max_sequence_length 1): {fmt(check)}", flush=True)
     result["sampling_shift"] = {}
     for other in (1.0, 3.0):
         if other != shift:

@@ -7,6 +7,7 @@ folder, and a killed run resumes to the same weights."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -117,3 +118,27 @@ def test_a_killed_flow_run_resumes_to_the_same_weights(sd3, mini_world, tmp_path
     assert_resume_is_exact(
         run, tmp_path / "straight", tmp_path / "killed", "pytorch_lora_weights.safetensors"
     )
+
+
+def test_flow_sft_regresses_the_winners_velocity(sd3, mini_world, tmp_path):
+    """loss=sft on a flow model: the plain velocity MSE on the winners, no reference."""
+    from spo.losses import sft_loss
+
+    model = DiffusionModel.from_pretrained(str(sd3))
+    pixels = torch.rand(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    inputs = dpo_inputs(
+        model,
+        pixels,
+        ["a", "b"],
+        generator=torch.Generator().manual_seed(0),
+        prompt_dropout=0.0,
+        empty=model.empty_text(1),
+    )
+    pred = model.unet_forward(model.unet, inputs.x_t, inputs.t, inputs.text)
+    winners = (pred[:2] - inputs.target[:2]).pow(2).mean()
+    assert torch.allclose(sft_loss(pred, inputs.target), winners)
+    out = tmp_path / "sft"
+    assert main(_args(sd3, mini_world, out, "loss=sft", "max_steps=2")) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+    assert losses and all(math.isfinite(v) and v > 0 for v in losses)
