@@ -23,7 +23,7 @@ def shipped(name: str):
 
 def test_every_shipped_config_is_listed_and_the_checkout_link_points_at_them():
     names = shipped_configs()
-    assert len(names) == 23 and "toy/dpo" in names and "sdxl/spo_latent" in names
+    assert len(names) == 25 and {"toy/dpo", "toy/dpo_flow", "sdxl/spo_latent"} <= set(names)
     assert (ROOT / "configs").resolve() == (ROOT / "spo/configs").resolve()
     on_disk = sorted(f"{p.parent.name}/{p.stem}" for p in ROOT.glob("configs/*/*.yaml"))
     assert names == on_disk
@@ -35,6 +35,7 @@ def test_every_shipped_config_is_listed_and_the_checkout_link_points_at_them():
         "sdxl/dpo",
         "sdxl/dpo_lora",
         "toy/dpo",
+        "toy/dpo_flow",
     ]
 
 

@@ -13,6 +13,8 @@ import torch
 
 from spo.cli import main
 from spo.toy.base_model import BASE_MODEL_DIR, vae_round_trip
+from spo.toy.flow_base_model import FLOW_BASE_MODEL_DIR
+from spo.toy.oracle import evaluate
 
 pytestmark = pytest.mark.skipif(
     not (BASE_MODEL_DIR / "model_index.json").exists(), reason="toy base model not built"
@@ -59,6 +61,8 @@ def test_toy_world_writes_every_part(tmp_path):
     assert code == 0
     for rel in (
         "base_model/model_index.json",
+        "flow_base_model/model_index.json",
+        "flow_base_samples.png",
         "prompts/train.txt",
         "prompts/eval.txt",
         "pairs/train.parquet",
@@ -105,6 +109,38 @@ def test_toy_world_writes_every_part(tmp_path):
     base = summary["base_model"]
     assert base["samples"] == 16 * 2
     assert 0.0 <= base["colour_right"] <= 1.0 and 0.0 <= base["mean_reward"] <= 1.0
+    flow = summary["flow_base_model"]
+    assert flow["samples"] == 16 * 2 and 0.0 <= flow["shape_right"] <= 1.0
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out / "flow_base_model"))
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float32}
+
+
+def test_stock_diffusers_loads_the_flow_base_model_and_samples_64px(tmp_path):
+    """The shipped flow base (issue 22): plain StableDiffusion3Pipeline, its own Euler
+    scheduler and default T5 length, no import of this project; the images are the oracle's
+    objects (colour recognised in most)."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from diffusers import StableDiffusion3Pipeline
+        pipe = StableDiffusion3Pipeline.from_pretrained({str(FLOW_BASE_MODEL_DIR)!r},
+                                                        dtype=torch.float32)
+        out = pipe(["a red circle on a white background"] * 4, num_inference_steps=20,
+                   guidance_scale=2.0, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert "spo" not in sys.modules
+        import numpy as np
+        np.save("images.npy", (out * 255).round().astype(np.uint8))
+    """)
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    images = np.load(tmp_path / "images.npy")
+    assert images.shape == (4, 64, 64, 3)
+    seen = [evaluate(im, "a red circle on a white background").seen_colour for im in images]
+    assert seen.count("red") >= 3
 
 
 def test_oracle_survives_the_shipped_vae_round_trip():

@@ -1,10 +1,12 @@
 """`spo toy-world`: write the toy world that every toy config reads.
 
 OUT/base_model/               the shipped tiny StableDiffusionPipeline, in float32
+OUT/flow_base_model/          the shipped tiny StableDiffusion3Pipeline (rectified flow), float32
 OUT/prompts/{train,eval}.txt  eval holds colour/shape/background combinations never in train
 OUT/pairs/{train,validation}.parquet  Pick-a-Pic schema; validation pairs use the eval prompts
 OUT/base_samples.png          a grid of base samples on eval prompts with their oracle rewards
-OUT/world.json                pair statistics and the base model's report (recognition rates,
+OUT/flow_base_samples.png     the same for the flow base model
+OUT/world.json                pair statistics and both base models' reports (recognition rates,
                               aesthetic quartiles next to those of renders)
 """
 
@@ -20,9 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from spo.config import ToyWorldConfig
+from spo.families import family_of
 from spo.runs import RunDir, atomic_dir, atomic_write_bytes, prepare_run_dir
 from spo.toy.annotator import labelled_pairs
 from spo.toy.base_model import BASE_MODEL_DIR, load_base_pipeline
+from spo.toy.flow_base_model import FLOW_BASE_MODEL_DIR
 from spo.toy.oracle import WEIGHTS, OracleReport, evaluate, recognition_rates
 from spo.toy.render import Prompt, render, split_prompts
 
@@ -38,7 +42,10 @@ def aesthetic_score(report: OracleReport) -> float:
 def generate(
     pipe, texts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int = 64
 ) -> np.ndarray:
-    """uint8 images (N, H, W, 3); image i depends only on (texts[i], seeds[i])."""
+    """uint8 images (N, H, W, 3); image i depends only on (texts[i], seeds[i]). The pipeline
+    is called as the toolkit samples it (its family's `pipeline_kwargs`: the flow base's T5
+    length)."""
+    extra = family_of(pipe).pipeline_kwargs()
     out = []
     for i in range(0, len(texts), batch_size):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
@@ -48,6 +55,7 @@ def generate(
             guidance_scale=guidance,
             generator=gens,
             output_type="np",
+            **extra,
         ).images
         out.append((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
@@ -145,16 +153,29 @@ def base_model_in_float32():
     return StableDiffusionPipeline.from_pretrained(str(BASE_MODEL_DIR), dtype=torch.float32)
 
 
+def flow_base_model_in_float32():
+    """The shipped flow base model in float32 (stored in fp16, like the UNet base)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(str(FLOW_BASE_MODEL_DIR), dtype=torch.float32)
+
+
 def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
     """Write every part of the toy world into run.root (see the module docstring)."""
-    if not (BASE_MODEL_DIR / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"the shipped toy base model is missing from {BASE_MODEL_DIR}; "
-            "rebuild it with `python scripts/build_toy_base_model.py`"
-        )
+    for folder, script in (
+        (BASE_MODEL_DIR, "build_toy_base_model.py"),
+        (FLOW_BASE_MODEL_DIR, "build_toy_flow_model.py"),
+    ):
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"the shipped toy base model is missing from {folder}; "
+                f"rebuild it with `python scripts/{script}`"
+            )
     root = run.root
     with atomic_dir(root / "base_model") as tmp:  # float32 throughout (shipped: fp16)
         base_model_in_float32().save_pretrained(tmp)
+    with atomic_dir(root / "flow_base_model") as tmp:
+        flow_base_model_in_float32().save_pretrained(tmp)
 
     train_prompts, eval_prompts = split_prompts()
     (root / "prompts").mkdir(exist_ok=True)
@@ -187,7 +208,14 @@ def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
     per = cfg.grid_images_per_prompt
     shown = min(cfg.grid_prompts, len(eval_prompts)) * per
     save_grid(root / "base_samples.png", imgs[:shown], texts[:shown], per)
-    summary = {"pairs": stats, "base_model": report}
+    flow = flow_base_model_in_float32()
+    flow.set_progress_bar_config(disable=True)
+    flow_report, imgs, texts = base_model_report(flow, cfg, cfg.grid_images_per_prompt)
+    run.log_metrics(
+        0, **{f"flow_base/{k}": v for k, v in flow_report.items() if isinstance(v, float)}
+    )
+    save_grid(root / "flow_base_samples.png", imgs[:shown], texts[:shown], per)
+    summary = {"pairs": stats, "base_model": report, "flow_base_model": flow_report}
     atomic_write_bytes(root / "world.json", json.dumps(summary, indent=2).encode())
     print(json.dumps(summary, indent=2))
     print(f"toy world written to {root}")

@@ -23,9 +23,11 @@ CONFIG_COMMANDS = {
     "latent_judge": "train-preference-model",
     "dpo": "train-dpo",
     "dpo_lora": "train-dpo",
+    "dpo_flow": "train-dpo",
     "spo": "train-spo",
     "spo_latent": "train-spo",
     "compare": "compare",
+    "compare_flow": "compare",
 }
 # A command -> its toy config: the experiment its built-in defaults run (the demo's stage).
 TOY_CONFIGS = {

@@ -26,7 +26,7 @@ class SD3Family(Family):
     @property
     def t5_tokens(self) -> int:
         """T5's sequence length: the pipeline's default, or its T5 tokenizer's
-        `model_max_length` when smaller (the toy flow model's 1: its T5 is zero)."""
+        `model_max_length` when smaller (the toy flow model's 16: its T5 is zero)."""
         tokenizer = getattr(self.pipe, "tokenizer_3", None)
         limit = getattr(tokenizer, "model_max_length", None) or self.pipeline_t5_tokens
         return min(self.pipeline_t5_tokens, int(limit))

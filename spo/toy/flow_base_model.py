@@ -82,9 +82,10 @@ def new_t5_tokenizer():
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(T5_WORDS)]
     vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    # model_max_length 1: the toolkit encodes T5 at min(the pipeline's 256, this), one zero
-    # token, which the transformer was trained for (the builder's `pad_sink`)
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=1)
+    # model_max_length 16 (the toy CLIP tokenizer's length, which no toy prompt exceeds): the
+    # toolkit encodes T5 at min(the pipeline's 256, this), 16 zero tokens, a count the
+    # transformer was trained for (the builder's `pad_sink`: 1 to 256)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=16)
 
 
 def new_zero_t5(vocab_size: int):
