@@ -121,10 +121,9 @@ class Policy:
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapters in diffusers' key format (what `save_lora_weights` writes)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        return convert_state_dict_to_diffusers(self._peft_state_dict())
+        """The adapters named as the family's diffusers LoRA files name them (what
+        `save_lora_weights` writes)."""
+        return self.model.family_module.lora_file_state(self._peft_state_dict())
 
     def lora_config(self) -> dict[str, Any]:
         """The adapters' peft `LoraConfig` as JSON-ready values: what diffusers reads back from

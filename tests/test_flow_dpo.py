@@ -71,7 +71,9 @@ def test_flow_lora_loads_in_stock_diffusers_and_peft_and_changes_images(
 ):
     pipe_dir = request.getfixturevalue(family)
     out = tmp_path / "dpo"
-    assert main(_args(pipe_dir, mini_world, out, "optim.lr=0.05", *extra)) == 0
+    # the real flow configs' targets: the joint attention's image and text projections
+    targets = "policy.lora_targets=[to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj]"
+    assert main(_args(pipe_dir, mini_world, out, "optim.lr=0.05", targets, *extra)) == 0
     summary = json.loads((out / "final/train_summary.json").read_text())
     assert summary["family"] == family and summary["step"] == 4
     script = textwrap.dedent(f"""
@@ -86,6 +88,9 @@ def test_flow_lora_loads_in_stock_diffusers_and_peft_and_changes_images(
         before = sample(pipe)
         pipe.load_lora_weights({str(out / "final")!r})
         lora_params = sum(1 for n, _ in pipe.transformer.named_parameters() if "lora_" in n)
+        from safetensors import safe_open
+        with safe_open({str(out / "final/pytorch_lora_weights.safetensors")!r}, "pt") as f:
+            assert lora_params == len(list(f.keys())), (lora_params, len(list(f.keys())))
         after = sample(pipe)
         other = Pipeline.from_pretrained({str(pipe_dir)!r})
         PeftModel.from_pretrained(other.transformer, {str(out / "final")!r})

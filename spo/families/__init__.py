@@ -112,6 +112,15 @@ class Family:
         """The denoiser's text conditioning of `prompts` (no classifier-free guidance)."""
         raise NotImplementedError
 
+    def lora_file_state(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """LoRA tensors named as this family's diffusers LoRA files name them, as its own
+        training scripts save them: UNet scripts convert peft's names (`lora_A`) to diffusers'
+        (`lora.down`) for the attention projections. One file must not mix the two: diffusers
+        then reads only the peft-named part."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(peft_state)
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Extra arguments of the pipeline's call when the toolkit samples with it, so that
         sampling sees the text conditioning `encode` makes (flow families: the T5 length)."""

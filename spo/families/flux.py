@@ -57,6 +57,10 @@ class FluxFamily(Family):
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"max_sequence_length": self.t5_tokens}
 
+    def lora_file_state(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """peft's names, as diffusers' transformer LoRA scripts save them."""
+        return peft_state
+
     def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
         """The pipeline's own encoding at `t5_tokens`: T5's hidden states and CLIP's pooled
         embedding."""

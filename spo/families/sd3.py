@@ -34,6 +34,10 @@ class SD3Family(Family):
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"max_sequence_length": self.t5_tokens}
 
+    def lora_file_state(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """peft's names, as diffusers' transformer LoRA scripts save them."""
+        return peft_state
+
     def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
         """The pipeline's own encoding (CLIP penultimate states beside T5's, or zeros where
         the pipeline has no T5), at `t5_tokens`, as the toolkit samples."""
