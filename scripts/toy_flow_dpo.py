@@ -8,7 +8,7 @@ Each seed is the demo's DPO stage (`spo.commands.demo.stage_args`: the same wall
 pairs and validation) with the flow config `toy/dpo_flow` on `flow_base_model`, run one after
 another with 2 CPU threads. Then one `spo compare` generates `--images-per-prompt` images per
 held-out eval prompt for the flow base and every seed's result (the same noise for all), scored
-by the oracle. Finished runs are skipped on a rerun.
+by the oracle. Finished runs, and a finished comparison, are skipped on a rerun.
 
 Statistics (OUT/flow_dpo.json and OUT/flow_dpo.md): per seed and pooled over the seeds, the
 oracle reward minus the flow base's on the same (prompt, image seed), with the paired
@@ -108,8 +108,9 @@ print(float(abs(after - before).max()), float(abs(after - before).mean()),
 
 def load_check(opts, run: Path) -> dict[str, float]:
     """Stock diffusers and peft load `run`'s adapter (a fresh process, this project unimported)."""
-    base = opts.world / "flow_base_model"
-    prompts = opts.world / "prompts/eval.txt"
+    base = (opts.world / "flow_base_model").resolve()
+    prompts = (opts.world / "prompts/eval.txt").resolve()
+    run = run.resolve()
     command = [sys.executable, "-c", textwrap.dedent(LOAD_CHECK), str(base), str(run / "final")]
     res = subprocess.run([*command, str(prompts)], capture_output=True, text=True, cwd="/")
     if res.returncode != 0:
@@ -179,7 +180,9 @@ def main() -> int:
     jobs = train_jobs(opts, out)
     replication.run_all(jobs, out, 1, opts.threads)
     runs = list(jobs)
-    replication.run_logged(compare_args(opts, out, runs), out / "logs/compare.log", opts.threads)
+    if not (out / "compare/scores.json").is_file():  # a rerun keeps a finished comparison
+        log = out / "logs/compare.log"
+        replication.run_logged(compare_args(opts, out, runs), log, opts.threads)
     summary = summarise(opts, out, runs)
     (out / "flow_dpo.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary)
