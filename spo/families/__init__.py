@@ -161,6 +161,31 @@ class Family:
         return DDIMScheduler.from_config(scheduler.config)
 
 
+class FlowTransformerFamily(Family):
+    """What the rectified-flow transformer families (SD3, FLUX) share: the transformer as the
+    denoiser, the flow schedule, T5 at a set length, and LoRA files with peft's key names."""
+
+    denoiser = "transformer"
+    schedule = "flow"
+    t5_tokenizer: ClassVar[str]  # the pipeline component that tokenizes for T5
+    pipeline_t5_tokens: ClassVar[int]  # the pipeline's default max_sequence_length
+
+    @property
+    def t5_tokens(self) -> int:
+        """T5's sequence length: the pipeline's default, or its T5 tokenizer's
+        `model_max_length` when smaller (the toy flow model's 16: its T5 is zero)."""
+        tokenizer = getattr(self.pipe, self.t5_tokenizer, None)
+        limit = getattr(tokenizer, "model_max_length", None) or self.pipeline_t5_tokens
+        return min(self.pipeline_t5_tokens, int(limit))
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.t5_tokens}
+
+    def lora_file_state(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """peft's names, as diffusers' transformer LoRA scripts save them."""
+        return peft_state
+
+
 def family_class(name: str) -> type[Family]:
     """The `Family` subclass registered as `name`."""
     return importlib.import_module(FAMILIES[name]).FAMILY

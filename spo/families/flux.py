@@ -15,20 +15,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spo.families import Family, TextConditioning
+from spo.families import FlowTransformerFamily, TextConditioning
 
 # The guidance value a guidance-embedded transformer is trained at: FLUX.1-dev's pipeline
 # default, which diffusers' FLUX LoRA trainers also pass while training.
 TRAINING_GUIDANCE = 3.5
 
 
-class FluxFamily(Family):
+class FluxFamily(FlowTransformerFamily):
     name = "flux"
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
     hub_tag = "flux"
-    denoiser = "transformer"
     denoiser_class = "FluxTransformer2DModel"
-    schedule = "flow"
+    t5_tokenizer = "tokenizer_2"
+    pipeline_t5_tokens = 512  # FluxPipeline's default max_sequence_length
     pipeline_sample_size = 128  # FluxPipeline.default_sample_size: 1024 px with the 8x VAE
 
     @classmethod
@@ -44,22 +44,6 @@ class FluxFamily(Family):
     @classmethod
     def image_tokens(cls, latent_height: int, latent_width: int, denoiser_config: dict) -> int:
         return (latent_height // 2) * (latent_width // 2)
-
-    pipeline_t5_tokens = 512  # FluxPipeline's default max_sequence_length
-
-    @property
-    def t5_tokens(self) -> int:
-        """T5's sequence length: the pipeline's default, or the T5 tokenizer's
-        `model_max_length` when smaller."""
-        limit = getattr(self.pipe.tokenizer_2, "model_max_length", None) or 512
-        return min(self.pipeline_t5_tokens, int(limit))
-
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.t5_tokens}
-
-    def lora_file_state(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """peft's names, as diffusers' transformer LoRA scripts save them."""
-        return peft_state
 
     def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
         """The pipeline's own encoding at `t5_tokens`: T5's hidden states and CLIP's pooled

@@ -10,33 +10,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spo.families import Family, TextConditioning
+from spo.families import FlowTransformerFamily, TextConditioning
 
 
-class SD3Family(Family):
+class SD3Family(FlowTransformerFamily):
     name = "sd3"
     pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     hub_tag = "sd3"
-    denoiser = "transformer"
     denoiser_class = "SD3Transformer2DModel"
-    schedule = "flow"
-
+    t5_tokenizer = "tokenizer_3"
     pipeline_t5_tokens = 256  # StableDiffusion3Pipeline's default max_sequence_length
-
-    @property
-    def t5_tokens(self) -> int:
-        """T5's sequence length: the pipeline's default, or its T5 tokenizer's
-        `model_max_length` when smaller (the toy flow model's 16: its T5 is zero)."""
-        tokenizer = getattr(self.pipe, "tokenizer_3", None)
-        limit = getattr(tokenizer, "model_max_length", None) or self.pipeline_t5_tokens
-        return min(self.pipeline_t5_tokens, int(limit))
-
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        return {"max_sequence_length": self.t5_tokens}
-
-    def lora_file_state(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """peft's names, as diffusers' transformer LoRA scripts save them."""
-        return peft_state
 
     def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
         """The pipeline's own encoding (CLIP penultimate states beside T5's, or zeros where
