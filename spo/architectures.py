@@ -124,6 +124,18 @@ def sd_scheduler() -> DDIMScheduler:
     )
 
 
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler: the shift set from the image sequence length (mu) when sampling."""
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def _clip_text(hidden: int, layers: int, heads: int, projection: int | None = None):
     config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
@@ -196,14 +208,7 @@ def _flow_pipeline(preset: str):
     )  # fmt: skip
     return FluxPipeline(
         transformer=FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
+        scheduler=flux_scheduler(),
         vae=_flow_vae(0.3611, 0.1159),
         text_encoder=_clip_text(768, 12, 12),
         tokenizer=build_tokenizer(77),

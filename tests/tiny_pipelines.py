@@ -29,7 +29,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from spo.architectures import sd_scheduler
+from spo.architectures import flux_scheduler, sd_scheduler
 from spo.toy.text import VOCAB_SIZE, build_tokenizer
 
 MAX_TOKENS = 16
@@ -182,14 +182,7 @@ def build_tiny_flux(path: Path, seed: int = 0) -> Path:
         axes_dims_rope=(4, 4, 8),
     )
     t5 = T5Config(vocab_size=VOCAB_SIZE, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux_scheduler()
     vae = _vae()
     vae.register_to_config(shift_factor=0.1)
     pipe = FluxPipeline(
