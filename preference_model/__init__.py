@@ -26,6 +26,8 @@ _EXPORTS = {
     "pickscore_clip_config": "preference_model.model",
     "timestep_embedding": "preference_model.model",
     "toy_spm": "preference_model.model",
+    "TransformerJudge": "preference_model.transformer_judge",
+    "TransformerJudgeConfig": "preference_model.transformer_judge",
     "NoisyImageMaker": "preference_model.noisy",
     "NoisyLatentMaker": "preference_model.noisy",
     "pairwise_accuracy": "preference_model.losses",

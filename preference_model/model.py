@@ -50,6 +50,8 @@ from preference_model.errors import (
 )
 from preference_model.latent import CONFIG_NAME as LATENT_CONFIG_NAME
 from preference_model.latent import LatentJudge, load_latent_judge
+from preference_model.transformer_judge import KIND as TRANSFORMER_KIND
+from preference_model.transformer_judge import TransformerJudge, load_transformer_judge
 from preference_model.transforms import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -640,11 +642,21 @@ class StepAwarePreferenceModel(nn.Module):
         return self.logits(pixels, self.tokenize(prompts), timesteps).float()
 
 
+def _config_kind(path: Path) -> str | None:
+    """The `kind` a judge config file names (None: unreadable; its loader says why)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("kind") if isinstance(data, dict) else None
+
+
 def load(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> StepAwarePreferenceModel | LatentJudge:
+) -> StepAwarePreferenceModel | LatentJudge | TransformerJudge:
     """Rebuild a saved step-aware judge from its folder, with no network; eval mode: the SPM
-    (pixel judge) or, for a folder with `latent_judge_config.json`, the latent judge.
+    (pixel judge) or, for a folder with `latent_judge_config.json`, the latent judge (of a
+    UNet, or of a transformer family by the config's `kind`: bind its call before scoring).
 
     Raises CheckpointNotFoundError (no folder, no weights file) or CheckpointError (not an SPM
     folder, another kind, a missing / unexpected / mis-shaped weight), each with a one-line
@@ -655,6 +667,8 @@ def load(
         raise CheckpointNotFoundError(f"{folder}: no such SPM checkpoint folder")
     config_file = folder / CONFIG_NAME
     if (folder / LATENT_CONFIG_NAME).is_file():
+        if _config_kind(folder / LATENT_CONFIG_NAME) == TRANSFORMER_KIND:
+            return load_transformer_judge(folder, device, dtype)
         return load_latent_judge(folder, device, dtype)
     if not config_file.is_file():
         hint = ""

@@ -76,17 +76,6 @@ def describe_pipeline_folder(source: str) -> dict | None:
         return None
 
 
-def require_ddpm_family(source: str, command: str, what: str = "base model") -> None:
-    """One line, before any model loads, when a local pipeline is of a flow-matching family
-    that `command` does not train (its recipe is written for a discrete noise schedule)."""
-    facts = describe_pipeline_folder(source)
-    if facts is not None and family_class(facts["family"]).schedule != "ddpm":
-        raise ConfigError(
-            f"{what} {source} is a flow-matching model ({facts['family']}); `spo {command}` "
-            "trains the SD1.5 and SDXL families (discrete noise schedules) only, so far"
-        )
-
-
 def check_family(found: str | None, wanted: str | None, source: str) -> None:
     """One line when a config written for the model family `wanted` (its `model_family` key)
     is given a base model of another family (`found`; None: not known before loading)."""
@@ -195,12 +184,20 @@ class DiffusionModel:
 
     @classmethod
     def for_training(cls, cfg, accelerator) -> DiffusionModel:
-        """The base pipeline of a DPO / SPO config (`base_model`, `vae`) on the accelerator's
-        device, its frozen weights in the dtype of the run's mixed precision (the config's, or
-        the launcher's when the config leaves it unset)."""
+        """The base pipeline of a DPO / SPO config (`base_model`, `vae`, `resolution`) on the
+        accelerator's device, its frozen weights in the dtype of the run's mixed precision (the
+        config's, or the launcher's when the config leaves it unset)."""
         dtype = weight_dtype(accelerator.mixed_precision)
         device = accelerator.device
-        return cls.from_pretrained(cfg.base_model, dtype=dtype, device=device, vae=cfg.vae)
+        model = cls.from_pretrained(cfg.base_model, dtype=dtype, device=device, vae=cfg.vae)
+        return model.at_resolution(cfg.resolution)
+
+    def at_resolution(self, resolution: int | None) -> DiffusionModel:
+        """This model working at `resolution` px (None: its own), for training, SPO's
+        sampling and the images it generates."""
+        if resolution is not None:
+            self.resolution = resolution
+        return self
 
     def fast_decode(self, *, compile_decoder: bool = False) -> None:
         """Faster VAE decoding on a GPU, the same math: channels_last memory format and cuDNN
@@ -264,11 +261,23 @@ class DiffusionModel:
         """The classifier-free-guided model output for every row of x, conditional and
         unconditional rows in ONE UNet call. `t` is one timestep or one per row; `cond` holds
         the conditional rows followed by the unconditional ones (2N). float32."""
-        timesteps = torch.as_tensor(t, device=x.device).long().expand(x.shape[0]).repeat(2)
+        timesteps = self._timesteps(t, x)
         dtype = next(unet.parameters()).dtype
-        out = self.unet_forward(unet, torch.cat([x, x]).to(dtype), timesteps, cond).float()
-        e_c, e_u = out.chunk(2)
+        family = self.family_module
+        if family.guidance_distilled:  # one forward with the scale as an input (FLUX.1-dev)
+            text = cond.index(list(range(x.shape[0])))
+            out = family.forward(unet, x.to(dtype), timesteps, text, self.resolution, scale)
+            return out.float()
+        out = self.unet_forward(unet, torch.cat([x, x]).to(dtype), timesteps.repeat(2), cond)
+        e_c, e_u = out.float().chunk(2)
         return cfg_combine(e_u, e_c, scale)
+
+    def _timesteps(self, t: int | float | Tensor, x: Tensor) -> Tensor:
+        """One timestep per row of x: integers on a discrete schedule, 1000 s (a float) for
+        rectified flow."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.float() if self.prediction_type == "flow" else t.long()
+        return t.expand(x.shape[0])
 
     def guided_epsilon(
         self, unet, x: Tensor, t: int | Tensor, cond: TextConditioning, scale: float
@@ -277,7 +286,7 @@ class DiffusionModel:
         epsilon implied by it for v-prediction ones (what the DDIM step and its
         log-probability need; guidance commutes with the conversion, which is linear)."""
         out = self.guided_output(unet, x, t, cond, scale)
-        timesteps = torch.as_tensor(t, device=x.device).long().expand(x.shape[0])
+        timesteps = self._timesteps(t, x)
         return predict_epsilon(x, out, self.alpha_bar(timesteps), self.prediction_type)
 
     # ------------------------------------------------------------------------------ schedule
@@ -297,11 +306,9 @@ class DiffusionModel:
     def noised(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """(the noisy latents at `timesteps`, the denoiser's regression target): the noise
         (epsilon), v (v-prediction) or the velocity eps - x0 (rectified flow)."""
-        if self.prediction_type == "flow":
-            sigma = timesteps.float() / self.num_train_timesteps
-            x = flow.interpolate(latents, noise, sigma)
-            return x, flow.velocity_target(latents, noise)
         x_t = self.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "flow":
+            return x_t, flow.velocity_target(latents, noise)
         if self.prediction_type == "v_prediction":
             a = self.alpha_bar(timesteps).view(-1, *([1] * (latents.ndim - 1)))
             return x_t, a.sqrt() * noise - (1 - a).sqrt() * latents
@@ -311,12 +318,22 @@ class DiffusionModel:
         """Cumulative alpha of each timestep, float32 on the timesteps' device."""
         return self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
 
+    def flow_sigma(self, timesteps: Tensor) -> Tensor:
+        """A flow model's noise level s = t / 1000 of each timestep, float32."""
+        return timesteps.float() / self.num_train_timesteps
+
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """Forward diffusion q(x_t | x_0) at one timestep per row."""
+        """Forward diffusion q(x_t | x_0) at one timestep per row; for rectified flow the
+        interpolation at s = t / 1000 (the SPM's noisy inputs, SPEC 8)."""
+        if self.prediction_type == "flow":
+            return flow.interpolate(latents, noise, self.flow_sigma(timesteps))
         return add_noise(latents, noise, self.alpha_bar(timesteps))
 
     def predict_x0(self, x_t: Tensor, output: Tensor, timesteps: Tensor) -> Tensor:
-        """The one-step clean-latent estimate from the model output (epsilon or v)."""
+        """The one-step clean-latent estimate from the model output (epsilon, v, or the flow
+        velocity: x_s - s v)."""
+        if self.prediction_type == "flow":
+            return flow.predict_x0(x_t, output, self.flow_sigma(timesteps))
         return predict_x0(x_t, output, self.alpha_bar(timesteps), self.prediction_type)
 
     # ------------------------------------------------------------------------------ VAE

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from spo import flow
 from spo.config.schemas import SamplerConfig
 from spo.ddim import ddim_step_with_logprob, predict_x0
 from spo.models import DiffusionModel, TextConditioning
@@ -108,30 +109,38 @@ class KeptPairs:
         return KeptPairs(start=z, win=z, lose=z, timesteps=no_steps, prompt=[], score_gap=z)
 
 
-class Schedule:
-    """The sampler's timesteps and their cumulative alphas (DDIM's `leading` spacing with the
-    pipeline's offset: 951, 901, ..., 1 for SD). The step after the last one (timestep -1
-    here, the clean sample) reaches alpha_bar[0] (0.99915 for SD), as the released code's
-    clamp of the previous timestep to 0 does, whatever the scheduler's `set_alpha_to_one`:
-    with alpha 1 the last step would have sigma 0, identical candidates and no
-    log-probability."""
+class DDIMSchedule:
+    """The DDIM steps of a discrete-schedule (SD-family) model: the sampler's timesteps and
+    their cumulative alphas (DDIM's `leading` spacing with the pipeline's offset: 951, 901,
+    ..., 1 for SD), the guided noise estimate, and the DDIM Gaussian step (eta) with its
+    log-probability. The step after the last one (timestep -1 here, the clean sample) reaches
+    alpha_bar[0] (0.99915 for SD), as the released code's clamp of the previous timestep to 0
+    does, whatever the scheduler's `set_alpha_to_one`: with alpha 1 the last step would have
+    sigma 0, identical candidates and no log-probability."""
 
-    def __init__(self, model: DiffusionModel, num_steps: int) -> None:
+    clean = -1  # the position of the final clean sample
+    dtype = torch.long  # how `KeptPairs.timesteps` stores positions
+
+    def __init__(self, model: DiffusionModel, settings: SamplerConfig) -> None:
         sched = model.scheduler
-        sched.set_timesteps(num_steps)
+        sched.set_timesteps(settings.num_steps)
+        self.model, self.guidance_scale, self.eta = model, settings.guidance_scale, settings.eta
         self.timesteps = [int(t) for t in sched.timesteps]
-        self.stride = model.num_train_timesteps // num_steps
+        self.stride = model.num_train_timesteps // settings.num_steps
         self.alphas = model.alphas_cumprod
 
-    def sigma(self, t: int, eta: float = 1.0) -> float:
+    def describe(self) -> str:
+        return f"DDIM steps (eta {self.eta:g})"
+
+    def sigma(self, t: int) -> float:
         """The DDIM standard deviation of the step that leaves t."""
         a_t = float(self.alpha(t, 1, torch.device("cpu")))
         a_prev = float(self.alpha(self.prev(t), 1, torch.device("cpu")))
-        return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        return self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
 
     def prev(self, t: int) -> int:
         prev = t - self.stride
-        return prev if prev >= 0 else -1
+        return prev if prev >= 0 else self.clean
 
     def alpha(self, t: int | Tensor, n: int, device: torch.device) -> Tensor:
         """Cumulative alpha of timestep t (one int for n rows, or one per row); -1 (the clean
@@ -139,15 +148,131 @@ class Schedule:
         t = torch.as_tensor(t).long().expand(n).cpu()
         return self.alphas.cpu()[t.clamp(min=0)].to(device)
 
+    def output(self, unet, x: Tensor, t: int | Tensor, cond: TextConditioning) -> Tensor:
+        """The guided noise estimate the DDIM step takes (method.md 3)."""
+        return self.model.guided_epsilon(unet, x, t, cond, self.guidance_scale)
+
+    def step(
+        self,
+        x: Tensor,
+        out: Tensor,
+        t: int | Tensor,
+        t_next: int | Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        prev_sample: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """x_t -> x_{t_next} drawn (or `prev_sample` given) and its log-probability (N,)."""
+        n = x.shape[0]
+        return ddim_step_with_logprob(
+            x,
+            out,
+            self.alpha(t, n, x.device),
+            self.alpha(t_next, n, x.device),
+            self.eta,
+            generator=generator,
+            prev_sample=prev_sample,
+        )
+
+    def x0(self, x: Tensor, out: Tensor, t: int) -> Tensor:
+        """The one-step clean estimate a pixel judge sees decoded."""
+        return predict_x0(x, out, self.alpha(t, x.shape[0], x.device))
+
+    def judge_time(self, t: int) -> float:
+        """The timestep a judge is told for a latent at position t."""
+        return t
+
+
+class FlowSchedule:
+    """The stochastic steps of a rectified-flow (SD3 / FLUX) model (SPEC 8, method.md 3): the
+    noise levels s of the pipeline's own sampling schedule (its shift, FLUX's dynamic one at
+    the model's resolution), the guided velocity, and the SDE step (Flow-GRPO's `sde`) with its
+    Gaussian log-probability, reduced like the DDIM one. A position is the noise level s
+    itself; the clean sample is s = 0. At s = 1 the step's std divides by 1 - s: as Flow-GRPO,
+    the schedule's second noise level stands in."""
+
+    clean = 0.0
+    dtype = torch.float32
+
+    def __init__(self, model: DiffusionModel, settings: SamplerConfig) -> None:
+        self.model, self.guidance_scale = model, settings.guidance_scale
+        self.noise_level = settings.noise_level
+        size = model.resolution // model.vae_scale_factor
+        sigmas = model.family_module.sampling_sigmas(settings.num_steps, size, size)
+        self.sigmas = sigmas.float()
+        self.timesteps = self.sigmas[:-1].tolist()
+        pairs = zip(self.sigmas[:-1].tolist(), self.sigmas[1:].tolist(), strict=True)
+        self._next = dict(pairs)
+        self._substitute = float(self.sigmas[1])
+
+    def describe(self) -> str:
+        return f"flow SDE steps (noise level {self.noise_level:g})"
+
+    def sigma(self, s: float) -> float:
+        """The standard deviation of the stochastic step that leaves s."""
+        x = torch.zeros(1, 1)
+        return float(self._sde(x, x, s, self.prev(s), prev_sample=x).std)
+
+    def prev(self, s: float) -> float:
+        return self._next[float(s)]
+
+    def output(self, unet, x: Tensor, s: float | Tensor, cond: TextConditioning) -> Tensor:
+        """The guided velocity at noise level s (the transformer sees t = 1000 s)."""
+        t = torch.as_tensor(s, dtype=torch.float32) * self.model.num_train_timesteps
+        return self.model.guided_output(unet, x, t, cond, self.guidance_scale)
+
+    def _sde(self, x, out, s, s_next, *, generator=None, prev_sample=None) -> flow.SDEStep:
+        return flow.sde_step_with_logprob(
+            x,
+            out,
+            torch.as_tensor(s, dtype=torch.float32, device=x.device),
+            torch.as_tensor(s_next, dtype=torch.float32, device=x.device),
+            noise_level=self.noise_level,
+            prev_sample=prev_sample,
+            generator=generator,
+            sigma_max_substitute=self._substitute,
+        )
+
+    def step(
+        self,
+        x: Tensor,
+        out: Tensor,
+        s: float | Tensor,
+        s_next: float | Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        prev_sample: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """x_s -> x_{s_next} drawn (or `prev_sample` given) and its log-probability (N,)."""
+        step = self._sde(x, out, s, s_next, generator=generator, prev_sample=prev_sample)
+        return step.prev_sample, step.log_prob
+
+    def x0(self, x: Tensor, out: Tensor, s: float) -> Tensor:
+        return flow.predict_x0(x.float(), out, s)
+
+    def judge_time(self, s: float) -> float:
+        """t = 1000 s, the time the flow transformer itself is conditioned on."""
+        return s * self.model.num_train_timesteps
+
+
+StepSchedule = DDIMSchedule | FlowSchedule
+
+
+def step_schedule(model: DiffusionModel, settings: SamplerConfig) -> StepSchedule:
+    """The step kernel of the model's noise schedule (its family's `schedule`)."""
+    kinds = {"ddpm": DDIMSchedule, "flow": FlowSchedule}
+    return kinds[model.family_module.schedule](model, settings)
+
 
 # (decoded images in [-1, 1] or, for a latent judge, latents; prompts; t) -> scores (N,)
 StepJudge = Callable[[Tensor, list[str], int], Tensor]
 
 
 class PoolSampler:
-    """Runs SPO's sampling pass with a given (policy) UNet and a step-aware judge: a pixel
+    """Runs SPO's sampling pass with a given (policy) denoiser and a step-aware judge: a pixel
     judge (the SPM) scores each candidate's decoded x0_hat, a latent judge (`latent=True`)
-    the candidate latent itself, with no decode."""
+    the candidate latent itself, with no decode. The steps are the model's schedule's
+    (`step_schedule`: DDIM for SD families, the flow SDE for SD3 / FLUX)."""
 
     def __init__(
         self,
@@ -158,13 +283,14 @@ class PoolSampler:
         latent: bool = False,
     ) -> None:
         self.model, self.score, self.s, self.latent = model, score, settings, latent
-        self.schedule = Schedule(model, settings.num_steps)
-        sigmas = {t: self.schedule.sigma(t, settings.eta) for t in self.schedule.timesteps}
+        self.schedule = step_schedule(model, settings)
+        sigmas = {t: self.schedule.sigma(t) for t in self.schedule.timesteps}
         self._sigma_range = (min(sigmas.values()), max(sigmas.values()), sigmas)
 
-    def threshold(self, t: int) -> float:
+    def threshold(self, t: float) -> float:
         """The softmax gap a pair made at the step leaving t must pass: fixed, or LPO's
-        dynamic one between `threshold` and `threshold_max` by the step's noise level."""
+        dynamic one between `threshold` and `threshold_max` by the step's standard deviation
+        (DDIM's, or the flow SDE's)."""
         s = self.s
         if s.threshold_max is None:
             return s.threshold
@@ -183,42 +309,39 @@ class PoolSampler:
         """One pass over `prompts`; returns the kept pairs and statistics of the pass."""
         model, s, sch = self.model, self.s, self.schedule
         p, k, device = len(prompts), s.k, model.device
-        latent = (model.unet.config.in_channels, *(2 * [model.unet.config.sample_size]))
+        size = model.resolution // model.vae_scale_factor
+        latent = (model.latent_channels, size, size)
         x = torch.randn((p, *latent), generator=generator, device=generator.device).to(device)
         cond1, condk = self._cond(prompts, 1), self._cond(prompts, k)
         ts, n = sch.timesteps, len(sch.timesteps)
-        kept, tried, gaps, eps, i = [], 0, [], None, 0
+        kept, tried, gaps, out, i = [], 0, [], None, 0
         while i < n:
             t = ts[i]
-            if eps is None:
-                eps = model.guided_epsilon(unet, x, t, cond1, s.guidance_scale)
+            if out is None:
+                out = sch.output(unet, x, t, cond1)
             if i < s.divert_step:
-                x, _ = self._step(x, eps, t, generator)
-                eps, i = None, i + 1
+                x, _ = sch.step(x, out, t, sch.prev(t), generator=generator)
+                out, i = None, i + 1
                 continue
             length = min(1 + s.inner_steps, n - i)
-            cand, eps_c = x.repeat_interleave(k, 0), eps.repeat_interleave(k, 0)
+            cand, out_c = x.repeat_interleave(k, 0), out.repeat_interleave(k, 0)
             chain, reached = [], [t]
             for j in range(length):
                 tj = ts[i + j]
-                cand, _ = self._step(cand, eps_c, tj, generator)
+                cand, _ = sch.step(cand, out_c, tj, sch.prev(tj), generator=generator)
                 chain.append(cand)
                 reached.append(sch.prev(tj))
                 last = i + j + 1 >= n
-                eps_c = (
-                    None
-                    if last
-                    else model.guided_epsilon(unet, cand, ts[i + j + 1], condk, s.guidance_scale)
-                )
+                out_c = None if last else sch.output(unet, cand, ts[i + j + 1], condk)
             t_end = reached[-1]
-            t_score = 0 if eps_c is None else t_end  # clean samples are judged at t = 0
+            # clean samples are judged at t = 0
+            t_score = 0 if out_c is None else sch.judge_time(t_end)
             if self.latent:
                 judged = cand  # the latent judge reads the candidate itself
-            elif eps_c is None:
+            elif out_c is None:
                 judged = model.decode_latents(cand)
             else:
-                x0 = predict_x0(cand, eps_c, sch.alpha(t_end, cand.shape[0], device))
-                judged = model.decode_latents(x0)
+                judged = model.decode_latents(sch.x0(cand, out_c, t_end))
             scores = self.score(judged, [q for q in prompts for _ in range(k)], t_score)
             scores = scores.float().view(p, k).cpu()
             win, lose = scores.argmax(dim=1), scores.argmin(dim=1)
@@ -232,41 +355,29 @@ class PoolSampler:
                 on_device = idx.to(device)
                 chains = torch.stack(chain, dim=1).view(p, k, length, *latent)[on_device]
                 picked = torch.arange(len(idx), device=device)
+                positions = torch.tensor(reached, dtype=sch.dtype)
                 kept.append(
                     KeptPairs(
                         start=x[on_device].cpu(),
                         win=chains[picked, win[idx].to(device)].cpu(),
                         lose=chains[picked, lose[idx].to(device)].cpu(),
-                        timesteps=torch.tensor(reached).expand(len(idx), -1).clone(),
+                        timesteps=positions.expand(len(idx), -1).clone(),
                         prompt=[prompts[r] for r in idx.tolist()],
                         score_gap=(scores[idx, win[idx]] - scores[idx, lose[idx]]),
                     )
                 )
             follow = self._follow(win, lose, generator)
             x = cand.view(p, k, *latent)[rows.to(device), follow.to(device)]
-            eps = (
+            out = (
                 None
-                if eps_c is None
-                else eps_c.view(p, k, *latent)[rows.to(device), follow.to(device)]
+                if out_c is None
+                else out_c.view(p, k, *latent)[rows.to(device), follow.to(device)]
             )
             i += length
         pairs = KeptPairs.cat(kept)
         gap = torch.cat(gaps) if gaps else torch.zeros(1)
         stats = {"kept_share": len(pairs) / max(tried, 1), "score_gap": float(gap.mean())}
         return pairs, stats
-
-    def _step(
-        self, x: Tensor, eps: Tensor, t: int, generator: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
-        sch, n = self.schedule, x.shape[0]
-        return ddim_step_with_logprob(
-            x,
-            eps,
-            sch.alpha(t, n, x.device),
-            sch.alpha(sch.prev(t), n, x.device),
-            self.s.eta,
-            generator=generator,
-        )
 
     def _follow(self, win: Tensor, lose: Tensor, generator: torch.Generator) -> Tensor:
         if self.s.continuation == "win":
@@ -282,18 +393,16 @@ def chain_log_probs(
     unet,
     pairs: KeptPairs,
     *,
-    schedule: Schedule,
-    guidance_scale: float,
-    eta: float,
+    schedule: StepSchedule,
     share_start: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probability of each kept pair's win and lose chains under `unet`, (M,) each:
-    for every transition s_j -> s_{j+1} (s_0 = the start x_t), the guided noise estimate at
-    s_j and the DDIM Gaussian's density. Differentiable with respect to the UNet when called
-    with gradients enabled.
+    for every transition s_j -> s_{j+1} (s_0 = the start x_t), the guided model output at
+    s_j and the density of the schedule's Gaussian step (DDIM, or the flow SDE). Differentiable
+    with respect to the denoiser when called with gradients enabled.
 
     `share_start`: when a pair's win and lose transitions leave the same x_t (`lose_start`
-    None), its first UNet call is made once and used for both (half the UNet rows of the
+    None), its first denoiser call is made once and used for both (half the rows of the
     first transition; the same math). False runs it twice, as the released code does."""
     device = model.device
     m, length = pairs.win.shape[:2]
@@ -306,22 +415,15 @@ def chain_log_probs(
     timesteps = pairs.timesteps.repeat(2, 1)
     total = torch.zeros(2 * m, device=device)
     for j in range(length):
-        t, t_next = timesteps[:, j], timesteps[:, j + 1]
+        t, t_next = timesteps[:, j].to(device), timesteps[:, j + 1].to(device)
         if j == 0 and shared:
             once = TextConditioning.cat([text, model.empty_text(m)])
-            eps = model.guided_epsilon(unet, state[:m], t[:m].to(device), once, guidance_scale)
-            eps = torch.cat([eps, eps])
+            out = schedule.output(unet, state[:m], t[:m], once)
+            out = torch.cat([out, out])
         else:
-            eps = model.guided_epsilon(unet, state, t.to(device), cond, guidance_scale)
+            out = schedule.output(unet, state, t, cond)
         nxt = chains[:, j]
-        _, logp = ddim_step_with_logprob(
-            state,
-            eps,
-            schedule.alpha(t, 2 * m, device),
-            schedule.alpha(t_next, 2 * m, device),
-            eta,
-            prev_sample=nxt,
-        )
+        _, logp = schedule.step(state, out, t, t_next, prev_sample=nxt)
         total = total + logp
         state = nxt
     logp_win, logp_lose = total.chunk(2)

@@ -308,6 +308,24 @@ def spo_full(c: Ctx, v: str) -> list[str]:
     )
 
 
+def spo_flow(c: Ctx, v: str) -> list[str]:
+    """A flow model (the tiny SD3 pipeline): its SDE step reads `sampler.noise_level`."""
+    from tiny_pipelines import build_tiny_sd3
+
+    base = c.tmp / "sd3"
+    if not base.exists():
+        build_tiny_sd3(base)
+    return spo_args(
+        c.world,
+        c.judge,
+        Path(_out(c, v)),
+        "max_epochs=1",
+        "max_steps=1",
+        "policy.lora_targets=[attn.to_q]",
+        base=base,
+    )
+
+
 def compare(c: Ctx, v: str) -> list[str]:
     prompts = c.tmp / "prompts.jsonl"
     prompts.write_text(
@@ -345,7 +363,14 @@ CHECKS = [
         "train-dpo",
         (Variant("lora", dpo), Variant("full-streamed-hub", dpo_full_streamed, hub=True)),
     ),
-    Check("train-spo", (Variant("lora", spo_lora), Variant("full-hub", spo_full, hub=True))),
+    Check(
+        "train-spo",
+        (
+            Variant("lora", spo_lora),
+            Variant("full-hub", spo_full, hub=True),
+            Variant("flow", spo_flow),
+        ),
+    ),
     Check("compare", (Variant("base", compare),)),
     Check("prepare-prompts", (Variant("draw", prepare_prompts),)),
     Check("benchmark", (Variant("tiny", benchmark),)),

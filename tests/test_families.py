@@ -139,21 +139,6 @@ def test_an_sd3_pipeline_is_the_sd3_family_behind_the_same_interface(tmp_path):
     assert torch.allclose(images, expected.clamp(0, 1), atol=1e-5)
 
 
-def test_a_trainer_without_flow_support_refuses_a_flow_model_in_one_line(tmp_path, capsys):
-    """The SPM trainer and SPO are written for discrete noise schedules (so far)."""
-    from helpers import judge_training_args, one_error_line
-    from tiny_pipelines import build_tiny_sd3
-
-    from spo.cli import main
-
-    build_tiny_sd3(tmp_path / "sd3")
-    capsys.readouterr()
-    args = judge_training_args(tmp_path, tmp_path / "run", f"base_model={tmp_path / 'sd3'}")
-    assert main(args) == 2
-    assert "is a flow-matching model (sd3)" in one_error_line(capsys)
-    assert not (tmp_path / "run").exists()
-
-
 def test_compare_mixes_families_in_one_report(mini_world, tmp_path):
     """An SD and an SD3 model on the same prompts and seeds, scored and reported together."""
     import json

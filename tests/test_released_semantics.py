@@ -87,7 +87,7 @@ def test_a_two_transition_segment_trains_as_two_pairs_each_with_its_own_clamp(mi
     def ours():
         split = pairs.transitions()
         assert len(split) == 4 and split.win.shape[1] == 1
-        args = {"schedule": sampler.schedule, "guidance_scale": W, "eta": 1.0}
+        args = {"schedule": sampler.schedule}
         lw, ll = chain_log_probs(model, policy.unet, split, **args)
         with torch.no_grad(), policy.reference() as ref:
             rw, rl = chain_log_probs(model, ref, split, **args)
@@ -123,7 +123,7 @@ def test_a_two_transition_segment_trains_as_two_pairs_each_with_its_own_clamp(mi
 
     # the project's variant (segment_pairs=chain) is a different objective
     policy.unet.zero_grad()
-    args = {"schedule": sampler.schedule, "guidance_scale": W, "eta": 1.0}
+    args = {"schedule": sampler.schedule}
     lw, ll = chain_log_probs(model, policy.unet, pairs, **args)
     with torch.no_grad(), policy.reference() as ref:
         rw, rl = chain_log_probs(model, ref, pairs, **args)
@@ -146,7 +146,7 @@ def test_set_alpha_to_one_keeps_the_last_step_stochastic(mini_world):
     pairs, _ = sampler.sample(model.unet, ["a red circle", "a cat"], torch.Generator())
     assert len(pairs) == 2  # only the last step is trained: one pair per prompt
     assert not torch.equal(pairs.win, pairs.lose)
-    args = {"schedule": sampler.schedule, "guidance_scale": settings.guidance_scale, "eta": 1.0}
+    args = {"schedule": sampler.schedule}
     with torch.no_grad():
         lw, ll = chain_log_probs(model, model.unet, pairs, **args)
     assert torch.isfinite(lw).all() and torch.isfinite(ll).all()
@@ -158,7 +158,7 @@ def test_v_prediction_models_get_the_v_log_probabilities(mini_world):
     sampler = PoolSampler(model, lambda *a: None, SamplerConfig(num_steps=20))
     pairs = _random_pairs(model, 2, 1, [501, 451])
     a = model.alphas_cumprod
-    args = {"schedule": sampler.schedule, "guidance_scale": W, "eta": 1.0}
+    args = {"schedule": sampler.schedule}
     step = (model, model.unet, pairs.prompt, pairs.start, 501, float(a[501]), float(a[451]))
     with torch.no_grad():
         lw, ll = chain_log_probs(model, model.unet, pairs, **args)

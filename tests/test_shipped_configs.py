@@ -23,7 +23,7 @@ def shipped(name: str):
 
 def test_every_shipped_config_is_listed_and_the_checkout_link_points_at_them():
     names = shipped_configs()
-    assert len(names) == 25 and {"toy/dpo", "toy/dpo_flow", "sdxl/spo_latent"} <= set(names)
+    assert len(names) == 35 and {"toy/dpo", "toy/dpo_flow", "sdxl/spo_latent"} <= set(names)
     assert (ROOT / "configs").resolve() == (ROOT / "spo/configs").resolve()
     on_disk = sorted(f"{p.parent.name}/{p.stem}" for p in ROOT.glob("configs/*/*.yaml"))
     assert names == on_disk
@@ -116,8 +116,9 @@ def test_an_unknown_short_name_lists_the_commands_configs(tmp_path, monkeypatch)
     with pytest.raises(ConfigError) as err:
         resolve_config("toy/dpx", "train-spo")
     assert str(err.value) == (
-        "config file not found: toy/dpx (shipped configs of spo train-spo: sd15/spo, "
-        "sd15/spo_latent, sdxl/spo, sdxl/spo_latent, toy/spo, toy/spo_latent)"
+        "config file not found: toy/dpx (shipped configs of spo train-spo: flux/spo_latent, "
+        "sd15/spo, sd15/spo_latent, sd35/spo, sd35/spo_latent, sdxl/spo, sdxl/spo_latent, "
+        "toy/spo, toy/spo_flow, toy/spo_flow_latent, toy/spo_latent)"
     )
     assert resolve_config("nope.yaml", "demo") == Path("nope.yaml")  # load_config says it
 
@@ -201,3 +202,40 @@ def test_the_flux_config_fits_flux_dev():
     for target in cfg.policy.lora_targets:
         assert any(n.endswith("." + target) for n in names), target
     assert cfg.resolution % 16 == 0 and cfg.validation_images.guidance_scale == 3.5
+
+
+@pytest.mark.parametrize(
+    ("family", "name", "layers"),
+    [("sd35", "SD35_MEDIUM_TRANSFORMER", 24), ("flux", "FLUX_DEV_TRANSFORMER", 19)],
+)
+def test_flow_spo_configs_fit_their_architecture_and_cite_their_settings(family, name, layers):
+    """The flow SPO runs: their judges' blocks exist in the real transformer, the LoRA targets
+    are its modules, the pixel run keeps SPO's released sampler and the latent runs LPO's."""
+    import spo.architectures
+
+    config = getattr(spo.architectures, name)
+    assert config["num_layers"] == layers
+    judge = shipped(f"{family}/latent_judge")
+    assert judge.judge == "latent" and 1 <= judge.latent.blocks <= layers
+    assert judge.latent.cfg_scale is None and judge.resolution == 512
+    latent = shipped(f"{family}/spo_latent")
+    s = latent.sampler
+    assert (s.k, s.divert_step, s.threshold, s.threshold_max, latent.beta) == (
+        4,
+        0,
+        0.35,
+        0.5,
+        500.0,
+    )
+    assert s.noise_level == 0.7 and latent.resolution == 512
+    assert latent.model_family == {"sd35": "sd3", "flux": "flux"}[family]
+    assert latent.policy.gradient_checkpointing and latent.policy.mode == "lora"
+    if family == "flux":
+        assert s.guidance_scale == 3.5  # guidance-distilled: FLUX.1-dev's input value
+        return
+    pixel = shipped("sd35/spo")
+    s = pixel.sampler
+    assert (s.k, s.divert_step, s.threshold, pixel.beta, pixel.ratio_clip) == (4, 4, 0.3, 10, 0.1)
+    assert (s.guidance_scale, s.noise_level, pixel.resolution) == (4.5, 0.7, 512)
+    spm = shipped("sd35/spm")
+    assert (spm.guidance_scale, spm.resolution) == (4.5, 512)  # made as SPO samples

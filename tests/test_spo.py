@@ -81,7 +81,7 @@ def test_fresh_lora_gives_ln2_and_unit_ratios(mini_world):
         model.unet, ["a red circle", "a cat"], torch.Generator().manual_seed(1)
     )
     assert len(pairs) > 0
-    args = {"schedule": sampler.schedule, "guidance_scale": 5.0, "eta": 1.0}
+    args = {"schedule": sampler.schedule}
     with torch.no_grad():
         logp_w, logp_l = chain_log_probs(model, policy.unet, pairs, **args)
         with policy.reference() as ref:
@@ -122,8 +122,6 @@ def test_shared_start_gives_the_released_log_probs_and_gradients(mini_world, inn
             policy.unet,
             pairs,
             schedule=sampler.schedule,
-            guidance_scale=5.0,
-            eta=1.0,
             share_start=share,
         )
         (logp_w.sum() - 2 * logp_l.sum()).backward()

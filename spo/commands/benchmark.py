@@ -348,8 +348,7 @@ def _training(cfg, model, sampler, policy, pairs, variants, autocast, device) ->
     per_step = SETTINGS[cfg.preset].train_batch
     batch = pairs.index(list(range(min(per_step, len(pairs)))))
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)  # full cost, kept
-    base = {"schedule": sampler.schedule, "guidance_scale": sampler.s.guidance_scale}
-    base["eta"] = sampler.s.eta
+    base = {"schedule": sampler.schedule}
 
     def step(share_start: bool) -> None:
         settings = base | {"share_start": share_start}
@@ -397,8 +396,6 @@ def _logp_difference(model, policy, sampler, pairs, autocast) -> float:
                         policy.unet,
                         batch,
                         schedule=sampler.schedule,
-                        guidance_scale=sampler.s.guidance_scale,
-                        eta=sampler.s.eta,
                         share_start=share,
                     )
                 ).float()

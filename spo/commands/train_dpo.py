@@ -296,8 +296,6 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
         set_seed(cfg.seed)
         model = DiffusionModel.for_training(cfg, accelerator)
         check_family(model.family, cfg.model_family, cfg.base_model)  # a Hub model's, loaded
-        if cfg.resolution is not None:
-            model.resolution = cfg.resolution
         dataset = pairs = None
         if stream is None:
             if cfg.relabel_with != "none":

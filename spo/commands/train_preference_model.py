@@ -23,6 +23,7 @@ from preference_model import (
     NoisyImageMaker,
     NoisyLatentMaker,
     StepAwarePreferenceModel,
+    TransformerJudge,
     pairwise_accuracy,
     preference_loss,
     toy_spm,
@@ -42,7 +43,9 @@ from spo.data import (
     split_rows,
 )
 from spo.errors import ConfigError
-from spo.models import DTYPES, DiffusionModel, require_ddpm_family
+from spo.families import family_class
+from spo.judges import bind_judge, judge_text
+from spo.models import DTYPES, DiffusionModel, describe_pipeline_folder
 from spo.runs import atomic_write_bytes, made_by, require_base_model
 from spo.stream import StreamedPairs, describe, stream_of_training_pairs
 from spo.training.distributed import sum_over_ranks
@@ -85,7 +88,49 @@ def build_spm(cfg: SPMTrainConfig) -> StepAwarePreferenceModel:
         raise ConfigError(f"cannot build the SPM backbone {b.model}: {e}") from e
 
 
-Judge = StepAwarePreferenceModel | LatentJudge
+Judge = StepAwarePreferenceModel | LatentJudge | TransformerJudge
+
+
+def latent_judge(cfg: SPMTrainConfig, diffusion: DiffusionModel) -> LatentJudge | TransformerJudge:
+    """The untrained latent judge of the base pipeline's kind of denoiser: the UNet's encoder
+    and text encoder(s) (SD families), or the transformer's first blocks (flow families)."""
+    s = cfg.latent
+    if diffusion.family_module.denoiser == "transformer":
+        return TransformerJudge.from_pipeline(
+            diffusion.pipe, blocks=s.blocks, projection_dim=s.projection_dim
+        )
+    return LatentJudge.from_pipeline(
+        diffusion.pipe, projection_dim=s.projection_dim, cfg_scale=s.cfg_scale
+    )
+
+
+def check_latent_settings(cfg: SPMTrainConfig) -> None:
+    """One line, before any model loads, for latent-judge settings the base model's kind of
+    denoiser has no use for (known for a local pipeline folder)."""
+    facts = describe_pipeline_folder(cfg.base_model)
+    if cfg.judge != "latent" or facts is None:
+        return
+    transformer = family_class(facts["family"]).denoiser == "transformer"
+    if transformer and cfg.latent.cfg_scale is not None:
+        raise ConfigError(
+            f"latent.cfg_scale: {cfg.base_model} is a {facts['family']} model, whose latent "
+            "judge (the transformer's first blocks) has no guidance on its features; set null"
+        )
+    if transformer and cfg.latent.blocks is not None:
+        config = Path(cfg.base_model) / "transformer" / "config.json"
+        layers = json.loads(config.read_text(encoding="utf-8")).get("num_layers")
+        if layers is not None and cfg.latent.blocks > layers:
+            raise ConfigError(
+                f"invalid value {cfg.latent.blocks} in config key 'latent.blocks': the "
+                f"transformer of {cfg.base_model} has {layers} blocks"
+            )
+    if not transformer and cfg.latent.blocks is not None:
+        raise ConfigError(
+            f"latent.blocks: {cfg.base_model} is a {facts['family']} model, whose latent judge "
+            "is its UNet's encoder half; latent.blocks is for transformer families: set null"
+        )
+
+
 Maker = NoisyImageMaker | NoisyLatentMaker
 
 
@@ -95,9 +140,10 @@ def judge_inputs(
     """What the judge scores for a batch of pairs at `timesteps`, both images of a pair in a
     row: decoded x0_hat pixels (the SPM) or noisy latents (the latent judge), and token ids."""
     made = maker(batch.pixels, batch.captions, timesteps, generator).flatten(0, 1).to(device)
-    if isinstance(judge, LatentJudge):
-        return made, [ids.repeat_interleave(2, dim=0) for ids in judge.tokenize(batch.captions)]
-    return judge.preprocess(made, "-1-1"), judge.tokenize(batch.captions).repeat_interleave(2, 0)
+    text = judge_text(judge, maker.model, batch.captions, repeats=2)
+    if isinstance(judge, StepAwarePreferenceModel):
+        return judge.preprocess(made, "-1-1"), text
+    return made, text
 
 
 @dataclass
@@ -263,7 +309,7 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     # Everything that can fail cheaply fails here, before the run folder or any compute.
     check_precision(cfg)
     require_base_model(cfg)
-    require_ddpm_family(cfg.base_model, "train-preference-model")
+    check_latent_settings(cfg)
     if cfg.judge == "pixel":
         check_backbone(cfg)
     p = cfg.pairs
@@ -293,12 +339,9 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
         accelerator = loop.make_accelerator()
         diffusion = DiffusionModel.from_pretrained(
             cfg.base_model, dtype=DTYPES[cfg.base_dtype], device=accelerator.device, vae=cfg.vae
-        )
-        if spm is None:  # the latent judge starts from the base pipeline's UNet and text encoder
-            s = cfg.latent
-            spm = LatentJudge.from_pipeline(
-                diffusion.pipe, projection_dim=s.projection_dim, cfg_scale=s.cfg_scale
-            )
+        ).at_resolution(cfg.resolution)
+        if spm is None:  # the latent judge starts from the base pipeline's denoiser
+            spm = bind_judge(latent_judge(cfg, diffusion), diffusion)
         val.dataset.resolution = diffusion.resolution
         spm = spm.to(accelerator.device)
 

@@ -26,10 +26,17 @@ from spo.commands import report
 from spo.config import SPOTrainConfig
 from spo.data import load_prompts
 from spo.errors import ConfigError
+from spo.judges import bind_judge, step_judge
 from spo.losses import spo_loss
-from spo.models import DTYPES, DiffusionModel, describe_pipeline_folder, require_ddpm_family
+from spo.models import (
+    DTYPES,
+    DiffusionModel,
+    check_family,
+    describe_pipeline_folder,
+    require_family,
+)
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
-from spo.pool_sampler import KeptPairs, PoolSampler, chain_log_probs
+from spo.pool_sampler import KeptPairs, PoolSampler, StepSchedule, chain_log_probs
 from spo.runs import made_by, require_base_model, require_path
 from spo.training.loop import TrainLoop, check_precision, seeded_generator
 from spo.training.publish import model_card
@@ -67,7 +74,7 @@ def load_spm(cfg: SPOTrainConfig, model: DiffusionModel):
     here for a Hub one)."""
     spm = preference_model.load(cfg.spm, device=model.device, dtype=DTYPES[cfg.speed.judge_dtype])
     check_judge_family(cfg, spm.config.trained_on, model.describe())
-    return spm
+    return bind_judge(spm, model)
 
 
 def _gather(accelerator, pairs: KeptPairs) -> KeptPairs:
@@ -89,11 +96,14 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     """Run the recipe; returns a summary (also in OUT/final/train_summary.json)."""
     check_precision(cfg)
     require_base_model(cfg)
-    require_ddpm_family(cfg.base_model, "train-spo")
+    require_family(cfg.base_model, cfg.model_family)
     require_path(cfg.spm, "SPM")
     check_judge_kind(cfg)
     check_judge_folder(cfg.spm)
-    check_judge_family(cfg, judge_trained_on(cfg.spm), describe_pipeline_folder(cfg.base_model))
+    ours = describe_pipeline_folder(cfg.base_model)
+    if ours is not None and cfg.resolution is not None:
+        ours["resolution"] = cfg.resolution
+    check_judge_family(cfg, judge_trained_on(cfg.spm), ours)
     check_lora_targets(cfg.base_model, cfg.policy)
     prompts = load_prompts(
         cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)
@@ -105,6 +115,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         accelerator = loop.make_accelerator()
         set_seed(cfg.seed)
         model = DiffusionModel.for_training(cfg, accelerator)
+        check_family(model.family, cfg.model_family, cfg.base_model)  # a Hub model's, loaded
         spm = load_spm(cfg, model)
         if cfg.speed.fast_decode:
             model.fast_decode(compile_decoder=cfg.speed.compile_vae)
@@ -113,11 +124,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             register_lora_checkpoint_hooks(accelerator, policy)
         unet, resumed = loop.begin(policy.unet, policy.trainable_parameters(), desc="train SPO")
 
-        def judge(inputs: torch.Tensor, texts: list[str], t: int) -> torch.Tensor:
-            if cfg.judge == "latent":
-                return spm.score(inputs, texts, t)  # the candidate latents themselves
-            return spm.score(inputs, texts, t, value_range="-1-1")  # decoded x0_hat
-
+        judge = step_judge(spm, model, cfg.judge)
         sampler = PoolSampler(model, judge, cfg.sampler, latent=cfg.judge == "latent")
         epoch, kept_total = resumed.get("epoch", 0), 0
         loop.baseline_images(model)
@@ -146,7 +153,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             method="SPO",
             command="spo train-spo",
             policy=policy.describe(),
-            settings=card_settings(cfg, accelerator.num_processes),
+            settings=card_settings(cfg, accelerator.num_processes, sampler.schedule),
             summary=summary,
             location=loop.result_location,
         )
@@ -160,14 +167,14 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
     return summary
 
 
-def card_settings(cfg: SPOTrainConfig, num_processes: int) -> dict:
+def card_settings(cfg: SPOTrainConfig, num_processes: int, schedule: StepSchedule) -> dict:
     """The key settings the model card lists."""
     s = cfg.sampler
     return {
         "prompts": cfg.prompts,
         "judge": f"{cfg.judge}: {cfg.spm}",
         "sampler": (
-            f"{s.num_steps} DDIM steps (eta {s.eta:g}, CFG {s.guidance_scale:g}), {s.k} "
+            f"{s.num_steps} {schedule.describe()}, CFG {s.guidance_scale:g}, {s.k} "
             f"candidates per step from step {s.divert_step}, threshold {s.threshold:g}"
         ),
         "beta": cfg.beta,
@@ -261,12 +268,7 @@ def _train_round(
         seeded_generator(cfg.seed, *key, 1),
     )
     accum = cfg.gradient_accumulation_steps
-    settings = {
-        "schedule": sampler.schedule,
-        "guidance_scale": cfg.sampler.guidance_scale,
-        "eta": cfg.sampler.eta,
-        "share_start": cfg.speed.share_start,
-    }
+    settings = {"schedule": sampler.schedule, "share_start": cfg.speed.share_start}
     for b, rows in enumerate(batches):
         batch = pairs.index(rows)
         if b == len(batches) - 1:

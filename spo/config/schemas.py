@@ -255,8 +255,14 @@ class LatentJudgeSettings:
     projection_dim: int = 768  # width of the shared image / text feature space
     cfg_scale: float | None = None  # CFG on the pooled mid-block features (LPO: 7.5; None: off)
     max_timestep: int = 951  # training timesteps are drawn from [0, max_timestep]
+    # transformer (flow) families only: the judge is the base transformer's first N blocks;
+    # null: half of them (method.md 6); UNet families take the UNet's encoder half
+    blocks: int | None = None
 
     def validate(self) -> None:
+        _require(
+            self.blocks is None or self.blocks >= 1, "latent.blocks", self.blocks, "must be >= 1"
+        )
         _require(
             self.projection_dim > 0, "latent.projection_dim", self.projection_dim, "must be > 0"
         )
@@ -264,6 +270,10 @@ class LatentJudgeSettings:
         _require(scale is None or math.isfinite(scale), "latent.cfg_scale", scale, "must be finite")
         t = self.max_timestep
         _require(0 <= t < 1000, "latent.max_timestep", t, "must be in [0, 1000)")
+
+
+def _validate_resolution(r: int | None) -> None:
+    _require(r is None or (r > 0 and r % 16 == 0), "resolution", r, "must be a multiple of 16")
 
 
 def _validate_hub(cfg: Any) -> None:
@@ -288,8 +298,10 @@ class SPMTrainConfig:
 
     out: str = "runs/toy/spm"  # run folder
     seed: int = 0  # data order, timesteps and noise all derive from it
-    # the frozen diffusers pipeline (SD1.5 or SDXL family) whose x0_hat the SPM learns to judge
+    # the frozen diffusers pipeline (any family) whose x0_hat (or latents) the judge learns
     base_model: str = "runs/toy/world/base_model"
+    # Size of the images the judge sees made (SPO's sampling size); null: the model's own
+    resolution: int | None = None
     vae: str | None = None  # replace the pipeline's VAE (e.g. SDXL's fp16-safe one)
     base_dtype: str = "float32"  # dtype of the frozen pipeline: float32 | float16 | bfloat16
     # CFG of the base UNet's prediction (empty negative prompt): the toy sampler's 2.0 (method.md
@@ -328,6 +340,7 @@ class SPMTrainConfig:
         self.pairs.validate()
         self.inputs.validate()
         self.latent.validate()
+        _validate_resolution(self.resolution)
         _require(self.judge in ("pixel", "latent"), "judge", self.judge, "must be pixel or latent")
         if self.judge == "latent" and self.pairs.relabel_tie_gap is not None:
             raise ConfigError(
@@ -501,8 +514,7 @@ class DPOTrainConfig:
         self.policy.validate()
         _require(self.loss in ("dpo", "sft"), "loss", self.loss, "must be dpo or sft")
         _validate_family(self.model_family)
-        r = self.resolution
-        _require(r is None or (r > 0 and r % 16 == 0), "resolution", r, "must be a multiple of 16")
+        _validate_resolution(self.resolution)
         _require(math.isfinite(self.beta) and self.beta > 0, "beta", self.beta, "must be > 0")
         _require(self.beta_scale > 0, "beta_scale", self.beta_scale, "must be > 0")
         p = self.prompt_dropout
@@ -588,9 +600,18 @@ class SamplerConfig:
     threshold_max: float | None = None
     continuation: str = "random"  # random | win | lose (the paper's ablation)
     inner_steps: int = 0  # SDXL variant: 3 (each candidate takes 3 more steps before scoring)
+    # flow models (SD3 / FLUX) only: the SDE step's noise level a (std_s = a sqrt(s / (1 - s)),
+    # Flow-GRPO's 0.7; method.md 3); DDIM models use `eta` instead
+    noise_level: float = 0.7
 
     def validate(self) -> None:
         _require(self.num_steps > 1, "sampler.num_steps", self.num_steps, "must be > 1")
+        _require(
+            0 < self.noise_level <= 1,
+            "sampler.noise_level",
+            self.noise_level,
+            "must be in (0, 1] (the flow SDE's noise level)",
+        )
         _require(self.eta > 0, "sampler.eta", self.eta, "must be > 0 (SPO needs a stochastic step)")
         _require(self.k >= 2, "sampler.k", self.k, "must be >= 2 (a pair needs two candidates)")
         _require(
@@ -634,7 +655,13 @@ class SPOTrainConfig:
 
     out: str = "runs/toy/spo"  # run folder
     seed: int = 0
-    base_model: str = "runs/toy/world/base_model"  # diffusers SD1.5- or SDXL-family pipeline
+    base_model: str = "runs/toy/world/base_model"  # diffusers pipeline: SD1.5, SDXL, SD3, FLUX
+    # The model family this config is written for (sd | sdxl | sd3 | flux): a base_model of
+    # another family is refused before training; null: any
+    model_family: str | None = None
+    # Sampling size; null: the model's own (its denoiser's sample size x the VAE factor;
+    # FLUX, whose transformer has none: its pipeline's 1024). The judge must be trained at it
+    resolution: int | None = None
     vae: str | None = None
     spm: str = "runs/toy/spm/final"  # the step-aware judge's folder (same model family)
     # which judge `spm` holds: pixel (the SPM, judging decoded x0_hat) | latent (the latent
@@ -690,6 +717,8 @@ class SPOTrainConfig:
         self.policy.validate()
         self.sampler.validate()
         self.speed.validate()
+        _validate_family(self.model_family)
+        _validate_resolution(self.resolution)
         _require(self.judge in ("pixel", "latent"), "judge", self.judge, "must be pixel or latent")
         _require(
             self.segment_pairs in ("transitions", "chain"),

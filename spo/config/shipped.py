@@ -20,12 +20,16 @@ if TYPE_CHECKING:
 CONFIG_COMMANDS = {
     "world": "toy-world",
     "spm": "train-preference-model",
+    "spm_flow": "train-preference-model",
     "latent_judge": "train-preference-model",
+    "latent_judge_flow": "train-preference-model",
     "dpo": "train-dpo",
     "dpo_lora": "train-dpo",
     "dpo_flow": "train-dpo",
     "spo": "train-spo",
     "spo_latent": "train-spo",
+    "spo_flow": "train-spo",
+    "spo_flow_latent": "train-spo",
     "compare": "compare",
     "compare_flow": "compare",
 }

@@ -144,12 +144,26 @@ class Family:
         timesteps: Tensor,
         text: TextConditioning,
         resolution: int,
+        guidance: float | None = None,
     ) -> Tensor:
         """One call of `denoiser` (the family's own, or a trained copy of it): a UNet's
-        `unet(latents, t, encoder_hidden_states, **denoiser_kwargs)` by default."""
+        `unet(latents, t, encoder_hidden_states, **denoiser_kwargs)` by default. `guidance`:
+        the guidance scale of a guidance-distilled denoiser (`guidance_distilled`); others
+        ignore it."""
         kwargs = self.denoiser_kwargs(latents, text, resolution)
         hidden = text.hidden.to(latents.dtype)
         return denoiser(latents, timesteps, encoder_hidden_states=hidden, **kwargs).sample
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """Whether the denoiser takes the guidance scale as an input (one forward per step)
+        instead of classifier-free guidance's two branches."""
+        return False
+
+    def sampling_sigmas(self, num_steps: int, latent_height: int, latent_width: int) -> Tensor:
+        """A flow family's (num_steps + 1,) noise levels, 1 down to 0, as its pipeline sets
+        its scheduler at this latent size."""
+        raise NotImplementedError(f"{self.name} has no flow schedule")
 
     def sampling_scheduler(self, scheduler: Any) -> Any:
         """The scheduler the toolkit samples with: DDIM on the pipeline's own noise schedule
@@ -180,6 +194,20 @@ class FlowTransformerFamily(Family):
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"max_sequence_length": self.t5_tokens}
+
+    def scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """What the pipeline hands `set_timesteps` beside the step count (and `mu`)."""
+        return {}
+
+    def sampling_sigmas(self, num_steps: int, latent_height: int, latent_width: int) -> Tensor:
+        """The pipeline's own `set_timesteps` on a copy of its scheduler: the static shift, or
+        the dynamic one with mu from the image sequence length (`flow_shift`)."""
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        kwargs = self.scheduler_kwargs(num_steps)
+        if scheduler.config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = math.log(self.flow_shift(latent_height, latent_width))
+        scheduler.set_timesteps(num_steps, **kwargs)
+        return scheduler.sigmas.float().cpu()
 
     def lora_file_state(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
         """peft's names, as diffusers' transformer LoRA scripts save them."""

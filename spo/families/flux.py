@@ -45,6 +45,18 @@ class FluxFamily(FlowTransformerFamily):
     def image_tokens(cls, latent_height: int, latent_width: int, denoiser_config: dict) -> int:
         return (latent_height // 2) * (latent_width // 2)
 
+    @property
+    def guidance_distilled(self) -> bool:
+        """FLUX.1-dev embeds the guidance scale (read from the pipeline's own transformer: a
+        trained copy may be wrapped for distributed training)."""
+        return bool(self.pipe.transformer.config.guidance_embeds)
+
+    def scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """FluxPipeline's sigmas: linspace(1, 1 / steps, steps) before the shift."""
+        import numpy as np
+
+        return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps)}
+
     def encode(self, prompts: Sequence[str], device: torch.device) -> TextConditioning:
         """The pipeline's own encoding at `t5_tokens`: T5's hidden states and CLIP's pooled
         embedding."""
@@ -60,10 +72,12 @@ class FluxFamily(FlowTransformerFamily):
         timesteps: Tensor,
         text: TextConditioning,
         resolution: int,
+        guidance: float | None = None,
     ) -> Tensor:
         """The velocity for unpacked latents: packed 2x2 on the way in and unpacked on the way
         out, exactly as the pipeline does; the transformer takes the noise level itself
-        (timesteps / 1000) and, when guidance-distilled, `TRAINING_GUIDANCE`."""
+        (timesteps / 1000) and, when guidance-distilled, `guidance` (`TRAINING_GUIDANCE` when
+        not given)."""
         pipe_class = type(self.pipe)
         n, c, h, w = latents.shape
         packed = pipe_class._pack_latents(latents, n, c, h, w)
@@ -71,13 +85,14 @@ class FluxFamily(FlowTransformerFamily):
             n, h // 2, w // 2, latents.device, latents.dtype
         )
         txt_ids = torch.zeros(text.hidden.shape[1], 3, device=latents.device, dtype=latents.dtype)
-        guidance = None
-        if denoiser.config.guidance_embeds:
-            guidance = torch.full((n,), TRAINING_GUIDANCE, device=latents.device)
+        scale = None
+        if self.guidance_distilled:
+            value = TRAINING_GUIDANCE if guidance is None else guidance
+            scale = torch.full((n,), value, device=latents.device)
         out = denoiser(
             hidden_states=packed,
             timestep=timesteps.to(latents.dtype) / 1000,
-            guidance=guidance,
+            guidance=scale,
             pooled_projections=text.pooled.to(latents.dtype),
             encoder_hidden_states=text.hidden.to(latents.dtype),
             txt_ids=txt_ids,

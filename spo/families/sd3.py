@@ -41,6 +41,7 @@ class SD3Family(FlowTransformerFamily):
         timesteps: Tensor,
         text: TextConditioning,
         resolution: int,
+        guidance: float | None = None,
     ) -> Tensor:
         """The transformer's velocity; `timesteps` are 1000 x the noise level (SPEC 8)."""
         return denoiser(
