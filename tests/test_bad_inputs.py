@@ -520,8 +520,26 @@ CASES: list[Case] = [
     ),
     C("dpo-model-family-unknown", lambda c: dpo(c, "model_family=sd4")),
     C("dpo-resolution-not-a-multiple-of-16", lambda c: dpo(c, "resolution=100")),
-    C("spm-flow-base-model", lambda c: spm_train(c, f"base_model={c.inputs / 'sd3'}")),
-    C("spo-flow-base-model", lambda c: spo(c, f"base_model={c.inputs / 'sd3'}")),
+    C("spo-noise-level-zero", lambda c: spo(c, "sampler.noise_level=0")),
+    C("spo-noise-level-above-one", lambda c: spo(c, "sampler.noise_level=1.5")),
+    C(
+        "spo-unet-spm-for-a-flow-policy",
+        lambda c: spo(c, f"base_model={c.inputs / 'sd3'}", spm="spm_sdxl"),
+    ),
+    C(
+        "spm-latent-blocks-beyond-the-transformer",
+        lambda c: spm_train(c, f"base_model={c.inputs / 'sd3'}", "judge=latent", "latent.blocks=2"),
+    ),
+    C(
+        "spm-latent-feature-guidance-on-a-flow-model",
+        lambda c: spm_train(
+            c, f"base_model={c.inputs / 'sd3'}", "judge=latent", "latent.cfg_scale=7.5"
+        ),
+    ),
+    C(
+        "spm-latent-blocks-on-a-unet-model",
+        lambda c: spm_train(c, "judge=latent", "latent.blocks=2"),
+    ),
     *matrix_cases(),
 ]
 
