@@ -1,21 +1,25 @@
-"""The toy-world replication study: SPO vs Diffusion-DPO vs base over seeds, and SPO's ablations.
+"""The toy-world replication study: SPO vs Diffusion-DPO vs base over seeds, SPO's ablations,
+and the same on the toy flow base model.
 
-Usage (after `spo demo`, whose world and SPM it reuses):
+Usage (after `spo toy-world` or `spo demo`, whose world (and SPM, for the UNet arms) it reuses):
     python scripts/toy_replication.py --demo runs/toy --out runs/replication [--seeds 0 1 2]
         [--budget-minutes 3.5] [--jobs 1] [--images-per-prompt 16] [--arms dpo,spo,...]
 
 Every arm is the demo's own training command (`spo.commands.demo.stage_args`) with the same
 wall-clock budget per run, plus its seed and the ablated setting. Runs go one after another with 2
 CPU threads like the demo (`--jobs`/`--threads` can change that, but on 2 cores two 1-thread runs
-side by side each got less than half the work done, so the default is sequential). The
-SPM without time conditioning is trained once, with the demo's SPM command and
-`time_conditioning=false`. Then one `spo compare` generates `--images-per-prompt` images per
-held-out eval prompt for the base model and every trained run (the same noise for all) and
-scores them with the oracle and the SPM at t = 0. Finished runs are skipped on a rerun.
+side by side each got less than half the work done, so the default is sequential). A judge an
+arm needs (the SPM without time conditioning, the latent judges, the flow SPM) is trained once,
+with the demo's judge command and its toy config. The flow arms (flow-dpo, flow-spo,
+flow-spo-latent) are the demo's flow stages on the world's flow base model. Then one
+`spo compare` per base model generates `--images-per-prompt` images per held-out eval prompt
+for it and every trained run of its arms (the same noise for all) and scores them with the
+oracle and that world's SPM at t = 0. Finished runs are skipped on a rerun.
 
 Statistics (written to OUT/replication.json and OUT/replication.md): per arm the mean over the
-seeds' images with a 95% bootstrap interval over prompts, each seed's mean, the win rate against
-base, and the paired difference to the default SPO arm (seed i against seed i).
+seeds' images with a 95% bootstrap interval over prompts, each seed's mean and its paired
+t-interval against the base, the win rate against base, and the paired difference to the
+world's default SPO arm (seed i against seed i).
 """
 
 from __future__ import annotations
@@ -29,18 +33,21 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from spo.commands.demo import stage_args
 from spo.config import DemoConfig
 from spo.evaluation.provenance import validation_curves
-from spo.evaluation.stats import format_ci, mean_ci, win_rate_ci
+from spo.evaluation.stats import format_ci, mean_ci, paired_difference_ci, win_rate_ci
 
-# judge runs an arm may need -> (toy config, extra overrides), trained once before the arms
-JUDGES: dict[str, tuple[str, list[str]]] = {
-    "spm-no-time": ("spm.yaml", ["time_conditioning=false"]),
-    "latent-judge": ("latent_judge.yaml", []),
+# judge runs an arm may need -> (demo stage, toy config, extra overrides), trained once first
+JUDGES: dict[str, tuple[str, str, list[str]]] = {
+    "spm-no-time": ("spm", "spm.yaml", ["time_conditioning=false"]),
+    "latent-judge": ("spm", "latent_judge.yaml", []),
+    "flow-spm": ("spm_flow", "spm_flow.yaml", []),
+    "flow-latent-judge": ("spm_flow", "latent_judge_flow.yaml", []),
 }
 # arm -> (demo stage, overrides, the question it answers, the judge run it needs)
 ARMS: dict[str, tuple[str, list[str], str, str | None]] = {
@@ -62,7 +69,43 @@ ARMS: dict[str, tuple[str, list[str], str, str | None]] = {
         "SPO judged by the latent judge (method.md 6), no decode",
         "latent-judge",
     ),
+    "flow-dpo": ("dpo_flow", [], "Diffusion-DPO on the toy flow base model", None),
+    "flow-spo": (
+        "spo_flow",
+        ["spm={judge}"],
+        "SPO on the toy flow base model (flow SDE steps), judged by its pixel SPM",
+        "flow-spm",
+    ),
+    "flow-spo-latent": (
+        "spo_flow",
+        ["spm={judge}", "judge=latent"],
+        "SPO on the toy flow base model judged by its transformer latent judge",
+        "flow-latent-judge",
+    ),
 }
+
+
+class World(NamedTuple):
+    """A base model the arms train from, and how its arms are compared."""
+
+    base: str  # the base model's name in the comparison
+    pipeline: str  # its folder in the demo's world/
+    config: str  # the toy compare config
+    compare: str  # the comparison's folder in OUT
+    reference: str  # the arm the others are paired against
+    key: str  # the summary's table of this world's arms
+
+
+WORLDS = {
+    "unet": World("base", "base_model", "compare.yaml", "compare", "spo", "arms"),
+    "flow": World("flow_base", "flow_base_model", "compare_flow.yaml", "compare_flow",
+                  "flow-spo", "flow_arms"),
+}  # fmt: skip
+
+
+def world_of(arm: str) -> str:
+    """The world an arm trains in: flow arms on the toy flow base model."""
+    return "flow" if ARMS[arm][0].endswith("_flow") else "unet"
 
 
 def run_logged(args: list[str], log: Path, threads: int) -> None:
@@ -90,8 +133,8 @@ def train_jobs(opts, out: Path) -> dict[str, tuple[list[str], Path, str | None]]
     configs = Path(__file__).parents[1] / "configs/toy"
     jobs: dict[str, tuple[list[str], Path, str | None]] = {}
     for judge in dict.fromkeys(ARMS[arm][3] for arm in opts.arms if ARMS[arm][3]):
-        config, extra = JUDGES[judge]
-        args = with_out(stage_args(demo, "spm"), out / judge)
+        stage, config, extra = JUDGES[judge]
+        args = with_out(stage_args(demo, stage), out / judge)
         args[args.index("--config") + 1] = str(configs / config)
         jobs[judge] = (args + extra, out / judge, None)
     for seed in opts.seeds:  # seed-major: a slow spell on the machine hits all arms alike
@@ -127,20 +170,25 @@ def run_all(jobs: dict, out: Path, n_jobs: int, threads: int) -> None:
             future.result()
 
 
-def compare_args(opts, out: Path, runs: list[str]) -> list[str]:
-    world = Path(opts.demo) / "world"
-    base = world / "base_model"
-    models = [f"{{name: base, pipeline: {base}}}"]
+def compare_args(opts, out: Path, runs: list[str], world: str = "unet") -> list[str]:
+    """One `spo compare` of a world's base model and its arms' runs, scored by the oracle and
+    that world's SPM at t = 0 (the demo's, or the flow SPM this script trained)."""
+    w = WORLDS[world]
+    folder = Path(opts.demo) / "world"
+    base = folder / w.pipeline
+    models = [f"{{name: {w.base}, pipeline: {base}}}"]
     models += [f"{{name: {r}, pipeline: {base}, lora: {out / 'runs' / r / 'final'}}}" for r in runs]
+    spm = Path(opts.demo) / "spm/final" if world == "unet" else out / "flow-spm/final"
+    scorers = ["oracle"] + ([f"'spm:{spm}'"] if spm.is_dir() or world == "unet" else [])
     return [
         "compare",
         "--config",
-        str(Path(__file__).parents[1] / "configs/toy/compare.yaml"),
+        str(Path(__file__).parents[1] / "configs/toy" / w.config),
         "--out",
-        str(out / "compare"),
-        f"prompts={world / 'prompts/eval.txt'}",
+        str(out / w.compare),
+        f"prompts={folder / 'prompts/eval.txt'}",
         "models=[" + ", ".join(models) + "]",
-        f"scorers=[oracle, 'spm:{Path(opts.demo) / 'spm/final'}']",
+        f"scorers=[{', '.join(scorers)}]",
         f"images_per_prompt={opts.images_per_prompt}",
         "grid_prompts=4",
     ]
@@ -181,68 +229,88 @@ def run_facts(folder: Path) -> dict:
 
 
 def summarise(opts, out: Path) -> dict:
-    """replication.json: per scorer and arm the pooled mean, win rate and paired differences."""
-    per_image = json.loads((out / "compare/scores.json").read_text())
-    seeds = opts.seeds
-    summary: dict = {"settings": vars(opts) | {"demo": str(opts.demo)}, "arms": {}}
-    for scorer, by_model in per_image["scores"].items():
-        base = np.array(by_model["base"])
-        tiled_base = np.concatenate([base] * len(seeds), axis=1)
-        pooled = {
-            arm: np.concatenate([np.array(by_model[f"{arm}-s{s}"]) for s in seeds], axis=1)
-            for arm in opts.arms
-        }
-        table = {"base": {"mean": mean_ci(base, opts.bootstrap)}}
-        for arm, scores in pooled.items():
-            row = {
-                "mean": mean_ci(scores, opts.bootstrap),
-                "seed_means": [float(np.mean(by_model[f"{arm}-s{s}"])) for s in seeds],
-                "win_rate_vs_base": win_rate_ci(scores, tiled_base, opts.bootstrap),
-                "minus_base": mean_ci(scores - tiled_base, opts.bootstrap),
+    """replication.json: per world, scorer and arm the pooled mean, win rate and paired
+    differences (to the world's base and to its reference SPO arm)."""
+    summary: dict = {"settings": vars(opts) | {"demo": str(opts.demo)}}
+    for world, w in WORLDS.items():
+        arms = [arm for arm in opts.arms if world_of(arm) == world]
+        if arms:
+            per_image = json.loads((out / w.compare / "scores.json").read_text())
+            summary[w.key] = {
+                scorer: _table(opts, by_model, arms, w)
+                for scorer, by_model in per_image["scores"].items()
             }
-            if arm != "spo" and "spo" in pooled:
-                row["minus_spo"] = mean_ci(scores - pooled["spo"], opts.bootstrap)
-                row["seed_minus_spo"] = [
-                    float(np.mean(by_model[f"{arm}-s{s}"]) - np.mean(by_model[f"spo-s{s}"]))
-                    for s in seeds
-                ]
-                row["win_rate_vs_spo"] = win_rate_ci(scores, pooled["spo"], opts.bootstrap)
-            table[arm] = row
-        summary["arms"][scorer] = table
     summary["runs"] = {
-        f"{arm}-s{s}": run_facts(out / "runs" / f"{arm}-s{s}") for arm in opts.arms for s in seeds
+        f"{arm}-s{s}": run_facts(out / "runs" / f"{arm}-s{s}")
+        for arm in opts.arms
+        for s in opts.seeds
     }
     return summary
 
 
+def _table(opts, by_model: dict, arms: list[str], w: World) -> dict:
+    seeds = opts.seeds
+    base = np.array(by_model[w.base])
+    tiled_base = np.concatenate([base] * len(seeds), axis=1)
+    pooled = {
+        arm: np.concatenate([np.array(by_model[f"{arm}-s{s}"]) for s in seeds], axis=1)
+        for arm in arms
+    }
+    ref = w.reference
+    table = {w.base: {"mean": mean_ci(base, opts.bootstrap)}}
+    for arm, scores in pooled.items():
+        row = {
+            "mean": mean_ci(scores, opts.bootstrap),
+            "seed_means": [float(np.mean(by_model[f"{arm}-s{s}"])) for s in seeds],
+            "win_rate_vs_base": win_rate_ci(scores, tiled_base, opts.bootstrap),
+            "minus_base": mean_ci(scores - tiled_base, opts.bootstrap),
+            "seed_minus_base": [
+                paired_difference_ci(np.array(by_model[f"{arm}-s{s}"]), base) for s in seeds
+            ],
+        }
+        if arm != ref and ref in pooled:
+            row["minus_spo"] = mean_ci(scores - pooled[ref], opts.bootstrap)
+            row["seed_minus_spo"] = [
+                float(np.mean(by_model[f"{arm}-s{s}"]) - np.mean(by_model[f"{ref}-s{s}"]))
+                for s in seeds
+            ]
+            row["win_rate_vs_spo"] = win_rate_ci(scores, pooled[ref], opts.bootstrap)
+        table[arm] = row
+    return table
+
+
 def markdown(summary: dict, arms: list[str]) -> str:
-    """The tables docs/toy-replication.md quotes."""
+    """The tables docs/toy-replication.md quotes: per world, its arms against its base and
+    against its reference SPO arm (each seed against the same seed)."""
     lines = []
-    for scorer, table in summary["arms"].items():
-        lines += [
-            f"### {scorer}",
-            "",
-            "| arm | mean [95% CI] | seed means | win rate vs base | minus base | minus SPO "
-            "| each seed minus SPO | win rate vs SPO |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-            f"| base | {format_ci(table['base']['mean'], spec='.3f')} | | | | | | |",
-        ]
-        for arm in arms:
-            row = table[arm]
-            seed_means = " / ".join(f"{m:.3f}" for m in row["seed_means"])
-            versus = ["", "", ""]
-            if "minus_spo" in row:
-                versus = [
-                    format_ci(row["minus_spo"], spec=".3f"),
-                    " / ".join(f"{d:+.3f}" for d in row["seed_minus_spo"]),
-                    format_ci(row["win_rate_vs_spo"], "rate", ".2f"),
-                ]
-            win = format_ci(row["win_rate_vs_base"], "rate", ".2f")
-            lines.append(
-                f"| {arm} | {format_ci(row['mean'], spec='.3f')} | {seed_means} | {win} | "
-                f"{format_ci(row['minus_base'], spec='.3f')} | {' | '.join(versus)} |"
-            )
-        lines.append("")
+    for world, w in WORLDS.items():
+        for scorer, table in summary.get(w.key, {}).items():
+            title = scorer if world == "unet" else f"{scorer}, toy flow world"
+            lines += [
+                f"### {title}",
+                "",
+                f"| arm | mean [95% CI] | seed means | win rate vs {w.base} | minus {w.base} "
+                f"| minus {w.reference} | each seed minus {w.reference} "
+                f"| win rate vs {w.reference} |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                f"| {w.base} | {format_ci(table[w.base]['mean'], spec='.3f')} | | | | | | |",
+            ]
+            for arm in (a for a in arms if a in table):
+                row = table[arm]
+                seed_means = " / ".join(f"{m:.3f}" for m in row["seed_means"])
+                versus = ["", "", ""]
+                if "minus_spo" in row:
+                    versus = [
+                        format_ci(row["minus_spo"], spec=".3f"),
+                        " / ".join(f"{d:+.3f}" for d in row["seed_minus_spo"]),
+                        format_ci(row["win_rate_vs_spo"], "rate", ".2f"),
+                    ]
+                win = format_ci(row["win_rate_vs_base"], "rate", ".2f")
+                lines.append(
+                    f"| {arm} | {format_ci(row['mean'], spec='.3f')} | {seed_means} | {win} | "
+                    f"{format_ci(row['minus_base'], spec='.3f')} | {' | '.join(versus)} |"
+                )
+            lines.append("")
     lines += ["| run | steps | training seconds |", "| --- | --- | --- |"]
     for name, facts in summary["runs"].items():
         lines.append(f"| {name} | {facts['steps']} | {facts['train_seconds']:.0f} |")
@@ -265,21 +333,27 @@ def main() -> int:
     opts = ap.parse_args()
     opts.arms = opts.arms.split(",")
     unknown = [a for a in opts.arms if a not in ARMS]
-    for path in ("world/base_model", "world/prompts/eval.txt", "spm/final"):
+    if unknown:
+        sys.exit(f"error: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    worlds = list(dict.fromkeys(world_of(arm) for arm in opts.arms))
+    needed = ["world/prompts/eval.txt"] + [f"world/{WORLDS[w].pipeline}" for w in worlds]
+    needed += ["spm/final"] if "unet" in worlds else []
+    for path in needed:
         if not (opts.demo / path).exists():
             sys.exit(
                 f"error: {opts.demo / path} is missing: run `spo demo --out {opts.demo}` first"
             )
-    if unknown:
-        sys.exit(f"error: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
     if opts.jobs < 1 or opts.threads < 1 or opts.images_per_prompt < 1 or not opts.seeds:
         sys.exit("error: --jobs, --threads and --images-per-prompt must be >= 1, --seeds non-empty")
 
     jobs = train_jobs(opts, opts.out)
     run_all(jobs, opts.out, opts.jobs, opts.threads)
-    runs = [f"{arm}-s{s}" for arm in opts.arms for s in opts.seeds]
-    print("[replication] compare", flush=True)
-    run_logged(compare_args(opts, opts.out, runs), opts.out / "logs/compare.log", 2)
+    for world in worlds:
+        runs = [f"{arm}-s{s}" for arm in opts.arms if world_of(arm) == world for s in opts.seeds]
+        folder = WORLDS[world].compare
+        print(f"[replication] {folder}", flush=True)
+        args = compare_args(opts, opts.out, runs, world)
+        run_logged(args, opts.out / f"logs/{folder}.log", opts.threads)
     summary = summarise(opts, opts.out)
     (opts.out / "replication.json").write_text(json.dumps(summary, indent=2, default=str))
     (opts.out / "replication.md").write_text(markdown(summary, opts.arms))

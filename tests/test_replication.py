@@ -101,3 +101,36 @@ def test_summary_pools_seeds_and_pairs_with_base(replication, tmp_path):
     text = replication.markdown(summary, opts.arms)
     assert f"| spo | {base.mean() + 0.2:.3f} [" in text and "| dpo-s1 | 13 | 213 |" in text
     assert replication.plot_curves(opts, out).stat().st_size > 0
+
+
+def test_flow_arms_train_on_the_flow_base_model_with_their_own_judges(replication, tmp_path):
+    opts = _opts(tmp_path, ["flow-dpo", "flow-spo", "flow-spo-latent"], [0])
+    jobs = replication.train_jobs(opts, opts.out)
+    assert list(jobs) == [
+        "flow-spm",
+        "flow-latent-judge",
+        "flow-dpo-s0",
+        "flow-spo-s0",
+        "flow-spo-latent-s0",
+    ]
+    flow_base = str(opts.demo / "world/flow_base_model")
+    for name, config in (("flow-spm", "spm_flow"), ("flow-latent-judge", "latent_judge_flow")):
+        args, _, _ = jobs[name]
+        assert args[args.index("--config") + 1].endswith(f"configs/toy/{config}.yaml")
+        assert _value(args, "base_model") == flow_base
+    for run, config, judge in (
+        ("flow-dpo-s0", "toy/dpo_flow", None),
+        ("flow-spo-s0", "toy/spo_flow", "flow-spm"),
+        ("flow-spo-latent-s0", "toy/spo_flow", "flow-latent-judge"),
+    ):
+        args, _, after = jobs[run]
+        assert args[args.index("--config") + 1] == config and after == judge
+        assert _value(args, "base_model") == flow_base
+        if judge:
+            assert _value(reversed(args), "spm") == str(opts.out / judge / "final")
+    assert "judge=latent" in jobs["flow-spo-latent-s0"][0]
+    compare = replication.compare_args(opts, opts.out, ["flow-spo-s0"], "flow")
+    assert compare[compare.index("--out") + 1] == str(opts.out / "compare_flow")
+    models = _value(compare, "models")
+    assert f"{{name: flow_base, pipeline: {flow_base}}}" in models
+    assert str(opts.out / "runs/flow-spo-s0/final") in models

@@ -24,6 +24,8 @@ from spo.evaluation.stats import format_ci
 from spo.runs import atomic_write_bytes, check_writable, prepare_run_dir
 
 STAGES = ("world", "spm", "dpo", "spo", "compare")
+# `flow=true`: the same story on the toy flow base model (a tiny SD3; method.md, flow models)
+FLOW_STAGES = ("spm_flow", "dpo_flow", "spo_flow", "compare_flow")
 MARKER = ".demo_stage.json"
 RUNNERS = {
     "world": toy_world.run,
@@ -32,6 +34,8 @@ RUNNERS = {
     "spo": train_spo.run,
     "compare": compare.run,
 }
+# a flow stage runs its UNet twin's command with the flow toy config of the same name
+FLOW_TWIN = {stage: stage.removesuffix("_flow") for stage in FLOW_STAGES}
 
 # Smoke-test sizes for `--quick` (CI): every stage runs its real code path in seconds.
 QUICK = {
@@ -48,11 +52,21 @@ QUICK = {
 }  # fmt: skip
 
 
+def stages(cfg: DemoConfig) -> tuple[str, ...]:
+    """The demo's stages in order: the UNet story, then the flow one when asked."""
+    return STAGES + (FLOW_STAGES if cfg.flow else ())
+
+
 def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
-    """The `spo` arguments of one stage, chained through cfg.out."""
+    """The `spo` arguments of one stage, chained through cfg.out. A flow stage is its UNet
+    twin on the flow base model, with the flow toy config and the flow stages' results."""
     root = Path(cfg.out)
     world = root / "world"
-    inputs = [f"base_model={world / 'base_model'}"]
+    twin = FLOW_TWIN.get(stage, stage)
+    flow = "_flow" if stage in FLOW_STAGES else ""
+    name = "flow_" if flow else ""  # the flow comparison's model names: flow_base, ...
+    base = world / ("flow_base_model" if flow else "base_model")
+    inputs = [f"base_model={base}"]
     validation = [
         f"validation_images.prompts_file={world / 'prompts/eval.txt'}",
         "validation_images.prompts=[]",
@@ -78,7 +92,7 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
         "spo": [
             "train-spo",
             *inputs,
-            f"spm={root / 'spm/final'}",
+            f"spm={root / f'spm{flow}/final'}",
             f"prompts={world / 'prompts/train.txt'}",
             *validation,
             "validation_images.every=15",
@@ -89,16 +103,17 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
             "compare",
             f"prompts={world / 'prompts/eval.txt'}",
             "models=["
-            f"{{name: base, pipeline: {world / 'base_model'}}}, "
-            f"{{name: dpo, pipeline: {world / 'base_model'}, lora: {root / 'dpo/final'}}}, "
-            f"{{name: spo, pipeline: {world / 'base_model'}, lora: {root / 'spo/final'}}}]",
-            f"scorers=[oracle, 'spm:{root / 'spm/final'}', toy_pickscore]",
+            f"{{name: {name}base, pipeline: {base}}}, "
+            f"{{name: {name}dpo, pipeline: {base}, lora: {root / f'dpo{flow}/final'}}}, "
+            f"{{name: {name}spo, pipeline: {base}, lora: {root / f'spo{flow}/final'}}}]",
+            f"scorers=[oracle, 'spm:{root / f'spm{flow}/final'}', toy_pickscore]",
         ],
-    }[stage]
+    }[twin]
     command, rest = args[0], args[1:]
-    head = [command, "--config", TOY_CONFIGS[command], "--out", str(root / stage)]
+    config = f"toy/{stage}" if flow else TOY_CONFIGS[command]
+    head = [command, "--config", config, "--out", str(root / stage)]
     if cfg.quick:
-        rest = rest + QUICK[stage]
+        rest = rest + QUICK[twin]
     return head + last_values(rest)
 
 
@@ -125,10 +140,12 @@ def _marker(root: Path, stage: str) -> dict | None:
 def run(cfg: DemoConfig) -> int:
     """`spo demo`: run it, print the headline table and where the report is."""
     report = run_demo(cfg)
-    table = report["headline"]
-    print("\n| " + " | ".join(table[0]) + " |\n|" + " --- |" * len(table[0]))
-    for row in table[1:]:
-        print("| " + " | ".join(row) + " |")
+    for table in (report["headline"], report.get("flow_headline")):
+        if table is None:
+            continue
+        print("\n| " + " | ".join(table[0]) + " |\n|" + " --- |" * len(table[0]))
+        for row in table[1:]:
+            print("| " + " | ".join(row) + " |")
     seconds = ", ".join(
         f"{s} {v['seconds']} s" + (" (done before)" if v["skipped"] else "")
         for s, v in report["stages"].items()
@@ -148,8 +165,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     prepare_run_dir(root, cfg)
     done: dict[str, str] = {}  # stage -> marker id of the current, finished stage
     report: dict = {"stages": {}}
-    for stage in STAGES:
-        upstream = {s: done[s] for s in STAGES[: STAGES.index(stage)]}
+    order = stages(cfg)
+    for stage in order:
+        upstream = {s: done[s] for s in order[: order.index(stage)]}
         marker = _marker(root, stage)
         if marker and marker.get("upstream") == upstream and marker.get("quick") == cfg.quick:
             print(f"[demo] {stage}: done, skipped ({root / stage})", flush=True)
@@ -163,7 +181,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         start = time.time()
         command, _, config, _, out, *overrides = args
         try:
-            RUNNERS[stage](command_config(command, config, overrides, out))
+            RUNNERS[FLOW_TWIN.get(stage, stage)](command_config(command, config, overrides, out))
         except INPUT_ERRORS as e:
             raise TrainingError(f"demo stage {stage} failed: {e}; `spo demo` reruns it") from e
         seconds = round(time.time() - start, 1)
@@ -174,15 +192,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         report["stages"][stage] = {"seconds": seconds, "skipped": False}
         print(f"[demo] {stage}: finished in {seconds} s", flush=True)
 
-    results = json.loads((root / "compare/results.json").read_text())
-    report["headline"] = headline(results)
+    report["headline"] = headline(json.loads((root / "compare/results.json").read_text()))
+    if cfg.flow:
+        flow_results = json.loads((root / "compare_flow/results.json").read_text())
+        report["flow_headline"] = headline(flow_results, base="flow_base")
     atomic_write_bytes(root / "demo.json", json.dumps(report, indent=2).encode())
     return report
 
 
-def headline(results: dict) -> list[list[str]]:
+def headline(results: dict, base: str = "base") -> list[list[str]]:
     """The demo's table: per model, each scorer's mean [95% CI], and the oracle win rate vs
-    base."""
+    `base`."""
     models = list(results["scores"])
     scorers = list(results["scores"][models[0]])
     rows = [["model", *scorers, "oracle win rate vs base"]]
@@ -191,7 +211,7 @@ def headline(results: dict) -> list[list[str]]:
         for s in scorers:
             e = results["scores"][m][s]
             cells.append(format_ci(e, spec=".3f"))
-        win = results["win_rates"].get("oracle", {}).get(f"{m} vs base")
+        win = results["win_rates"].get("oracle", {}).get(f"{m} vs {base}")
         rate = format_ci(win, "rate", ".2f") if win else ""
         rows.append([m, *cells, rate])
     return rows

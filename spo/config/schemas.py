@@ -824,6 +824,9 @@ class DemoConfig:
     # The compute budget given to DPO and to SPO alike: wall-clock minutes of training each
     # (validation sampling excluded), so the comparison is at equal compute.
     budget_minutes: float = 3.5
+    # also the flow arm: a judge, DPO and SPO on the toy flow base model (a tiny SD3) at the
+    # same budget, compared in compare_flow/ (about 9 minutes more)
+    flow: bool = False
 
     def validate(self) -> None:
         _require(bool(str(self.out).strip()), "out", self.out, "must be a non-empty path")
