@@ -43,13 +43,16 @@ FLOW_PRESETS = ("tiny_flow", "sd35m", "flux")  # rectified-flow transformers (SP
 
 @dataclass(frozen=True, kw_only=True)
 class PresetSettings:
-    """The sampler and policy settings each architecture is trained with (method.md 3)."""
+    """The sampler and policy settings each architecture is trained with (method.md 3; the
+    flow presets: configs/sd35/spo.yaml and configs/flux/spo_latent.yaml)."""
 
     k: int
     inner_steps: int
     lora_rank: int
     gradient_checkpointing: bool
     train_batch: int
+    resolution: int | None = None  # the size SPO samples at (None: the model's own)
+    judge_blocks: int | None = None  # the transformer latent judge's blocks (None: half)
 
 
 SETTINGS = {
@@ -62,18 +65,18 @@ SETTINGS = {
     "sdxl": PresetSettings(
         k=2, inner_steps=3, lora_rank=64, gradient_checkpointing=True, train_batch=2
     ),
-    # flow presets: SPO's sampler comes with issue 23; k and inner_steps are its future pool,
-    # the LoRA rank configs/sd35/dpo_lora.yaml's (Flow-Factory's 32)
     "tiny_flow": PresetSettings(
         k=4, inner_steps=0, lora_rank=4, gradient_checkpointing=False, train_batch=10
     ),
     "sd35m": PresetSettings(
-        k=2, inner_steps=3, lora_rank=32, gradient_checkpointing=True, train_batch=2
+        k=4, inner_steps=0, lora_rank=32, gradient_checkpointing=True, train_batch=10,
+        resolution=512, judge_blocks=12,
     ),
     "flux": PresetSettings(
-        k=2, inner_steps=3, lora_rank=32, gradient_checkpointing=True, train_batch=1
+        k=4, inner_steps=0, lora_rank=32, gradient_checkpointing=True, train_batch=10,
+        resolution=512, judge_blocks=4,
     ),
-}
+}  # fmt: skip
 
 
 # SD3.5 Medium's transformer (SPEC 8; stabilityai/stable-diffusion-3.5-medium's config): the

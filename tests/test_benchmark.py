@@ -86,19 +86,26 @@ def test_flow_architectures_have_the_published_sizes():
     assert {k: tiny.transformer.config[k] for k in TRANSFORMER_CONFIG} == TRANSFORMER_CONFIG
 
 
-def test_tiny_flow_benchmark_reports_the_sampling_pass_and_the_dpo_step(tmp_path, capsys):
+def test_tiny_flow_benchmark_times_spo_with_both_judges_against_the_released_structure(
+    tmp_path, capsys
+):
     out = tmp_path / "bench"
     args = ["benchmark", "--preset", "tiny_flow", "--baseline", "released", "--out", str(out)]
-    small = ["prompts=2", "num_steps=3", "repeats=1", "dpo_full_batch=1", "dpo_lora_batch=2"]
+    small = ["prompts=2", "num_steps=3", "repeats=1", "dpo_modes=[lora]", "dpo_lora_batch=2"]
     assert main([*args, *small]) == 0
     result = json.loads((out / "benchmark.json").read_text())
     assert result["family"] == "sd3" and result["resolution"] == 64
     assert result["denoiser_parameters"] == 3_481_604
-    p = result["pass"]
+    ours, base = result["variants"]["ours"], result["variants"]["baseline"]
+    assert result["logp_max_abs_diff"] < 1e-5  # the shared x_s changes no log-probability
+    assert ours["kept_checksum"] == base["kept_checksum"] and ours["pairs"] == 2 * 2
+    assert ours["step_s"] > 0 and all(v > 0 for v in result["ratios"].values())
+    latent = result["latent_judge_pass"]
+    assert latent["pass_decode_s"] == 0 and latent["pairs"] == ours["pairs"]
+    assert 0 < result["latent_judge_parameters"] < result["denoiser_parameters"]
+    p = result["ode_pass"]
     assert 0 < p["pass_denoiser_s"] + p["pass_decode_s"] <= p["pass_s"] * 1.05
-    assert p["pass_decode_s"] > 0
-    assert set(result["dpo"]) == {"lora", "full"} and result["dpo"]["lora"]["ratio"] > 0
-    assert result["flops"]["unet"]["gflop_per_item"] > 0
+    assert result["dpo"]["lora"]["ratio"] > 0 and result["flops"]["unet"]["gflop_per_item"] > 0
     table = (out / "benchmark.md").read_text()
-    assert "Euler steps at guidance 2.0" in table and "DPO lora" in table
+    assert "baseline / ours" in table and "Euler ODE" in table and "latent judge" in table
     assert table in capsys.readouterr().out

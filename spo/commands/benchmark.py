@@ -1,14 +1,16 @@
 """`spo benchmark`: what an SPO iteration and a DPO step cost, piece by piece, at a real
 architecture with random weights (nothing downloaded), against the released code's structure.
 
-In one process: an SPO sampling pass of `prompts` prompts (the UNet, the VAE decode of x0_hat
-and the judge timed apart; again with a latent judge, which decodes nothing), an SPO training
-step on its pairs, the DPO step (LoRA and full) per pair, peak GPU memory, and the UNet's and
-decoder's FLOP rate with the MFU. With `baseline=released` the pass and the training step also
-run as the released code runs them (the UNet twice per network on a pair's shared x_t, fp32
-judge, eager, no decode tuning), and every figure gets its ratio; the log-probabilities of
-both training steps are compared. Performance is a ratio measured in the same run, never a
-number asserted in a test.
+In one process: an SPO sampling pass of `prompts` prompts (the denoiser, the VAE decode of
+x0_hat and the judge timed apart; again with a latent judge, which decodes nothing), an SPO
+training step on its pairs, the DPO step (LoRA and full) per pair, peak GPU memory, and the
+denoiser's and decoder's FLOP rate with the MFU. Flow presets (SD3.5 Medium, FLUX.1-dev) run
+the same pieces with the flow SDE sampler and the transformer latent judge, and also time the
+pipeline's Euler ODE pass that evaluation samples with. With `baseline=released` the pass and
+the training step also run as the released code runs them (the denoiser twice per network on
+a pair's shared x_t, fp32 judge, eager, no decode tuning), and every figure gets its ratio;
+the log-probabilities of both training steps are compared. Performance is a ratio measured in
+the same run, never a number asserted in a test.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from typing import Any
 import torch
 
 import preference_model
-from preference_model import LatentJudge
+from preference_model import LatentJudge, TransformerJudge
 from preference_model.errors import check_judge_folder
 from spo.architectures import FLOW_PRESETS, SETTINGS, build_pipeline, build_spm
 from spo.commands.train_dpo import dpo_inputs, dpo_objective
 from spo.config import BenchmarkConfig, DPOTrainConfig, PolicyConfig, SamplerConfig, SpeedConfig
+from spo.judges import bind_judge, step_judge
 from spo.losses import spo_loss
 from spo.models import DTYPES, DiffusionModel
 from spo.policy import Policy
@@ -162,25 +165,18 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     preset = SETTINGS[cfg.preset]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
     torch.manual_seed(cfg.seed)
-    model = _diffusion_model(cfg, device, dtype)
-    if model.family_module.schedule == "flow":
-        return _flow_benchmark(cfg, model, autocast, device, dtype)
+    model = _diffusion_model(cfg, device, dtype).at_resolution(preset.resolution)
+    flow = model.family_module.schedule == "flow"
     spm = preference_model.load(cfg.spm, device) if cfg.spm else build_spm(cfg.preset, device)
-    # the latent judge starts from the base UNet (before the policy's adapters are added)
-    latent_judge = LatentJudge.from_pipeline(
-        model.pipe, cfg_scale=None if cfg.preset == "tiny" else 7.5
-    ).eval()
-    policy = Policy(
-        model,
-        PolicyConfig(
-            lora_rank=preset.lora_rank, gradient_checkpointing=preset.gradient_checkpointing
-        ),
-    )
+    # the latent judge starts from the base denoiser (before the policy's adapters are added)
+    latent_judge = bind_judge(_latent_judge(cfg, model), model).eval()
+    policy = Policy(model, _policy_config(preset, flow))
     sampler_cfg = SamplerConfig(
         num_steps=cfg.num_steps,
         k=preset.k,
         inner_steps=preset.inner_steps,
         threshold=0.0,  # every step's pair is kept: the training batches are the pass's pairs
+        guidance_scale=FLOW_GUIDANCE.get(cfg.preset, SamplerConfig.guidance_scale),
     )
     sampler_cfg = _tiled(sampler_cfg)
     prompts = [PROMPT.format(i=i) for i in range(cfg.prompts)]
@@ -190,9 +186,15 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         variants = {"baseline": RELEASED, **variants}  # the baseline first: fast_decode sticks
 
     result: dict[str, Any] = _header(cfg, device, dtype) | {
+        "family": model.family,
+        "resolution": model.resolution,
+        "denoiser_parameters": sum(
+            p.numel() for n, p in model.unet.named_parameters() if "lora_" not in n
+        ),
         "sampler": {"num_steps": sampler_cfg.num_steps, "k": sampler_cfg.k,
                     "inner_steps": sampler_cfg.inner_steps,
-                    "divert_step": sampler_cfg.divert_step},
+                    "divert_step": sampler_cfg.divert_step,
+                    "guidance_scale": sampler_cfg.guidance_scale},
         "lora_rank": preset.lora_rank,
         "train_batch": preset.train_batch,
         "variants": {},
@@ -203,20 +205,17 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
             model.fast_decode(compile_decoder=speed.compile_vae)
         judge_model = spm if speed.judge_dtype == "float32" else copy.deepcopy(spm)
         judge_model.to(DTYPES[speed.judge_dtype])
-
-        def judge(images, texts, t, judge_model=judge_model):
-            return judge_model.score(images, texts, t, value_range="-1-1")
-
+        judge = step_judge(judge_model, model, "pixel")
         sampler = PoolSampler(model, clock.wrap("judge", judge), sampler_cfg)
         figures, pairs = _sampling(cfg, sampler, policy, prompts, clock, autocast, device)
         result["variants"][name] = figures
-    latent_sampler = PoolSampler(
-        model, clock.wrap("judge", latent_judge.score), sampler_cfg, latent=True
-    )
+    latent = step_judge(latent_judge, model, "latent")
+    latent_sampler = PoolSampler(model, clock.wrap("judge", latent), sampler_cfg, latent=True)
     result["latent_judge_pass"], _ = _sampling(
         cfg, latent_sampler, policy, prompts, clock, autocast, device
     )
-    del latent_judge
+    result["latent_judge_parameters"] = sum(p.numel() for p in latent_judge.parameters())
+    del latent_judge, latent_sampler, latent
     steps = _training(cfg, model, sampler, policy, pairs, variants, autocast, device)
     for name, figures in result["variants"].items():
         figures |= steps[name]
@@ -232,39 +231,41 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         if ours.get("step_peak_gb") and base.get("step_peak_gb"):
             result["ratios"]["step_peak_memory"] = ours["step_peak_gb"] / base["step_peak_gb"]
     result["judge_half_precision"] = _judge_half(spm, model, policy, sampler_cfg, prompts, device)
+    if flow:
+        result["ode_pass"] = _ode_pass(cfg, model, policy, prompts, clock, device)
     result["flops"] = _flop_rates(cfg, model, policy, sampler_cfg, prompts, autocast, device)
     result["dpo"] = _dpo(cfg, model, policy, autocast, device, dtype)
     return result
 
 
-def _header(cfg: BenchmarkConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    return {
-        "preset": cfg.preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "prompts": cfg.prompts,
-        "repeats": cfg.repeats,
-    }
-
-
-def _flow_benchmark(cfg: BenchmarkConfig, model: DiffusionModel, autocast, device, dtype) -> dict:
-    """A flow model's figures: its sampling pass (the pipeline's Euler ODE sampler at the
-    preset's guidance, transformer and decode timed apart), the transformer's FLOP rate, and
-    the DPO step (LoRA, full). SPO's step-wise pass on flow models is issue 23's."""
-    preset = SETTINGS[cfg.preset]
-    policy = Policy(
-        model,
-        PolicyConfig(
-            lora_rank=preset.lora_rank,
-            lora_alpha=2 * preset.lora_rank,  # configs/sd35/dpo_lora.yaml's alpha = 2 x rank
-            lora_targets=list(FLOW_LORA_TARGETS),
-            gradient_checkpointing=preset.gradient_checkpointing,
-        ),
+def _policy_config(preset, flow: bool) -> PolicyConfig:
+    """The preset's LoRA: the SD release's on UNets; on flow transformers the joint
+    attention's projections with alpha = 2 x rank (configs/sd35/spo.yaml)."""
+    if not flow:
+        return PolicyConfig(
+            lora_rank=preset.lora_rank, gradient_checkpointing=preset.gradient_checkpointing
+        )
+    return PolicyConfig(
+        lora_rank=preset.lora_rank,
+        lora_alpha=2 * preset.lora_rank,
+        lora_targets=list(FLOW_LORA_TARGETS),
+        gradient_checkpointing=preset.gradient_checkpointing,
     )
-    prompts = [PROMPT.format(i=i) for i in range(cfg.prompts)]
+
+
+def _latent_judge(cfg: BenchmarkConfig, model: DiffusionModel):
+    """The preset's latent judge with the base denoiser's weights: the UNet's encoder (LPO's
+    feature CFG 7.5 at real size), or the transformer's first blocks."""
+    if model.family_module.denoiser == "transformer":
+        blocks = SETTINGS[cfg.preset].judge_blocks
+        return TransformerJudge.from_pipeline(model.pipe, blocks=blocks)
+    return LatentJudge.from_pipeline(model.pipe, cfg_scale=None if cfg.preset == "tiny" else 7.5)
+
+
+def _ode_pass(cfg: BenchmarkConfig, model: DiffusionModel, policy, prompts, clock, device):
+    """A flow model's evaluation sampling: the pipeline's Euler ODE pass at the preset's
+    guidance (what users sample with), transformer and decode timed apart."""
     seeds = list(range(cfg.prompts))
-    clock = PhaseClock(model, device)
     guidance = FLOW_GUIDANCE[cfg.preset]
 
     def one_pass():
@@ -276,26 +277,24 @@ def _flow_benchmark(cfg: BenchmarkConfig, model: DiffusionModel, autocast, devic
     phases = dict(clock.seconds)
     peak = peak_gb(one_pass, device)
     policy.unet.train()
-    result = _header(cfg, device, dtype) | {
-        "family": model.family,
-        "resolution": model.resolution,
-        "num_steps": cfg.num_steps,
+    return {
+        "pass_s": seconds,
+        "pass_peak_gb": peak,
+        "pass_denoiser_s": phases["unet"],
+        "pass_decode_s": phases["decode"],
         "guidance_scale": guidance,
-        "lora_rank": preset.lora_rank,
-        "denoiser_parameters": sum(
-            p.numel() for n, p in model.unet.named_parameters() if "lora_" not in n
-        ),
-        "pass": {
-            "pass_s": seconds,
-            "pass_peak_gb": peak,
-            "pass_denoiser_s": phases["unet"],
-            "pass_decode_s": phases["decode"],
-        },
     }
-    sampler_like = SamplerConfig(k=1, guidance_scale=guidance)
-    result["flops"] = _flop_rates(cfg, model, policy, sampler_like, prompts, autocast, device)
-    result["dpo"] = _dpo(cfg, model, policy, autocast, device, dtype)
-    return result
+
+
+def _header(cfg: BenchmarkConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "preset": cfg.preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "prompts": cfg.prompts,
+        "repeats": cfg.repeats,
+    }
 
 
 def _diffusion_model(cfg: BenchmarkConfig, device, dtype) -> DiffusionModel:
@@ -530,22 +529,23 @@ def _dpo(cfg, model, policy, autocast, device, dtype) -> dict:
 
 def markdown(result: dict) -> str:
     """The figures as a markdown table: ours, the released structure, and the ratio."""
-    if "pass" in result:
-        return _flow_markdown(result)
     variants = result["variants"]
     names = [n for n in ("ours", "baseline") if n in variants]
     head = "| piece | " + " | ".join(names) + (" | baseline / ours |" if len(names) > 1 else " |")
+    s = result["sampler"]
     lines = [
-        f"`spo benchmark` preset {result['preset']} on {result['device']} ({result['dtype']}), "
-        f"{result['prompts']} prompts, k = {result['sampler']['k']}, "
-        f"{result['sampler']['num_steps']} steps; median of {result['repeats']}",
+        f"`spo benchmark` preset {result['preset']} ({result['family']}, "
+        f"{_count(result['denoiser_parameters'])} denoiser parameters, {result['resolution']} "
+        f"px) on {result['device']} ({result['dtype']}), {result['prompts']} prompts, "
+        f"k = {s['k']}, {s['num_steps']} steps, guidance {s['guidance_scale']:g}; median of "
+        f"{result['repeats']}",
         "",
         head,
         "|" + " --- |" * (len(names) + 1 + (len(names) > 1)),
     ]
     rows = [
         ("sampling pass (s)", "pass_s"),
-        ("  UNet (s)", "pass_unet_s"),
+        ("  denoiser (s)", "pass_unet_s"),
         ("  VAE decode of x0_hat (s)", "pass_decode_s"),
         ("  judge (s)", "pass_judge_s"),
         ("  peak memory (GB)", "pass_peak_gb"),
@@ -562,11 +562,20 @@ def markdown(result: dict) -> str:
     lat, ours = result["latent_judge_pass"], variants["ours"]
     lines += [
         "",
-        f"sampling pass with the latent judge (no decode): {lat['pass_s']:.3g} s (UNet "
-        f"{lat['pass_unet_s']:.3g}, decode {lat['pass_decode_s']:.3g}, judge "
-        f"{lat['pass_judge_s']:.3g}); the pixel judge's pass takes "
-        f"{ours['pass_s'] / lat['pass_s']:.2f}x as long for the same trained steps",
+        f"sampling pass with the latent judge ({_count(result['latent_judge_parameters'])} "
+        f"parameters, no decode): {lat['pass_s']:.3g} s (denoiser {lat['pass_unet_s']:.3g}, "
+        f"decode {lat['pass_decode_s']:.3g}, judge {lat['pass_judge_s']:.3g}); the pixel "
+        f"judge's pass takes {ours['pass_s'] / lat['pass_s']:.2f}x as long for the same "
+        "trained steps",
     ]
+    if "ode_pass" in result:
+        p = result["ode_pass"]
+        peak = f", peak {p['pass_peak_gb']:.1f} GB" if p["pass_peak_gb"] is not None else ""
+        lines.append(
+            f"evaluation sampling (the pipeline's Euler ODE), {result['prompts']} images, "
+            f"{s['num_steps']} steps: {p['pass_s']:.3g} s (transformer "
+            f"{p['pass_denoiser_s']:.3g}, decode {p['pass_decode_s']:.3g}){peak}"
+        )
     if "logp_max_abs_diff" in result:
         lines.append(
             f"log-probabilities, ours vs baseline: max |diff| {result['logp_max_abs_diff']:.2e}"
@@ -577,23 +586,6 @@ def markdown(result: dict) -> str:
         f"{j['flipped_share']:.1%} of {j['decisions']} pair decisions flip (not exact: off by "
         "default)"
     )
-    return "\n".join(lines + _compute_lines(result)) + "\n"
-
-
-def _flow_markdown(result: dict) -> str:
-    p = result["pass"]
-    peak = f", peak {p['pass_peak_gb']:.1f} GB" if p["pass_peak_gb"] is not None else ""
-    lines = [
-        f"`spo benchmark` preset {result['preset']} ({result['family']}, "
-        f"{_count(result['denoiser_parameters'])} transformer parameters) on "
-        f"{result['device']} ({result['dtype']}), {result['resolution']} px; median of "
-        f"{result['repeats']}",
-        "",
-        f"sampling {result['prompts']} images, {result['num_steps']} Euler steps at guidance "
-        f"{result['guidance_scale']}: {p['pass_s']:.3g} s (transformer "
-        f"{p['pass_denoiser_s']:.3g}, decode {p['pass_decode_s']:.3g}){peak}",
-        "SPO's step-wise pass and training step on flow models: not yet (issue 23)",
-    ]
     return "\n".join(lines + _compute_lines(result)) + "\n"
 
 
