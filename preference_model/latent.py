@@ -264,27 +264,18 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(config), default=list))
 
 
-def load_latent_judge(
-    folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> LatentJudge:
-    """Rebuild a saved latent judge from its folder (no network); eval mode."""
-    from transformers import CLIPTokenizer
-
-    config = LatentJudgeConfig.from_json(folder / CONFIG_NAME)
+def restore_weights(
+    folder: Path, build: Any, device: str | torch.device, dtype: torch.dtype | None
+) -> nn.Module:
+    """A judge built by `build()` on `device` with the weights of `folder` (whole, every
+    tensor named and shaped as the judge's), in eval mode: what both latent judges' loaders
+    share."""
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointNotFoundError(f"{folder}: weights file {WEIGHTS_NAME} is missing")
     check_safetensors(weights)
-    names = ["tokenizer"] + [
-        f"tokenizer_{i + 1}" for i in range(1, len(config.text_encoder_configs))
-    ]
-    tokenizers = []
-    for name in names:
-        if not (folder / name).is_dir():
-            raise CheckpointNotFoundError(f"{folder}: tokenizer folder {name}/ is missing")
-        tokenizers.append(CLIPTokenizer.from_pretrained(folder / name))
     with torch.device(device):
-        judge = LatentJudge(config, tokenizers)
+        judge = build()
     state = load_file(weights, device=str(device))
     check_state_dict(
         {k: tuple(v.shape) for k, v in judge.state_dict().items()},
@@ -295,3 +286,21 @@ def load_latent_judge(
     if dtype is not None:
         judge.to(dtype)
     return judge.eval()
+
+
+def load_latent_judge(
+    folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> LatentJudge:
+    """Rebuild a saved latent judge from its folder (no network); eval mode."""
+    from transformers import CLIPTokenizer
+
+    config = LatentJudgeConfig.from_json(folder / CONFIG_NAME)
+    names = ["tokenizer"] + [
+        f"tokenizer_{i + 1}" for i in range(1, len(config.text_encoder_configs))
+    ]
+    tokenizers = []
+    for name in names:
+        if not (folder / name).is_dir():
+            raise CheckpointNotFoundError(f"{folder}: tokenizer folder {name}/ is missing")
+        tokenizers.append(CLIPTokenizer.from_pretrained(folder / name))
+    return restore_weights(folder, lambda: LatentJudge(config, tokenizers), device, dtype)

@@ -34,16 +34,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from preference_model.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    check_safetensors,
-    check_state_dict,
-    read_config_file,
-)
+from preference_model.errors import CheckpointError, read_config_file
+from preference_model.latent import restore_weights
 
 KIND = "transformer_latent_preference_model"
 FORMAT_VERSION = 1
@@ -220,19 +215,4 @@ def load_transformer_judge(
     """Rebuild a saved transformer latent judge from its folder (no network); eval mode,
     unbound."""
     config = TransformerJudgeConfig.from_json(folder / CONFIG_NAME)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointNotFoundError(f"{folder}: weights file {WEIGHTS_NAME} is missing")
-    check_safetensors(weights)
-    with torch.device(device):
-        judge = TransformerJudge(config)
-    state = load_file(weights, device=str(device))
-    check_state_dict(
-        {k: tuple(v.shape) for k, v in judge.state_dict().items()},
-        {k: tuple(v.shape) for k, v in state.items()},
-        str(weights),
-    )
-    judge.load_state_dict(state, strict=True)
-    if dtype is not None:
-        judge.to(dtype)
-    return judge.eval()
+    return restore_weights(folder, lambda: TransformerJudge(config), device, dtype)
