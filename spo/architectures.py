@@ -39,6 +39,7 @@ from spo.toy.text import VOCAB_SIZE, build_tokenizer
 
 PRESETS = ("tiny", "sd15", "sdxl", "tiny_flow", "sd35m", "flux")
 FLOW_PRESETS = ("tiny_flow", "sd35m", "flux")  # rectified-flow transformers (SPEC 8)
+TOY_PRESETS = ("tiny", "tiny_flow")  # the toy world's sizes: judged by the toy SPM's architecture
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,9 +291,10 @@ def build_pipeline(preset: str, device: str | torch.device, dtype: torch.dtype):
 
 
 def build_spm(preset: str, device: str | torch.device):
-    """The preset's SPM with random weights: the toy CLIP's architecture, or PickScore's."""
+    """The preset's SPM with random weights: the toy CLIP's architecture for the toy presets,
+    PickScore's for the real ones."""
     with torch.device(device):
-        if preset == "tiny":
+        if preset in TOY_PRESETS:
             return StepAwarePreferenceModel.from_open_clip(
                 TOY_BACKBONE_DIR / "open_clip_config.json"
             ).eval()

@@ -61,6 +61,9 @@ def test_real_architectures_have_the_published_sizes():
     assert round(millions(sdxl.unet) / 100) == 26  # 2.6B
     assert round(millions(sdxl.text_encoder_2)) == 695  # OpenCLIP ViT-bigG/14's text tower
     assert round(millions(build_spm("sd15", "meta")) / 100) == 13  # PickScore, 1.3B
+    # the toy presets are judged by the toy SPM's architecture, not PickScore's
+    toy_spm = millions(build_spm("tiny", "meta"))
+    assert toy_spm < 50 and millions(build_spm("tiny_flow", "meta")) == toy_spm
 
 
 def test_flow_architectures_have_the_published_sizes():
