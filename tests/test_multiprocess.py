@@ -87,8 +87,28 @@ def sd3(tmp_path_factory) -> Path:
     return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "pipe")
 
 
-def _cases(world: Path, judge: Path, prompts: Path, sd3: Path | None = None):
+@pytest.fixture(scope="module")
+def flow_latent_judge(mini_world, sd3, tmp_path_factory) -> Path:
+    """A transformer latent judge trained (one process) on the tiny SD3 pipeline."""
+    out = tmp_path_factory.mktemp("flow_latent_judge")
+    assert main(_flow_judge_args(mini_world, sd3, out)) == 0
+    return out / "final"
+
+
+def _flow_judge_args(world: Path, sd3: Path, out: Path, *extra: str) -> list[str]:
+    return judge_training_args(
+        world,
+        out,
+        f"base_model={sd3}",
+        "latent.projection_dim=8",
+        *extra,
+        config="latent_judge.yaml",
+    )
+
+
+def _cases(world: Path, judge: Path, prompts: Path, sd3=None, flow_judge=None):
     """(args builder, weights file) per trainer; each run has a checkpoint before its end."""
+    spo_extra = (f"prompts={prompts}", "checkpoint_every=1", "batch_size=1")
     return {
         "dpo": (lambda out: dpo_args(world, out), "pytorch_lora_weights.safetensors"),
         "flow-dpo": (
@@ -105,24 +125,45 @@ def _cases(world: Path, judge: Path, prompts: Path, sd3: Path | None = None):
                 world,
                 judge,
                 out,
-                f"prompts={prompts}",
-                "checkpoint_every=1",
-                "batch_size=1",
+                *spo_extra,
                 "gradient_accumulation_steps=2",
+            ),
+            "pytorch_lora_weights.safetensors",
+        ),
+        # the transformer judge's last kept block has outputs no score reads (its text branch)
+        "flow-latent-judge": (
+            lambda out: _flow_judge_args(world, sd3, out, "pairs.max_validation_pairs=15"),
+            "model.safetensors",
+        ),
+        "flow-spo-latent": (
+            lambda out: spo_args(
+                world,
+                flow_judge,
+                out,
+                "policy.lora_targets=[attn.to_q,attn.to_k,attn.to_v,attn.to_out.0]",
+                *spo_extra,
+                config="spo_flow_latent.yaml",
+                base=sd3,
             ),
             "pytorch_lora_weights.safetensors",
         ),
     }
 
 
+FLOW_TRAINERS = ("flow-dpo", "flow-latent-judge", "flow-spo-latent")
+
+
 @pytest.mark.parametrize(
-    "trainer", ["dpo", "spm", "spo", pytest.param("flow-dpo", marks=pytest.mark.slow)]
+    "trainer",
+    ["dpo", "spm", "spo", *(pytest.param(t, marks=pytest.mark.slow) for t in FLOW_TRAINERS)],
 )
 def test_two_processes_repeat_and_resume_to_the_same_weights(
     trainer, mini_world, judge, four_prompts, tmp_path, request
 ):
-    sd3 = request.getfixturevalue("sd3") if trainer == "flow-dpo" else None
-    args, name = _cases(mini_world, judge, four_prompts, sd3)[trainer]
+    sd3 = request.getfixturevalue("sd3") if trainer in FLOW_TRAINERS else None
+    latent = trainer == "flow-spo-latent"
+    flow_judge = request.getfixturevalue("flow_latent_judge") if latent else None
+    args, name = _cases(mini_world, judge, four_prompts, sd3, flow_judge)[trainer]
     straight = torchrun(args(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-2000:]
     again = torchrun(args(tmp_path / "b"))
