@@ -17,7 +17,7 @@ $S toy-world --out $W train_pairs=300 validation_pairs=64 grid_prompts=1 grid_im
 time_it() { local t0=$(date +%s.%N); "$@"; echo "$(echo "$(date +%s.%N) - $t0" | bc) s: ${*: -3}" >> $OUT/times.txt; }
 time_it $S train-preference-model --config configs/toy/spm.yaml --out /tmp/gspm base_model=$W/base_model \
   pairs.train=$W/pairs/train.parquet pairs.validation=$W/pairs/validation.parquet max_steps=$STEPS > $OUT/spm.log 2>&1
-D="--config configs/toy/dpo.yaml --out /tmp/gdpo base_model=$W/base_model pairs.train=$W/pairs/train.parquet max_steps=$STEPS validation_images.scorer=oracle validation_images.every=20"
+D="--config configs/toy/dpo.yaml --out /tmp/gdpo base_model=$W/base_model pairs.train=$W/pairs/train.parquet max_steps=$STEPS validation_images.scorers=[toy_pickscore,oracle] validation_images.select_by=toy_pickscore validation_images.every=20"
 time_it $L train-dpo $D > $OUT/dpo.log 2>&1
 time_it $L train-dpo $D > $OUT/dpo_rerun.log 2>&1
 time_it $L train-spo --config configs/toy/spo.yaml --out /tmp/gspo base_model=$W/base_model spm=/tmp/gspm/final \

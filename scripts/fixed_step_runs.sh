@@ -20,12 +20,12 @@ C="base_model=$W/base_model pairs.train=$W/pairs/train.parquet"
 $SPO train-preference-model --config configs/toy/spm.yaml --out $OUT/spm $C pairs.validation=$W/pairs/validation.parquet \
   max_steps=6 batch_size=8 validation_every=3 validation_pairs_periodic=16 checkpoint_every=3 gradient_accumulation_steps=2 >$OUT/spm.log 2>&1
 $SPO train-dpo --config configs/toy/dpo.yaml --out $OUT/dpo $C max_steps=6 batch_size=4 checkpoint_every=3 \
-  gradient_accumulation_steps=2 validation_images.every=3 validation_images.scorer=oracle ${DPO_ARGS:-} >$OUT/dpo.log 2>&1
+  gradient_accumulation_steps=2 validation_images.every=3 validation_images.scorers=[toy_pickscore,oracle] validation_images.select_by=toy_pickscore ${DPO_ARGS:-} >$OUT/dpo.log 2>&1
 $SPO train-dpo --config configs/toy/dpo.yaml --out $OUT/dpo_full $C max_steps=3 batch_size=2 checkpoint_every=2 \
   policy.mode=full loss=dpo validation_images.prompts=[] ${DPO_ARGS:-} >$OUT/dpo_full.log 2>&1
 $SPO train-spo --config configs/toy/spo.yaml --out $OUT/spo base_model=$W/base_model spm=$OUT/spm/final \
   prompts=$W/prompts/train.txt max_prompts=8 sample_batch_size=4 batch_size=2 max_epochs=2 gradient_accumulation_steps=2 \
-  sampler.threshold=0.05 validation_images.every=2 validation_images.scorer=oracle ${SPO_ARGS:-} >$OUT/spo.log 2>&1
+  sampler.threshold=0.05 validation_images.every=2 validation_images.scorers=[toy_pickscore,oracle] validation_images.select_by=toy_pickscore ${SPO_ARGS:-} >$OUT/spo.log 2>&1
 $SPO train-spo --config configs/toy/spo.yaml --out $OUT/spo_seg base_model=$W/base_model spm=$OUT/spm/final \
   prompts=$W/prompts/train.txt max_prompts=4 sample_batch_size=4 batch_size=2 max_epochs=1 \
   sampler.threshold=0.0 sampler.inner_steps=1 sampler.k=2 validation_images.prompts=[] ${SPO_ARGS:-} >$OUT/spo_seg.log 2>&1

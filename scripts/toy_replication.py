@@ -39,8 +39,14 @@ import numpy as np
 
 from spo.commands.demo import stage_args
 from spo.config import DemoConfig
-from spo.evaluation.provenance import validation_curves
-from spo.evaluation.stats import format_ci, mean_ci, paired_difference_ci, win_rate_ci
+from spo.evaluation.provenance import best_validation, validation_curves, validation_rows
+from spo.evaluation.stats import (
+    format_ci,
+    mean_ci,
+    paired_difference_ci,
+    seed_mean_ci,
+    win_rate_ci,
+)
 
 # judge runs an arm may need -> (demo stage, toy config, extra overrides), trained once first
 JUDGES: dict[str, tuple[str, str, list[str]]] = {
@@ -49,34 +55,51 @@ JUDGES: dict[str, tuple[str, str, list[str]]] = {
     "flow-spm": ("spm_flow", "spm_flow.yaml", []),
     "flow-latent-judge": ("spm_flow", "latent_judge_flow.yaml", []),
 }
-# arm -> (demo stage, overrides, the question it answers, the judge run it needs)
-ARMS: dict[str, tuple[str, list[str], str, str | None]] = {
-    "dpo": ("dpo", [], "Diffusion-DPO on the world's pairs", None),
-    "spo": (
-        "spo",
-        [],
-        "SPO as configured: random continuation, time-aware SPM, kappa 750, k 4",
-        None,
+
+
+class Arm(NamedTuple):
+    """One arm: a demo stage with overrides, the question it answers, the judge run it needs
+    and its own toy config (None: the stage's)."""
+
+    stage: str
+    overrides: list[str]
+    question: str
+    judge: str | None = None
+    config: str | None = None
+
+
+ARMS: dict[str, Arm] = {
+    "dpo": Arm("dpo", [], "Diffusion-DPO on the world's pairs"),
+    "spo": Arm("spo", [], "SPO as configured: random continuation, time-aware SPM, kappa 750, k 4"),
+    "spo-win": Arm("spo", ["sampler.continuation=win"], "continue from the step's winner"),
+    "spo-lose": Arm("spo", ["sampler.continuation=lose"], "continue from the step's loser"),
+    "spo-no-time": Arm(
+        "spo", ["spm={judge}"], "SPM trained without time conditioning", "spm-no-time"
     ),
-    "spo-win": ("spo", ["sampler.continuation=win"], "continue from the step's winner", None),
-    "spo-lose": ("spo", ["sampler.continuation=lose"], "continue from the step's loser", None),
-    "spo-no-time": ("spo", ["spm={judge}"], "SPM trained without time conditioning", "spm-no-time"),
-    "spo-kappa950": ("spo", ["sampler.divert_step=0"], "train every step (t <= 951)", None),
-    "spo-k2": ("spo", ["sampler.k=2"], "pool of 2 candidates per step", None),
-    "spo-latent": (
+    "spo-kappa950": Arm("spo", ["sampler.divert_step=0"], "train every step (t <= 951)"),
+    "spo-k2": Arm("spo", ["sampler.k=2"], "pool of 2 candidates per step"),
+    "spo-latent": Arm(
+        "spo",
+        ["spm={judge}"],
+        "SPO judged by the latent judge with LPO's settings (toy/spo_latent: beta 500, all "
+        "steps, dynamic threshold, 5 epochs), no decode",
+        "latent-judge",
+        "spo_latent.yaml",
+    ),
+    "spo-latent-spo-settings": Arm(
         "spo",
         ["spm={judge}", "judge=latent"],
-        "SPO judged by the latent judge (method.md 6), no decode",
+        "the latent judge alone: every other setting the pixel SPO arm's",
         "latent-judge",
     ),
-    "flow-dpo": ("dpo_flow", [], "Diffusion-DPO on the toy flow base model", None),
-    "flow-spo": (
+    "flow-dpo": Arm("dpo_flow", [], "Diffusion-DPO on the toy flow base model"),
+    "flow-spo": Arm(
         "spo_flow",
         ["spm={judge}"],
         "SPO on the toy flow base model (flow SDE steps), judged by its pixel SPM",
         "flow-spm",
     ),
-    "flow-spo-latent": (
+    "flow-spo-latent": Arm(
         "spo_flow",
         ["spm={judge}", "judge=latent"],
         "SPO on the toy flow base model judged by its transformer latent judge",
@@ -105,7 +128,7 @@ WORLDS = {
 
 def world_of(arm: str) -> str:
     """The world an arm trains in: flow arms on the toy flow base model."""
-    return "flow" if ARMS[arm][0].endswith("_flow") else "unet"
+    return "flow" if ARMS[arm].stage.endswith("_flow") else "unet"
 
 
 def run_logged(args: list[str], log: Path, threads: int) -> None:
@@ -132,18 +155,20 @@ def train_jobs(opts, out: Path) -> dict[str, tuple[list[str], Path, str | None]]
     demo = DemoConfig(out=str(opts.demo), budget_minutes=opts.budget_minutes)
     configs = Path(__file__).parents[1] / "configs/toy"
     jobs: dict[str, tuple[list[str], Path, str | None]] = {}
-    for judge in dict.fromkeys(ARMS[arm][3] for arm in opts.arms if ARMS[arm][3]):
+    for judge in dict.fromkeys(ARMS[arm].judge for arm in opts.arms if ARMS[arm].judge):
         stage, config, extra = JUDGES[judge]
         args = with_out(stage_args(demo, stage), out / judge)
         args[args.index("--config") + 1] = str(configs / config)
         jobs[judge] = (args + extra, out / judge, None)
     for seed in opts.seeds:  # seed-major: a slow spell on the machine hits all arms alike
         for arm in opts.arms:
-            stage, extra, _, judge = ARMS[arm]
+            a = ARMS[arm]
             run = out / "runs" / f"{arm}-s{seed}"
-            overrides = [o.format(judge=out / str(judge) / "final") for o in extra]
-            args = with_out(stage_args(demo, stage), run) + [f"seed={seed}", *overrides]
-            jobs[run.name] = (args, run, judge)
+            overrides = [o.format(judge=out / str(a.judge) / "final") for o in a.overrides]
+            args = with_out(stage_args(demo, a.stage), run) + [f"seed={seed}", *overrides]
+            if a.config is not None:
+                args[args.index("--config") + 1] = str(configs / a.config)
+            jobs[run.name] = (args, run, a.judge)
     return jobs
 
 
@@ -177,7 +202,13 @@ def compare_args(opts, out: Path, runs: list[str], world: str = "unet") -> list[
     folder = Path(opts.demo) / "world"
     base = folder / w.pipeline
     models = [f"{{name: {w.base}, pipeline: {base}}}"]
-    models += [f"{{name: {r}, pipeline: {base}, lora: {out / 'runs' / r / 'final'}}}" for r in runs]
+    for r in runs:
+        # best/ (where the run kept one) beside final/ of the same run
+        for name, result in ((r, "final"), (f"{r}-best", "best")):
+            if result == "final" or (out / "runs" / r / result).is_dir():
+                models.append(
+                    f"{{name: {name}, pipeline: {base}, lora: {out / 'runs' / r / result}}}"
+                )
     spm = Path(opts.demo) / "spm/final" if world == "unet" else out / "flow-spm/final"
     scorers = ["oracle"] + ([f"'spm:{spm}'"] if spm.is_dir() or world == "unet" else [])
     return [
@@ -240,12 +271,65 @@ def summarise(opts, out: Path) -> dict:
                 scorer: _table(opts, by_model, arms, w)
                 for scorer, by_model in per_image["scores"].items()
             }
+    summary["best_vs_final"] = best_vs_final(opts, out)
     summary["runs"] = {
         f"{arm}-s{s}": run_facts(out / "runs" / f"{arm}-s{s}")
         for arm in opts.arms
         for s in opts.seeds
     }
     return summary
+
+
+GOLD = "oracle"
+
+
+def best_vs_final(opts, out: Path) -> dict:
+    """Per arm whose runs kept best/ (chosen by a held-out proxy, never the oracle): the
+    oracle reward of best/ and of final/ on the comparison's images, best - final paired on
+    (prompt, image seed, training seed), and from each run's validations the oracle at best/'s
+    validation, at the last one and its own peak (the most an oracle-picked checkpoint could
+    have given), with a t-interval over the seeds of peak - best."""
+    table = {}
+    for world, w in WORLDS.items():
+        arms = [arm for arm in opts.arms if world_of(arm) == world]
+        path = out / w.compare / "scores.json"
+        if not arms or not path.is_file():
+            continue
+        by_model = json.loads(path.read_text())["scores"][GOLD]
+        for arm in arms:
+            names = [f"{arm}-s{s}" for s in opts.seeds]
+            if not all(f"{n}-best" in by_model for n in names):
+                continue
+            final = np.concatenate([np.array(by_model[n]) for n in names], axis=1)
+            best = np.concatenate([np.array(by_model[f"{n}-best"]) for n in names], axis=1)
+            curves = [_oracle_along(out / "runs" / n) for n in names]
+            table[arm] = {
+                "final": mean_ci(final, opts.bootstrap),
+                "best": mean_ci(best, opts.bootstrap),
+                "best_minus_final": paired_difference_ci(best, final),
+                "validation": curves,
+                "peak_minus_best": seed_mean_ci([c["peak"] - c["at_best"] for c in curves]),
+                "peak_minus_final": seed_mean_ci([c["peak"] - c["at_end"] for c in curves]),
+            }
+    return table
+
+
+def _oracle_along(run: Path) -> dict:
+    """The oracle's validation mean at best/'s step, at the run's last validation and at its
+    own peak (with their steps), and the proxy that chose best/."""
+    rows = [r for r in validation_rows(run) if GOLD in r["scores"]]
+    chosen = best_validation(run)
+    at = {r["step"]: r["scores"][GOLD] for r in rows}
+    peak = max(rows, key=lambda r: r["scores"][GOLD])
+    return {
+        "selected_by": chosen["select_by"],
+        "best_step": chosen["step"],
+        "at_best": at[chosen["step"]],
+        "last_step": rows[-1]["step"],
+        "at_end": rows[-1]["scores"][GOLD],
+        "peak_step": peak["step"],
+        "peak": peak["scores"][GOLD],
+    }
 
 
 def _table(opts, by_model: dict, arms: list[str], w: World) -> dict:
@@ -311,10 +395,39 @@ def markdown(summary: dict, arms: list[str]) -> str:
                     f"{format_ci(row['minus_base'], spec='.3f')} | {' | '.join(versus)} |"
                 )
             lines.append("")
+    lines += _best_vs_final_lines(summary.get("best_vs_final", {}))
     lines += ["| run | steps | training seconds |", "| --- | --- | --- |"]
     for name, facts in summary["runs"].items():
         lines.append(f"| {name} | {facts['steps']} | {facts['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _best_vs_final_lines(table: dict) -> list[str]:
+    """best/ (kept by the held-out proxy) against final/ and the oracle's own peak."""
+    if not table:
+        return []
+
+    def ci(entry: dict) -> str:
+        return format_ci(entry, spec=".3f") if entry["ci95"] else f"{entry['mean']:.3f}"
+
+    lines = [
+        f"### best/ against final/ ({GOLD}; best/ kept by "
+        f"{next(iter(table.values()))['validation'][0]['selected_by']})",
+        "",
+        "| arm | final/ | best/ | best - final (paired) | best/ steps | oracle peak steps "
+        "| validation oracle at best / at end / peak | peak - best (seeds) | peak - final |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for arm, row in table.items():
+        curves = row["validation"]
+        at = " ; ".join(f"{c['at_best']:.3f} / {c['at_end']:.3f} / {c['peak']:.3f}" for c in curves)
+        lines.append(
+            f"| {arm} | {ci(row['final'])} | {ci(row['best'])} | {ci(row['best_minus_final'])} "
+            f"| {' / '.join(str(c['best_step']) for c in curves)} "
+            f"| {' / '.join(str(c['peak_step']) for c in curves)} | {at} "
+            f"| {ci(row['peak_minus_best'])} | {ci(row['peak_minus_final'])} |"
+        )
+    return lines + [""]
 
 
 def main() -> int:

@@ -67,6 +67,24 @@ def add_noise(x0: Tensor, noise: Tensor, alpha_bar_t: Tensor) -> Tensor:
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def ddim_step_gaussian(
+    x_t: Tensor, eps: Tensor, alpha_bar_t: Tensor, alpha_bar_prev: Tensor, eta: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The Gaussian of one DDIM step x_t -> x_{t-1} (method.md 3), in float32: its mean
+    sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps and its standard deviation sigma
+    (shaped (N, 1, ...), one per sample). eta must be > 0 for the step to be a Gaussian."""
+    if eta <= 0:
+        raise ValueError("eta must be > 0: a deterministic step has no log-probability")
+    a_t = _broadcast(alpha_bar_t, x_t).float()
+    a_prev = _broadcast(alpha_bar_prev, x_t).float()
+    x_t, eps = x_t.float(), eps.float()
+    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    return mean, std
+
+
 def ddim_step_with_logprob(
     x_t: Tensor,
     eps: Tensor,
@@ -91,15 +109,7 @@ def ddim_step_with_logprob(
     drawn from `generator`.
     Returns (x_prev, log p (N,)). eta must be > 0 for a log-probability to exist.
     """
-    if eta <= 0:
-        raise ValueError("eta must be > 0: a deterministic step has no log-probability")
-    a_t = _broadcast(alpha_bar_t, x_t).float()
-    a_prev = _broadcast(alpha_bar_prev, x_t).float()
-    x_t, eps = x_t.float(), eps.float()
-    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = eta * variance.clamp(min=0).sqrt()
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    mean, std = ddim_step_gaussian(x_t, eps, alpha_bar_t, alpha_bar_prev, eta)
     if prev_sample is None:
         if noise is None:
             device = generator.device if generator is not None else None

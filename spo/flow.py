@@ -71,6 +71,45 @@ def _check_noise_level(noise_level: float) -> None:
         raise ValueError(f"noise_level must be in (0, 1], got {noise_level}")
 
 
+def sde_step_gaussian(
+    x_s: Tensor,
+    velocity: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    *,
+    noise_level: float = 0.7,
+    kind: SDEKind = "sde",
+    sigma_max_substitute: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The Gaussian of one stochastic flow step (`sde_step_with_logprob` has the formulas), in
+    float32: its mean and its standard deviation, shaped (N, 1, ...), one per sample."""
+    _check_noise_level(noise_level)
+    x_s, velocity = x_s.float(), velocity.float()
+    s, s_next = _broadcast(sigma, x_s), _broadcast(sigma_next, x_s)
+    dt = s_next - s
+    if kind == "sde":
+        denominator_sigma = s
+        if sigma_max_substitute is not None:
+            substitute = torch.as_tensor(sigma_max_substitute, dtype=s.dtype, device=s.device)
+            denominator_sigma = torch.where(s == 1, substitute, s)
+        elif bool((s >= 1).any()):
+            raise ValueError("sigma = 1 in the 'sde' step: pass sigma_max_substitute")
+        std_s = noise_level * torch.sqrt(s / (1 - denominator_sigma))
+        drift = velocity + std_s**2 / (2 * s) * (x_s + (1 - s) * velocity)
+        mean = x_s + drift * dt
+        std = std_s * torch.sqrt(-dt)
+    elif kind == "cps":
+        std = s_next * math.sin(noise_level * math.pi / 2)
+        if bool((std <= 0).any()):
+            raise ValueError("the 'cps' step needs sigma_next > 0 for a log-probability")
+        x0_hat = predict_x0(x_s, velocity, s)
+        eps_hat = predict_epsilon(x_s, velocity, s)
+        mean = x0_hat * (1 - s_next) + eps_hat * (s_next**2 - std**2).clamp(min=0).sqrt()
+    else:
+        raise ValueError(f"unsupported SDE kind {kind!r}")
+    return mean, std.expand(x_s.shape[0], *std.shape[1:])
+
+
 def sde_step_with_logprob(
     x_s: Tensor,
     velocity: Tensor,
@@ -113,31 +152,15 @@ def sde_step_with_logprob(
     s >= 1 raises ValueError. "cps" needs s' > 0 (its std is 0 at s' = 0: no density).
     Returns SDEStep(prev_sample, log_prob (N,), mean, std (N,)).
     """
-    _check_noise_level(noise_level)
-    x_s, velocity = x_s.float(), velocity.float()
-    s, s_next = _broadcast(sigma, x_s), _broadcast(sigma_next, x_s)
-    dt = s_next - s
-    if kind == "sde":
-        denominator_sigma = s
-        if sigma_max_substitute is not None:
-            substitute = torch.as_tensor(sigma_max_substitute, dtype=s.dtype, device=s.device)
-            denominator_sigma = torch.where(s == 1, substitute, s)
-        elif bool((s >= 1).any()):
-            raise ValueError("sigma = 1 in the 'sde' step: pass sigma_max_substitute")
-        std_s = noise_level * torch.sqrt(s / (1 - denominator_sigma))
-        drift = velocity + std_s**2 / (2 * s) * (x_s + (1 - s) * velocity)
-        mean = x_s + drift * dt
-        std = std_s * torch.sqrt(-dt)
-    elif kind == "cps":
-        std = s_next * math.sin(noise_level * math.pi / 2)
-        if bool((std <= 0).any()):
-            raise ValueError("the 'cps' step needs sigma_next > 0 for a log-probability")
-        x0_hat = predict_x0(x_s, velocity, s)
-        eps_hat = predict_epsilon(x_s, velocity, s)
-        mean = x0_hat * (1 - s_next) + eps_hat * (s_next**2 - std**2).clamp(min=0).sqrt()
-    else:
-        raise ValueError(f"unsupported SDE kind {kind!r}")
-    std = std.expand(x_s.shape[0], *std.shape[1:])
+    mean, std = sde_step_gaussian(
+        x_s,
+        velocity,
+        sigma,
+        sigma_next,
+        noise_level=noise_level,
+        kind=kind,
+        sigma_max_substitute=sigma_max_substitute,
+    )
     if prev_sample is None:
         if noise is None:
             device = generator.device if generator is not None else x_s.device

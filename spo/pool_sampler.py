@@ -25,7 +25,7 @@ from torch import Tensor
 
 from spo import flow
 from spo.config.schemas import SamplerConfig
-from spo.ddim import ddim_step_with_logprob, predict_x0
+from spo.ddim import ddim_step_gaussian, ddim_step_with_logprob, predict_x0
 from spo.models import DiffusionModel, TextConditioning
 
 
@@ -174,6 +174,14 @@ class DDIMSchedule:
             prev_sample=prev_sample,
         )
 
+    def gaussian(
+        self, x: Tensor, out: Tensor, t: int | Tensor, t_next: int | Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The step's Gaussian: mean and standard deviation (N, 1, ...)."""
+        n = x.shape[0]
+        alphas = self.alpha(t, n, x.device), self.alpha(t_next, n, x.device)
+        return ddim_step_gaussian(x, out, *alphas, self.eta)
+
     def x0(self, x: Tensor, out: Tensor, t: int) -> Tensor:
         """The one-step clean estimate a pixel judge sees decoded."""
         return predict_x0(x, out, self.alpha(t, x.shape[0], x.device))
@@ -246,6 +254,19 @@ class FlowSchedule:
         """x_s -> x_{s_next} drawn (or `prev_sample` given) and its log-probability (N,)."""
         step = self._sde(x, out, s, s_next, generator=generator, prev_sample=prev_sample)
         return step.prev_sample, step.log_prob
+
+    def gaussian(
+        self, x: Tensor, out: Tensor, s: float | Tensor, s_next: float | Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The step's Gaussian: mean and standard deviation (N, 1, ...)."""
+        return flow.sde_step_gaussian(
+            x,
+            out,
+            torch.as_tensor(s, dtype=torch.float32, device=x.device),
+            torch.as_tensor(s_next, dtype=torch.float32, device=x.device),
+            noise_level=self.noise_level,
+            sigma_max_substitute=self._substitute,
+        )
 
     def x0(self, x: Tensor, out: Tensor, s: float) -> Tensor:
         return flow.predict_x0(x.float(), out, s)

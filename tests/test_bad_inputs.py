@@ -438,7 +438,17 @@ CASES: list[Case] = [
     ),
     C(
         "dpo-validation-scorer-latent-judge",
-        lambda c: dpo(c, f"validation_images.scorer=spm:{c.inputs / 'latent_judge'}"),
+        lambda c: dpo(c, f"validation_images.scorers=[spm:{c.inputs / 'latent_judge'}]"),
+    ),
+    C("dpo-best-by-the-oracle", lambda c: dpo(c, "validation_images.select_by=oracle")),
+    C("dpo-best-by-an-unlisted-scorer", lambda c: dpo(c, "validation_images.select_by=hpsv2")),
+    C(
+        "dpo-patience-without-best",
+        lambda c: dpo(c, "validation_images.select_by=null", "validation_images.patience=2"),
+    ),
+    C(
+        "dpo-validation-scorer-twice",
+        lambda c: dpo(c, "validation_images.scorers=[oracle,toy_pickscore,oracle]"),
     ),
     C("bench-latent-judge-as-spm", lambda c: benchmark(c, f"spm={c.inputs / 'latent_judge'}")),
     C("spo-pixel-judge-given-latent", lambda c: spo(c, "judge=latent")),

@@ -42,7 +42,7 @@ def test_quick_demo_runs_skips_and_reruns(tmp_path, capsys):
         "spo/final/pytorch_lora_weights.safetensors",
         "compare/results.json",
         "compare/report.html",
-        "compare/reward_vs_compute.png",
+        "compare/proxy_vs_gold.png",
         "demo.json",
     ):
         assert (root / path).is_file(), path

@@ -135,7 +135,10 @@ def test_the_tracker_gets_the_config_and_the_validation_images(mini_world, tmp_p
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    extra = ["tracker=tensorboard", "validation_images.prompts=[a red circle]"]
+    extra = [
+        "tracker=tensorboard",
+        "validation_images.prompts=[a red circle on a white background]",
+    ]
     extra += ["validation_images.num_inference_steps=2", "max_steps=2"]
     assert main(dpo_args(mini_world, out, *extra)) == 0
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -188,7 +191,11 @@ def test_validation_images_under_bf16_beside_a_float32_lora(mini_world, tmp_path
     """Frozen weights in bf16 (the launcher's or the config's precision), LoRA in float32: the
     validation sampler used to hand float32 latents to the bf16 VAE and fail ("Input type
     (float) and bias type (c10::BFloat16) should be the same")."""
-    extra = ["mixed_precision=bf16", "max_steps=1", "validation_images.prompts=[a red circle]"]
+    extra = [
+        "mixed_precision=bf16",
+        "max_steps=1",
+        "validation_images.prompts=[a red circle on a white background]",
+    ]
     extra += ["validation_images.num_inference_steps=2"]
     assert main(dpo_args(mini_world, tmp_path / "bf16", *extra)) == 0
     assert (tmp_path / "bf16/validation/step-1.png").is_file()

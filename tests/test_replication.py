@@ -51,14 +51,18 @@ def test_plan_is_the_demo_command_with_seed_and_ablation(replication, tmp_path):
 
 
 def test_latent_arm_waits_for_its_judge_trained_with_the_latent_config(replication, tmp_path):
-    opts = _opts(tmp_path, ["spo", "spo-latent"], [0])
+    opts = _opts(tmp_path, ["spo", "spo-latent", "spo-latent-spo-settings"], [0])
     jobs = replication.train_jobs(opts, opts.out)
-    assert list(jobs) == ["latent-judge", "spo-s0", "spo-latent-s0"]
+    assert list(jobs) == ["latent-judge", "spo-s0", "spo-latent-s0", "spo-latent-spo-settings-s0"]
     judge_args, judge_out, _ = jobs["latent-judge"]
     assert judge_args[judge_args.index("--config") + 1].endswith("configs/toy/latent_judge.yaml")
+    # LPO's settings come with the arm's own config; the other arm changes the judge alone
     args, _, after = jobs["spo-latent-s0"]
-    assert after == "latent-judge" and "judge=latent" in args
-    assert _value(reversed(args), "spm") == str(judge_out / "final")
+    assert args[args.index("--config") + 1].endswith("configs/toy/spo_latent.yaml")
+    assert after == "latent-judge" and _value(reversed(args), "spm") == str(judge_out / "final")
+    alone, _, after = jobs["spo-latent-spo-settings-s0"]
+    assert alone[alone.index("--config") + 1] == "toy/spo" and "judge=latent" in alone
+    assert after == "latent-judge" and _value(reversed(alone), "spm") == str(judge_out / "final")
 
 
 def test_summary_pools_seeds_and_pairs_with_base(replication, tmp_path):
@@ -75,16 +79,28 @@ def test_summary_pools_seeds_and_pairs_with_base(replication, tmp_path):
     out = opts.out
     (out / "compare").mkdir(parents=True)
     payload = {"prompts": ["p"] * 5, "images_per_prompt": 2}
-    payload["scores"] = {"oracle": {m: a.tolist() for m, a in scores.items()}}
-    (out / "compare/scores.json").write_text(json.dumps(payload))
+    # spo kept best/ (by toy_pickscore) at step 5: its oracle peaked at step 5 (seed 0) or at the
+    # end (seed 1) along the validations
+    scores |= {"spo-s0-best": base + 0.15, "spo-s1-best": base + 0.2}
+    oracle_along = {"spo-s0": (0.6, 0.8, 0.7), "spo-s1": (0.6, 0.7, 0.9)}
     for i, name in enumerate(["spo-s0", "spo-s1", "dpo-s0", "dpo-s1"]):
         (out / "runs" / name / "final").mkdir(parents=True)
         (out / "runs" / name / "final/train_summary.json").write_text(json.dumps({"step": 10 + i}))
         rows = [{"step": 5, "train/elapsed_s": 50.0}]
-        rows.append({"step": 10 + i, "val/train_seconds": 210.0 + i, "val/oracle": 0.7})
+        along = oracle_along.get(name, (0.5, 0.6, 0.7))
+        for step, value in zip((0, 5, 10 + i), along, strict=True):
+            row = {"step": step, "val/train_seconds": 21.0 * step + i, "val/oracle": value}
+            rows.append(row | {"val/toy_pickscore": 0.1 * step, "val/chain_kl": 0.01 * step})
         (out / "runs" / name / "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows)
         )
+        if name in oracle_along:
+            (out / "runs" / name / "best").mkdir()
+            record = {"step": 5, "select_by": "toy_pickscore", "scores": {}}
+            (out / "runs" / name / "best/best.json").write_text(json.dumps(record))
+    (out / "compare/scores.json").write_text(
+        json.dumps(payload | {"scores": {"oracle": {m: a.tolist() for m, a in scores.items()}}})
+    )
 
     summary = replication.summarise(opts, out)
     table = summary["arms"]["oracle"]
@@ -97,9 +113,18 @@ def test_summary_pools_seeds_and_pairs_with_base(replication, tmp_path):
     assert table["dpo"]["win_rate_vs_spo"]["rate"] == 0.0
     assert table["dpo"]["seed_minus_spo"] == pytest.approx([-0.15, -0.25])
     assert "minus_spo" not in table["spo"]
-    assert summary["runs"]["dpo-s1"] == {"steps": 13, "train_seconds": 213.0}
+    assert summary["runs"]["dpo-s1"] == {"steps": 13, "train_seconds": 21.0 * 13 + 3}
+    kept = summary["best_vs_final"]
+    assert list(kept) == ["spo"]  # dpo kept no best/
+    assert kept["spo"]["best"]["mean"] == pytest.approx(base.mean() + 0.175)
+    assert kept["spo"]["best_minus_final"]["mean"] == pytest.approx(-0.025)  # +0.05, -0.1
+    assert [c["at_best"] for c in kept["spo"]["validation"]] == [0.8, 0.7]
+    assert [c["peak_step"] for c in kept["spo"]["validation"]] == [5, 11]
+    assert kept["spo"]["peak_minus_best"]["mean"] == pytest.approx(0.1)  # 0 and 0.2
+    assert kept["spo"]["peak_minus_final"]["mean"] == pytest.approx(0.05)  # 0.1 and 0
     text = replication.markdown(summary, opts.arms)
-    assert f"| spo | {base.mean() + 0.2:.3f} [" in text and "| dpo-s1 | 13 | 213 |" in text
+    assert f"| spo | {base.mean() + 0.2:.3f} [" in text and "| dpo-s1 | 13 | 276 |" in text
+    assert "### best/ against final/ (oracle; best/ kept by toy_pickscore)" in text
     assert replication.plot_curves(opts, out).stat().st_size > 0
 
 
@@ -133,4 +158,8 @@ def test_flow_arms_train_on_the_flow_base_model_with_their_own_judges(replicatio
     assert compare[compare.index("--out") + 1] == str(opts.out / "compare_flow")
     models = _value(compare, "models")
     assert f"{{name: flow_base, pipeline: {flow_base}}}" in models
-    assert str(opts.out / "runs/flow-spo-s0/final") in models
+    assert str(opts.out / "runs/flow-spo-s0/final") in models and "-best" not in models
+    (opts.out / "runs/flow-spo-s0/best").mkdir(parents=True)
+    models = _value(replication.compare_args(opts, opts.out, ["flow-spo-s0"], "flow"), "models")
+    best = opts.out / "runs/flow-spo-s0/best"
+    assert f"{{name: flow-spo-s0-best, pipeline: {flow_base}, lora: {best}}}" in models

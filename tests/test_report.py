@@ -31,7 +31,7 @@ from spo.evaluation.report import (
     scorer_labels,
     write_report,
 )
-from spo.evaluation.stats import paired_difference_ci, wilson_ci
+from spo.evaluation.stats import paired_difference_ci, seed_mean_ci, wilson_ci
 
 SHA_ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256(b"abc")
 T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
@@ -53,6 +53,15 @@ def test_paired_difference_is_the_t_interval_of_the_prompt_means():
     same = paired_difference_ci(a, a)
     assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
     assert paired_difference_ci(a[:1], b[:1])["ci95"] is None  # one prompt: no interval
+
+
+def test_seed_mean_is_the_t_interval_over_seeds():
+    # peaks minus best/ of three runs: 0.02, 0.05, 0.11: mean 0.06, sd sqrt(0.0021), se sd/sqrt 3
+    r = seed_mean_ci([0.02, 0.05, 0.11])
+    half = T_975_2 * np.sqrt(0.0021) / np.sqrt(3)
+    assert r["mean"] == pytest.approx(0.06)
+    assert r["ci95"] == pytest.approx([0.06 - half, 0.06 + half])
+    assert seed_mean_ci([0.3])["ci95"] is None and seed_mean_ci([0.3])["n"] == 1
 
 
 def test_wilson_interval_hand_values():
@@ -112,13 +121,15 @@ def _lines(*rows: dict) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def test_run_folder_is_the_one_above_final(tmp_path):
+def test_run_folder_is_the_one_above_final_or_best(tmp_path):
     run = tmp_path / "runs/dpo"
     _write(run / "metrics.jsonl", "")
     lora = _write(run / "final/pytorch_lora_weights.safetensors", b"x")
     unet = _write(run / "final/unet/diffusion_pytorch_model.safetensors", b"x")
     assert provenance.run_folder(run / "final") == run.resolve()
     assert provenance.run_folder(lora) == provenance.run_folder(unet) == run.resolve()
+    best = _write(run / "best/pytorch_lora_weights.safetensors", b"x")
+    assert provenance.run_folder(best) == run.resolve()
     assert provenance.run_folder(run / "final", "eval.json") is None  # no eval.json there
     loose = _write(tmp_path / "downloads/lora.safetensors", b"x")
     assert provenance.run_folder(loose) is None
@@ -135,6 +146,9 @@ def test_validation_curves_and_judge_from_run_folders(tmp_path):
     _write(run / "metrics.jsonl", metrics + '{"step": 10, "val/ora')  # killed mid-line
     _write(run / "config.yaml", "spm: /somewhere/spm/final\njudge: pixel\n")
     assert provenance.validation_curves(run) == {"val/oracle": ([0.0, 10.0], [0.5, 0.6])}
+    rows = provenance.validation_rows(run)
+    assert [r["step"] for r in rows] == [0, 5, 9] and rows[2]["scores"] == {}
+    assert rows[1] == {"step": 5, "seconds": 10.0, "chain_kl": None, "scores": {"oracle": 0.6}}
     assert provenance.run_judge(run) == Path("/somewhere/spm/final")
     _write(tmp_path / "dpo/config.yaml", "beta: 5000\n")
     assert provenance.run_judge(tmp_path / "dpo") is None
@@ -199,9 +213,13 @@ def _comparison(root: Path, with_runs: bool) -> CompareConfig:
         run = root / "runs/tuned"
         lora = _write(run / "final/pytorch_lora_weights.safetensors", b"lora")
         _write(run / "config.yaml", f"spm: {judge / 'final'}\nmax_steps: 10\n")
-        rows = [{"step": s, "val/oracle": v, "val/train_seconds": t} for s, v, t in
-                [(0, 0.40, 0.0), (5, 0.50, 30.0), (10, 0.55, 60.0)]]  # fmt: skip
+        # the proxy peaks at step 5 (best/ kept there) while the ground truth still rises
+        rows = [{"step": s, "val/oracle": v, "val/toy_pickscore": p, "val/chain_kl": kl,
+                 "val/chain_kl_total": 9 * kl, "val/train_seconds": t} for s, v, p, kl, t in
+                [(0, 0.40, 1.0, 0.0, 0.0), (5, 0.50, 1.5, 0.2, 30.0),
+                 (10, 0.55, 1.2, 0.5, 60.0)]]  # fmt: skip
         _write(run / "metrics.jsonl", _lines(*rows))
+        _write(run / "best/best.json", json.dumps({"step": 5, "select_by": "toy_pickscore"}))
         scorers.append(f"spm:{judge / 'final'}")
     else:
         lora = _write(root / "downloads/tuned.safetensors", b"lora")
@@ -271,8 +289,13 @@ def test_report_stands_alone_with_every_section(tmp_path):
 
     # the training curve and the judge's accuracy with Wilson intervals over its 4 pairs:
     # t = 0: 4 of 4 right, [4 / (4 + z^2), 1] = [0.51, 1.00]; t = 500: 0.5 +- 0.35
-    assert "Reward against training time" in page and "No curve" not in page
-    assert (Path(cfg.out) / "reward_vs_compute.png").is_file()
+    assert "Proxy against gold" in page and "No curve" not in page
+    assert (Path(cfg.out) / "proxy_vs_gold.png").is_file()
+    # per scorer: at best/ (step 5, chosen by toy_pickscore), at the end, its own peak
+    proxy = "<td>tuned (final)</td><td>toy_pickscore, selects best/</td>"
+    assert proxy + "<td>1.5000 (5)</td><td>1.2000 (10)</td><td>1.5000 (5)</td>" in page
+    gold = "<td>tuned (final)</td><td>oracle (ground truth)</td>"
+    assert gold + "<td>0.5000 (5)</td><td>0.5500 (10)</td><td>0.5500 (10)</td>" in page
     assert "<td class=num>1.00 [0.51, 1.00]</td><td class=num>0.50 [0.15, 0.85]</td>" in page
     assert "judge of tuned, scorer spm" in page and "0.900" in page  # its oracle ceiling
 
@@ -290,7 +313,7 @@ def test_absent_training_data_is_a_note_not_a_plot(tmp_path):
     _report(tmp_path)  # an earlier report in the same folder had the data
     cfg, page, _ = _report(tmp_path, with_runs=False)
     assert "No curve: no compared model" in page and "No judge: no compared model" in page
-    assert not (Path(cfg.out) / "reward_vs_compute.png").exists()
+    assert not (Path(cfg.out) / "proxy_vs_gold.png").exists()
     assert not (Path(cfg.out) / "judge_accuracy.png").exists()
     assert page.count("data:image/svg+xml") == 3  # means, differences, win rates only
 

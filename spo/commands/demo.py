@@ -70,7 +70,6 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
     validation = [
         f"validation_images.prompts_file={world / 'prompts/eval.txt'}",
         "validation_images.prompts=[]",
-        "validation_images.scorer=oracle",
     ]
     budget = [f"max_minutes={cfg.budget_minutes}", "max_steps=1000000"]
     args = {
@@ -152,8 +151,8 @@ def run(cfg: DemoConfig) -> int:
     )
     print(f"\nstages: {seconds}")
     print(
-        f"report: {cfg.out}/compare/report.html; reward vs compute: "
-        f"{cfg.out}/compare/reward_vs_compute.png"
+        f"report: {cfg.out}/compare/report.html; validation scores against training time "
+        f"and chain KL: {cfg.out}/compare/proxy_vs_gold.png"
     )
     return 0
 

@@ -353,7 +353,7 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
 
         empty = model.empty_text(1)
         accum = cfg.gradient_accumulation_steps
-        loop.baseline_images(model)
+        loop.baseline_images(model, policy)
         while loop.running():
             micro = loop.step * accum
             for _ in range(accum):
@@ -403,7 +403,7 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
             bad.settle(lambda counts: sum_over_ranks(accelerator, counts))
             streamed_counts = pairs.metrics(accelerator) if pairs is not None else {}
             loop.end_step(bad_pairs=bad.bad, **streamed_counts)
-            loop.periodic_images(model)
+            loop.periodic_images(model, policy)
             if loop.due(cfg.checkpoint_every):
                 loop.save_checkpoint(state())
 
@@ -420,7 +420,9 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
             summary=summary,
             location=loop.result_location,
         )
-        loop.finish(partial(policy.save, card=card), summary, images_of=model, state=state())
+        loop.finish(
+            partial(policy.save, card=card), summary, images_of=model, policy=policy, state=state()
+        )
     return summary
 
 

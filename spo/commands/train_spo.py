@@ -127,7 +127,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         judge = step_judge(spm, model, cfg.judge)
         sampler = PoolSampler(model, judge, cfg.sampler, latent=cfg.judge == "latent")
         epoch, kept_total = resumed.get("epoch", 0), 0
-        loop.baseline_images(model)
+        loop.baseline_images(model, policy)
         while loop.running() and epoch < cfg.max_epochs:
             kept, stats = _epoch(cfg, loop, model, sampler, policy, prompts, epoch)
             kept_total += kept
@@ -161,6 +161,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
             partial(policy.save, card=card),
             summary,
             images_of=model,
+            policy=policy,
             idle_reason=idle,
             state=state,
         )
@@ -293,7 +294,7 @@ def _train_round(
         if not synced:
             continue
         loop.end_step()
-        loop.periodic_images(model)
+        loop.periodic_images(model, policy)
         if not loop.running():
             return False
     return True

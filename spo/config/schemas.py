@@ -425,9 +425,22 @@ class ValidationImagesConfig:
     seed: int = 0
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
-    # Score the validation images and log the mean as val/<scorer> with the elapsed time
-    # (e.g. "oracle" in the toy world: reward against compute). None: images only.
-    scorer: str | None = None
+    # Score the validation images with each scorer and log the means as val/<name> (the name
+    # before ':') with the training seconds: held-out scorers (toy_pickscore, pickscore:...,
+    # hpsv2:...) against the training judge and, in the toy world, the oracle (the ground
+    # truth: shown, never used for a decision). Empty: images only.
+    scorers: list[str] = field(default_factory=list)
+    # Keep best/ (the policy as final/ holds it, plus best.json) at the validation where this
+    # scorer (a name in `scorers`, never the oracle) is highest so far, step 0 included.
+    # null: no best/. Choose a scorer the run does not train on
+    select_by: str | None = None
+    # Stop training after this many validations in a row without a new best (needs
+    # select_by); null: never stop early
+    patience: int | None = None
+    # Log val/chain_kl and val/chain_kl_total: the KL divergence of the policy's sampling
+    # chain from the reference's on the validation prompts and seeds (DDIM eta 1, or the flow
+    # SDE at noise level 0.7, num_inference_steps steps; method.md 3)
+    chain_kl: bool = True
 
     def validate(self) -> None:
         for key in ("images_per_prompt", "num_inference_steps"):
@@ -436,24 +449,67 @@ class ValidationImagesConfig:
         _require(self.every >= 0, "validation_images.every", self.every, "must be >= 0")
         scale = self.guidance_scale
         _require(scale >= 0, "validation_images.guidance_scale", scale, "must be >= 0")
+        names = [scorer_name(s) for s in self.scorers]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        _require(
+            not twice,
+            "validation_images.scorers",
+            self.scorers,
+            f"names {', '.join(twice)} more than once (one scorer per name)",
+        )
+        if self.select_by is not None:
+            _require(
+                self.select_by != "oracle",
+                "validation_images.select_by",
+                self.select_by,
+                "is the oracle, the toy world's ground truth: it is reported, never used "
+                "to choose (name a held-out scorer, e.g. toy_pickscore)",
+            )
+            _require(
+                self.select_by in names,
+                "validation_images.select_by",
+                self.select_by,
+                f"is not one of validation_images.scorers ({', '.join(names) or 'none'})",
+            )
+        if self.patience is not None:
+            _require(self.patience > 0, "validation_images.patience", self.patience, "must be > 0")
+            _require(
+                self.select_by is not None,
+                "validation_images.patience",
+                self.patience,
+                "needs validation_images.select_by (the scorer whose best it waits for)",
+            )
+
+
+def scorer_name(spec: str) -> str:
+    """A scorer spec's name, `pickscore` of `pickscore:yuvalkirstain/PickScore_v1`: its
+    metric is val/<name>."""
+    return spec.partition(":")[0]
 
 
 def _toy_validation() -> ValidationImagesConfig:
-    """The trainers' default validation grid: two toy prompts at the toy world's CFG."""
-    return ValidationImagesConfig(prompts=list(TOY_VALIDATION_PROMPTS), guidance_scale=TOY_GUIDANCE)
+    """The trainers' default validation: two toy prompts at the toy world's CFG, scored by the
+    held-out toy PickScore (which keeps best/) and the oracle (the ground truth, reported)."""
+    return ValidationImagesConfig(
+        prompts=list(TOY_VALIDATION_PROMPTS),
+        guidance_scale=TOY_GUIDANCE,
+        scorers=["toy_pickscore", "oracle"],
+        select_by="toy_pickscore",
+    )
 
 
 @dataclass
 class DPOTrainConfig:
     """`spo train-dpo`: the Diffusion-DPO baseline (method.md 1)."""
 
-    # Keys of older versions that the command never read: dropped from a run folder's
-    # recorded config.yaml when it is resumed
+    # Keys of older versions that the command never read (and validation_images.scorer,
+    # now `scorers`): dropped from a run folder's recorded config.yaml when it is resumed
     RETIRED: ClassVar[tuple[str, ...]] = (
         "pairs.validation",
         "pairs.validation_split",
         "pairs.max_validation_pairs",
         "pairs.relabel_tie_gap",
+        "validation_images.scorer",
     )
 
     out: str = "runs/toy/dpo"  # run folder
@@ -652,6 +708,10 @@ class SamplerConfig:
 @dataclass
 class SPOTrainConfig:
     """`spo train-spo`: step-aware preference optimisation (method.md 3)."""
+
+    # A key of older versions (now validation_images.scorers): dropped from a run folder's
+    # recorded config.yaml when it is resumed
+    RETIRED: ClassVar[tuple[str, ...]] = ("validation_images.scorer",)
 
     out: str = "runs/toy/spo"  # run folder
     seed: int = 0

@@ -1,5 +1,5 @@
-"""The report's figures: values with their intervals as dot plots, the reward against training
-time, and a judge's accuracy at each timestep.
+"""The report's figures: values with their intervals as dot plots, validation scores against
+training time and chain KL (proxy against gold), and a judge's accuracy at each timestep.
 
 Why dot plots and not bars: a bar's length reads as the value, so a bar axis must start at 0,
 which squeezes differences of a few percent out of sight; a dot with its interval reads right on
@@ -91,19 +91,46 @@ def interval_dots(
     return _render(fig)
 
 
-def reward_vs_compute(curves: dict[str, dict[str, tuple[list[float], list[float]]]]) -> Figure:
-    """A panel per validation scorer (`val/<scorer>`), a line per model: the mean score of the
-    fixed-seed validation images against the training seconds when they were made."""
+GOLD = "oracle"  # the toy world's ground truth: drawn and labelled as such, never a proxy
+
+
+def proxy_against_gold(runs: dict[str, dict]) -> Figure:
+    """A column per validation scorer, a line per run: the mean score of the fixed-seed
+    validation images against the training seconds (top) and against the KL of the policy's
+    sampling chain from the reference's (bottom), the best validation (by the run's
+    `select_by`) ringed. `runs`: {label: {"validations": [...], "best_step": int | None}}
+    (`spo.evaluation.provenance.validation_rows`)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 3.4), squeeze=False)
-    for ax, (key, by_model) in zip(axes[0], curves.items(), strict=True):
-        for model, (xs, ys) in by_model.items():
-            ax.plot(xs, ys, marker="o", ms=4, label=model)
-        ax.set_xlabel("training wall-clock (s; validation time excluded)", fontsize=9)
-        ax.set_ylabel(f"{key.removeprefix('val/')} of the validation images", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.tick_params(labelsize=8)
+    names = list(
+        dict.fromkeys(n for r in runs.values() for v in r["validations"] for n in v["scores"])
+    )
+    names.sort(key=lambda n: n == GOLD)  # the ground truth last
+    fig, axes = plt.subplots(2, len(names), figsize=(4.6 * len(names), 6.4), squeeze=False)
+    for col, name in enumerate(names):
+        for i, (label, run) in enumerate(runs.items()):
+            rows = [v for v in run["validations"] if v["scores"].get(name) is not None]
+            x_axes = (
+                [v["seconds"] for v in rows],
+                [v["chain_kl"] for v in rows],
+            )
+            ys = [v["scores"][name] for v in rows]
+            best = [j for j, v in enumerate(rows) if v["step"] == run.get("best_step")]
+            for ax, xs in zip(axes[:, col], x_axes, strict=True):
+                shown = [(x, y) for x, y in zip(xs, ys, strict=True) if x is not None]
+                if not shown:
+                    continue
+                ax.plot(*zip(*shown, strict=True), marker="o", ms=3, color=f"C{i}", label=label)
+                for j in best:
+                    if xs[j] is not None:
+                        ax.plot(xs[j], ys[j], marker="o", ms=11, mfc="none", color=f"C{i}")
+        title = f"{name} (ground truth)" if name == GOLD else name
+        axes[0][col].set_xlabel("training wall-clock (s; validation excluded)", fontsize=9)
+        axes[1][col].set_xlabel("KL of the sampling chain from the reference", fontsize=9)
+        for ax in axes[:, col]:
+            ax.set_ylabel(f"{title}, validation mean", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+    axes[0][0].legend(fontsize=8, title="ringed: best/", title_fontsize=8)
     fig.tight_layout()
     return _render(fig)
 

@@ -80,22 +80,26 @@ def local_folder(source: str) -> tuple[Path | None, str | None]:
     return folder, folder.name  # the cache keeps a snapshot in snapshots/<commit>
 
 
+RESULT_FOLDERS = ("final", "best")  # where a run keeps the weights it hands over
+
+
 def run_folder(weights: str | Path, marker: str = "metrics.jsonl") -> Path | None:
-    """The run folder whose `final/` holds `weights` (a file or folder), when it holds
-    `marker`; None for weights that did not come out of a run of this project. The folder is
-    named as `weights` names it (a relative path stays relative: the report shows no
-    absolute paths of the machine it was made on)."""
+    """The run folder whose `final/` (or `best/`) holds `weights` (a file or folder), when it
+    holds `marker`; None for weights that did not come out of a run of this project. The
+    folder is named as `weights` names it (a relative path stays relative: the report shows
+    no absolute paths of the machine it was made on)."""
     path = Path(os.path.normpath(weights))
     for p in (path, *path.parents):
-        if p.name == "final":
+        if p.name in RESULT_FOLDERS:
             return p.parent if (p.parent / marker).is_file() else None
     return None
 
 
-def validation_curves(run: Path) -> dict[str, tuple[list[float], list[float]]]:
-    """{"val/<scorer>": (training seconds, mean score)} of every validation of a run: the rows
-    of its metrics.jsonl that carry `val/train_seconds` (spo.training.validation)."""
-    curves: dict[str, tuple[list[float], list[float]]] = {}
+def validation_rows(run: Path) -> list[dict]:
+    """Every validation of a run, in order: {"step", "seconds", "chain_kl" (None where not
+    logged), "scores": {scorer name: mean}}, from the rows of its metrics.jsonl that carry
+    `val/train_seconds` (spo.training.validation)."""
+    rows = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         try:
             row = json.loads(line)
@@ -104,12 +108,41 @@ def validation_curves(run: Path) -> dict[str, tuple[list[float], list[float]]]:
         seconds = row.get("val/train_seconds")
         if seconds is None:
             continue
-        for key, value in row.items():
-            if key.startswith("val/") and key != "val/train_seconds" and value is not None:
-                xs, ys = curves.setdefault(key, ([], []))
-                xs.append(float(seconds))
-                ys.append(float(value))
+        scores = {
+            k.removeprefix("val/"): float(v)
+            for k, v in row.items()
+            if k.startswith("val/") and k not in NOT_SCORES and v is not None
+        }
+        kl = row.get("val/chain_kl")
+        rows.append(
+            {
+                "step": row.get("step"),
+                "seconds": float(seconds),
+                "chain_kl": None if kl is None else float(kl),
+                "scores": scores,
+            }
+        )
+    return rows
+
+
+NOT_SCORES = ("val/train_seconds", "val/chain_kl", "val/chain_kl_total")
+
+
+def validation_curves(run: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """{"val/<scorer>": (training seconds, mean score)} of every validation of a run."""
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for row in validation_rows(run):
+        for name, value in row["scores"].items():
+            xs, ys = curves.setdefault(f"val/{name}", ([], []))
+            xs.append(row["seconds"])
+            ys.append(value)
     return curves
+
+
+def best_validation(run: Path) -> dict | None:
+    """The run's best/best.json (the validation best/ was kept at), None without best/."""
+    path = run / "best" / "best.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def run_judge(run: Path) -> Path | None:
@@ -138,17 +171,22 @@ def judge_accuracy(judge: Path) -> dict | None:
 
 
 def training_records(cfg: CompareConfig) -> dict:
-    """The training behind the compared models: per model with a run folder, its validation
-    curves; per judge (an SPO run's `spm`, or an `spm:` scorer), its accuracy by timestep.
-    {"runs": {model: {"folder", "curves"}}, "judges": [{"path", "used_by", "accuracy"}]}."""
+    """The training behind the compared models: per model with a run folder, its validations
+    and best/ record, and which of the run's results it is (final or best); per judge (an SPO
+    run's `spm`, or an `spm:` scorer), its accuracy by timestep. {"runs": {model: {"folder",
+    "result", "validations", "best"}}, "judges": [{"path", "used_by", "accuracy"}]}."""
     runs, judges = {}, {}
     for spec in cfg.models:
         weights = spec.lora or spec.unet
         run = run_folder(weights) if weights else None
         if run is None:
             continue
-        curves = validation_curves(run)
-        runs[spec.name] = {"folder": str(run), "curves": {k: list(v) for k, v in curves.items()}}
+        runs[spec.name] = {
+            "folder": str(run),
+            "result": Path(os.path.normpath(weights)).relative_to(run).parts[0],  # final | best
+            "validations": validation_rows(run),
+            "best": best_validation(run),
+        }
         judge = run_judge(run)
         if judge is not None:
             judges.setdefault(os.path.normpath(judge), []).append(f"judge of {spec.name}")

@@ -18,8 +18,15 @@ from pathlib import Path
 from PIL import Image
 
 from spo.config import CompareConfig
-from spo.evaluation.plots import Figure, JudgeCurve, Panel, interval_dots, judge_accuracy
-from spo.evaluation.plots import reward_vs_compute as reward_plot
+from spo.evaluation.plots import (
+    GOLD,
+    Figure,
+    JudgeCurve,
+    Panel,
+    interval_dots,
+    judge_accuracy,
+    proxy_against_gold,
+)
 from spo.evaluation.stats import wilson_ci
 from spo.runs import atomic_write_bytes
 
@@ -27,7 +34,7 @@ LABEL_WIDTH = 12  # model names up to this long label the columns as they are; l
 SAMPLE_PX = 128  # display width of a sample in report.html
 THUMB_PX = 256  # samples larger than this are embedded downscaled (JPEG) to keep the page small
 
-PLOTS = ("means", "differences", "win_rates", "reward_vs_compute", "judge_accuracy")
+PLOTS = ("means", "differences", "win_rates", "proxy_vs_gold", "judge_accuracy")
 Table = list[list[str]]
 
 
@@ -320,27 +327,28 @@ def _training(training: dict, labels: dict[str, str]) -> tuple[list[Block], dict
     missing."""
     blocks: list[Block] = [Heading("Training")]
     figures: dict[str, Figure] = {}
-    curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
-    for model, run in training["runs"].items():
-        for key, (xs, ys) in run["curves"].items():
-            curves.setdefault(key, {})[labels[model]] = (xs, ys)
-    blocks.append(Heading("Reward against training time", 3))
-    if curves:
-        figures["reward_vs_compute"] = reward_plot(curves)
+    blocks.append(Heading("Proxy against gold", 3))
+    runs = _runs_by_folder(training["runs"], labels)
+    if any(run["validations"] for run in runs.values()):
+        figures["proxy_vs_gold"] = proxy_against_gold(runs)
         blocks += [
             Para(
                 "Mean score of each run's fixed-seed validation images (the first point: the "
-                "untrained policy) against its training wall-clock seconds, from the run "
-                "folders' metrics.jsonl. Each run on its own machine: compare the curves of "
-                "runs made on the same hardware."
+                "untrained policy) against its training wall-clock seconds and against the KL "
+                "of its sampling chain from the reference's (how far the policy has moved), "
+                f"from the run folders' metrics.jsonl; ringed: the validation best/ holds. "
+                f"{GOLD} is the toy world's ground truth; a scorer the run was trained on "
+                "rising while it falls is over-optimisation. Each run on its own machine: "
+                "compare times of runs made on the same hardware."
             ),
-            Plot("reward_vs_compute", "validation reward against training time"),
+            Plot("proxy_vs_gold", "validation scores against training time and chain KL"),
+            TableBlock(_proxy_table(runs), numeric=False),
         ]
     else:
         blocks.append(
             Para(
-                "No curve: no compared model's LoRA or UNet is in the final/ folder of a training"
-                " run whose metrics.jsonl holds scored validation images.",
+                "No curve: no compared model's LoRA or UNet is in the final/ or best/ folder of "
+                "a training run whose metrics.jsonl holds scored validation images.",
                 note=True,
             )
         )
@@ -367,6 +375,58 @@ def _training(training: dict, labels: dict[str, str]) -> tuple[list[Block], dict
         judge_blocks, figures["judge_accuracy"] = _judges(measured)
         blocks += judge_blocks
     return blocks, figures
+
+
+def _runs_by_folder(runs: dict, labels: dict[str, str]) -> dict[str, dict]:
+    """One entry per run folder (best/ and final/ of one run are one run), labelled by the
+    models that came out of it: {"spo (final), spo_best (best)": {"validations", "best_step",
+    "select_by"}}."""
+    folders: dict[str, dict] = {}
+    for model, run in runs.items():
+        entry = folders.setdefault(run["folder"], {"models": [], **run})
+        entry["models"].append(f"{labels[model]} ({run['result']})")
+    return {
+        ", ".join(run["models"]): {
+            "validations": run["validations"],
+            "best_step": (run["best"] or {}).get("step"),
+            "select_by": (run["best"] or {}).get("select_by"),
+        }
+        for run in folders.values()
+    }
+
+
+def _proxy_table(runs: dict[str, dict]) -> Table:
+    """Per run and scorer: the score at best/ (chosen by its select_by), at the last
+    validation, and the scorer's own peak along the run with its step."""
+    rows = [["run", "scorer", "at best/ (step)", "at the end (step)", "its own peak (step)"]]
+    for label, run in runs.items():
+        validations = [v for v in run["validations"] if v["scores"]]
+        if not validations:
+            continue
+        names = list(dict.fromkeys(n for v in validations for n in v["scores"]))
+        best = [v for v in validations if v["step"] == run["best_step"]]
+        for name in names:
+            scored = [v for v in validations if name in v["scores"]]
+            peak = max(scored, key=lambda v: v["scores"][name])
+            last = scored[-1]
+            at_best = (
+                f"{best[0]['scores'][name]:.4f} ({best[0]['step']})"
+                if best and name in best[0]["scores"]
+                else "—"
+            )
+            shown = f"{name} (ground truth)" if name == GOLD else name
+            if name == run["select_by"]:
+                shown += ", selects best/"
+            rows.append(
+                [
+                    label,
+                    shown,
+                    at_best,
+                    f"{last['scores'][name]:.4f} ({last['step']})",
+                    f"{peak['scores'][name]:.4f} ({peak['step']})",
+                ]
+            )
+    return rows
 
 
 def _judges(judges: list[dict]) -> tuple[list[Block], Figure]:

@@ -58,13 +58,27 @@ def paired_difference_ci(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> d
     Returns {"mean", "ci95", "n", "prompts"}.
     """
     per_prompt = (a - b).mean(axis=1)
-    n = len(per_prompt)
-    mean = float(per_prompt.mean())
-    ci = None
-    if n > 1:
-        half = t.ppf(0.5 + level / 2, n - 1) * per_prompt.std(ddof=1) / np.sqrt(n)
-        ci = [mean - float(half), mean + float(half)]
-    return {"mean": mean, "ci95": ci, "n": int(a.size), "prompts": n}
+    mean, ci = _t_interval(per_prompt, level)
+    return {"mean": mean, "ci95": ci, "n": int(a.size), "prompts": len(per_prompt)}
+
+
+def seed_mean_ci(values, level: float = 0.95) -> dict[str, object]:
+    """Mean of one number per training seed with a Student-t interval over the seeds (None
+    for one seed): the interval for quantities a run has once, such as its validation peak.
+    Returns {"mean", "ci95", "n"}."""
+    values = np.asarray(values, dtype=np.float64)
+    mean, ci = _t_interval(values, level)
+    return {"mean": mean, "ci95": ci, "n": len(values)}
+
+
+def _t_interval(values: np.ndarray, level: float) -> tuple[float, list[float] | None]:
+    """The mean of independent values and its Student-t interval (None for a single value)."""
+    n = len(values)
+    mean = float(values.mean())
+    if n < 2:
+        return mean, None
+    half = float(t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / np.sqrt(n))
+    return mean, [mean - half, mean + half]
 
 
 def wilson_ci(rate: float, n: int, level: float = 0.95) -> list[float]:

@@ -46,7 +46,9 @@ from spo.runs import RunDir, RunLock, atomic_dir, check_writable, clean_leftover
 from spo.training.checkpoints import Checkpointer
 from spo.training.distributed import check_world, die_with_launcher, on_main, ranks_where
 from spo.training.publish import check_hub_token, push_folder
-from spo.training.validation import Validator
+from spo.training.validation import BEST_FILE, Best, Validator
+
+BEST_STATE = "validation_best"  # the trainer state's key for the best validation so far
 
 
 def seeded_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -295,6 +297,8 @@ class TrainLoop:
         if mode is not None:
             self.checkpoints.check_mode(self.resume_from, mode, mode_key, mode_default)
         self.step = 0
+        self.stopped_early = False  # validation_images.patience ran out
+        self.validated_at: int | None = None  # the step of the newest validation
         self.last_logged: dict[str, float | None] = {}  # the newest metrics window, its step
         self.accelerator = None
         self.lock = RunLock(cfg.out)
@@ -401,6 +405,8 @@ class TrainLoop:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         state = self.checkpoints.load(accelerator, self.resume_from)
         self.step = state.get("step", 0)
+        if self.validator is not None and state.get(BEST_STATE):
+            self.validator.best = Best(**state[BEST_STATE])
         if self.tracker:
             accelerator.init_trackers(self.name, config=hyperparameters(cfg))
         self.logger = MetricLogger(self.run, accelerator, self.tracker)
@@ -437,8 +443,9 @@ class TrainLoop:
         return time.time() - self.started - spent
 
     def running(self) -> bool:
-        """Steps left and time left (`max_minutes`; spent when it is spent on any rank)."""
-        if self.step >= self.cfg.max_steps:
+        """Steps left, time left (`max_minutes`; spent when it is spent on any rank) and no
+        early stop."""
+        if self.step >= self.cfg.max_steps or self.stopped_early:
             return False
         if self.max_minutes is None:
             return True
@@ -487,7 +494,10 @@ class TrainLoop:
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """A resumable checkpoint at this step (refused, on every rank, when the trainable
-        weights are not finite or the disk is full)."""
+        weights are not finite or the disk is full). It also keeps the best validation so
+        far (the main process's), so best/ is chosen after a resume as without one."""
+        if self.validator is not None:
+            state = state | {BEST_STATE: dataclasses.asdict(self.validator.best)}
         self.checkpoints.save(self.accelerator, self.step, state, self.params)
 
     def due(self, every: int, count: int | None = None) -> bool:
@@ -502,17 +512,41 @@ class TrainLoop:
     def _image_folder(self) -> Path:
         return self.run.root / "validation"
 
-    def baseline_images(self, model) -> None:
-        """Step 0's point of the reward curve, the untrained policy (with a scorer only)."""
+    def baseline_images(self, model, policy) -> None:
+        """Step 0's point of the reward curve, the untrained policy (with scorers only): the
+        first candidate for best/."""
         v = self.validator
         if self.step == 0 and self.main and v is not None and v.scored:
-            v.run(model, self._image_folder, 0, self.logger, 0.0)
+            self._validate(model, policy, 0.0)
 
-    def periodic_images(self, model) -> None:
-        """The validation every `every` steps; the last step's is `finish`'s, not done twice."""
+    def periodic_images(self, model, policy) -> None:
+        """The validation every `every` steps (the last step's is `finish`'s, not done twice);
+        with `patience`, every rank learns whether the run stops early."""
         v = self.validator
-        if self.main and v is not None and v.due(self.step) and self.step < self.cfg.max_steps:
-            v.run(model, self._image_folder, self.step, self.logger, self.train_seconds())
+        if v is None or not v.due(self.step) or self.step >= self.cfg.max_steps:
+            return
+        if self.main:
+            self._validate(model, policy, self.train_seconds())
+        spent = self.main and v.patience_spent()
+        if v.v.patience is not None and ranks_where(self.accelerator, spent):
+            self.stopped_early = True
+            if self.main:
+                print(
+                    f"stopping early at step {self.step}: {v.v.patience} validations without a "
+                    f"better {v.v.select_by} (best at step {v.best.step}, {v.best.score:.4g})"
+                )
+
+    def _validate(self, model, policy, elapsed_s: float) -> None:
+        """One validation (main process); a new best by `select_by` is written to best/
+        atomically, as final/ is: the policy's weights and best.json."""
+        v = self.validator
+        self.validated_at = self.step
+        logged = v.run(model, self._image_folder, self.step, self.logger, elapsed_s, policy)
+        if not v.select(logged, self.step):
+            return
+        with atomic_dir(self.run.root / "best") as tmp:
+            policy.save(tmp)
+            (tmp / BEST_FILE).write_bytes(v.best_record(self.step, logged))
 
     # ------------------------------------------------------------------------------ closing
 
@@ -528,19 +562,21 @@ class TrainLoop:
         summary: dict[str, Any] | None = None,
         *,
         images_of=None,
+        policy=None,
         after: Callable[[], None] | None = None,
         idle_reason: str | None = None,
         state: dict[str, Any] | None = None,
     ) -> None:
         """The last step's checkpoint (with the trainer `state`, marked finished; unless
         checkpoint_every is 0), then `final/` written atomically on the main process
-        (`save(folder)`, plus train_summary.json with a `summary`), the last validation images
-        of `images_of` (a DiffusionModel) and `after()` there, `final/` uploaded to
-        `hub_model_id` if given (a failed upload stops every rank with one line); then the
-        checkpoint is marked `final_written`, so that the same command run again has nothing to
-        do, and the tracker is closed. A run that made no optimiser step at all writes nothing
-        and stops with one line (`idle_reason`, or the time budget) rather than hand over its
-        untrained model as a result."""
+        (`save(folder)`, plus train_summary.json with a `summary`, which gains whether the run
+        stopped early), the last validation of `images_of` (a DiffusionModel, with its
+        `policy`; it may write best/) unless this step had one, and `after()` there, `final/`
+        uploaded to `hub_model_id` if given (a failed upload stops every rank with one line);
+        then the checkpoint is marked `final_written`, so that the same command run again has
+        nothing to do, and the tracker is closed. A run that made no optimiser step at all
+        writes nothing and stops with one line (`idle_reason`, or the time budget) rather than
+        hand over its untrained model as a result."""
         accelerator = self.accelerator
         if self.step == 0:
             reason = idle_reason or (
@@ -558,6 +594,10 @@ class TrainLoop:
             self.checkpoints.mark(accelerator, self.step, finished=True)
         accelerator.wait_for_everyone()
 
+        v = self.validator
+        if summary is not None and v is not None and v.selecting:
+            summary["stopped_early"] = self.stopped_early
+
         def write_final() -> None:  # main process; an error is raised on every rank
             try:
                 with atomic_dir(self.run.final) as tmp:
@@ -572,9 +612,9 @@ class TrainLoop:
                     f"{full}: final/ of {self.run.root} was not written ({e.strerror or e}). "
                     f"{self.checkpoints.last_good()}"
                 ) from e
-            v = self.validator
-            if images_of is not None and v is not None and v.enabled:
-                v.run(images_of, self._image_folder, self.step, self.logger, self.train_seconds())
+            fresh = self.validated_at != self.step  # not validated at this step already
+            if images_of is not None and v is not None and v.enabled and fresh:
+                self._validate(images_of, policy, self.train_seconds())
             if after is not None:
                 after()
 
