@@ -11,6 +11,7 @@ one text encoder; SDXL's two, pooled embedding and `add_time_ids`) is each famil
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -399,6 +400,48 @@ class DiffusionModel:
                     guidance_scale=guidance_scale,
                     generator=gens,
                     output_type="pt",
+                    **self.family_module.pipeline_kwargs(),
+                ).images
+                out.append(images.float().clamp(0, 1).cpu())
+        return torch.cat(out)
+
+    def edit(
+        self,
+        prompts: Sequence[str],
+        sources: Tensor,
+        seeds: Sequence[int],
+        strength: float,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        batch_size: int = 16,
+    ) -> Tensor:
+        """SDEdit: each source image (N, 3, resolution, resolution) in [0, 1] noised to
+        `strength` and denoised with its prompt by the family's image-to-image pipeline, built
+        on this pipeline's components (the policy in place); image i depends only on
+        (prompts[i], sources[i], seeds[i]). Returns (N, 3, H, W) in [0, 1]."""
+        from diffusers import AutoPipelineForImage2Image
+
+        pipe = AutoPipelineForImage2Image.from_pipe(self.pipe)
+        pipe.set_progress_bar_config(disable=True)
+        # FLUX's and SD3's image-to-image pipelines take the size (FLUX's default is 1024 px,
+        # which would resize the source); SD's and SDXL's read it off the image
+        accepted = inspect.signature(pipe.__call__).parameters
+        size = {k: self.resolution for k in ("height", "width") if k in accepted}
+        out = []
+        dtype = next(self.vae.parameters()).dtype
+        low = dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=dtype, enabled=low):
+            for i in range(0, len(prompts), batch_size):
+                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
+                images = pipe(
+                    list(prompts[i : i + batch_size]),
+                    image=sources[i : i + batch_size].to(self.device, dtype),
+                    strength=strength,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=gens,
+                    output_type="pt",
+                    **size,
                     **self.family_module.pipeline_kwargs(),
                 ).images
                 out.append(images.float().clamp(0, 1).cpu())

@@ -97,6 +97,11 @@ def spo(c: Ctx, *extra: str, spm: str = "spm") -> list[str]:
     return spo_args(c.world, c.inputs / spm, c.out, *extra)
 
 
+def edit(c: Ctx, *extra: str) -> list[str]:
+    """The editing comparison of two good layouts (each case spoils one input)."""
+    return compare(c, "task=edit", f"edit.sources={c.inputs / 'layouts'}", *extra)
+
+
 def compare(c: Ctx, *extra: str) -> list[str]:
     return [
         "compare",
@@ -379,6 +384,21 @@ CASES: list[Case] = [
         ),
     ),
     C("compare-unknown-scorer", lambda c: compare(c, "scorers=[oracle, nope]")),
+    C("compare-edit-strength-0", lambda c: edit(c, "edit.strength=0")),
+    C("compare-edit-strength-above-1", lambda c: edit(c, "edit.strength=1.5")),
+    C("compare-edit-task-unknown", lambda c: compare(c, "task=inpaint")),
+    C(
+        "compare-edit-source-undecodable",
+        lambda c: edit(c, f"edit.sources={c.inputs / 'layouts_undecodable'}"),
+    ),
+    C(
+        "compare-edit-prompts-not-one-per-image",
+        lambda c: edit(c, f"edit.prompts_file={c.inputs / 'pairs.txt'}"),
+    ),
+    C(
+        "compare-edit-table-row-undecodable",
+        lambda c: edit(c, f"edit.sources={c.inputs / 'columns.parquet'}"),
+    ),
     C("compare-out-under-file", lambda c: compare(c, under_file(c))),
     # --- prepare-prompts ----------------------------------------------------------------------
     C("prepare-prompts-num-0", lambda c: prepare_prompts(c, "num_prompts=0")),
@@ -593,6 +613,14 @@ def inputs(tmp_path_factory) -> Path:
         '{"caption": "a green cross on a black background", "category": "cross"}\n'
     )
     (root / "astronaut.txt").write_text(ASTRONAUT + "\n")
+    # edit sources: two layouts with their prompts, and the same with one file that is no image
+    for name in ("layouts", "layouts_undecodable"):
+        (root / name).mkdir()
+        (root / name / "a.png").write_bytes(_png())
+        (root / name / "b.png").write_bytes(_png() if name == "layouts" else b"not a png")
+        (root / name / "prompts.txt").write_text(
+            "a red circle on a white background\na green cross on a black background\n"
+        )
     (root / "empty.txt").write_text("\n   \n")
     (root / "pairs.txt").write_text("a red circle on a white background\n")
     pq.write_table(

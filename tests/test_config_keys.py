@@ -337,6 +337,42 @@ def compare(c: Ctx, v: str) -> list[str]:
     return compare_args(Path(_out(c, v)), prompts, [model], *small)
 
 
+def compare_edit(c: Ctx, v: str) -> list[str]:
+    """SDEdit of two sources from a folder with its prompts file (the toy layouts' format)."""
+    from PIL import Image
+
+    layouts = c.tmp / "layouts"
+    layouts.mkdir(exist_ok=True)
+    for name, colour in (("0.png", (200, 30, 30)), ("1.png", (30, 200, 30))):
+        Image.new("RGB", (16, 16), colour).save(layouts / name)
+    prompts = layouts / "captions.txt"
+    prompts.write_text("a red circle on a white background\na green cross on a black background\n")
+    model = f"{{name: base, pipeline: {c.world / 'base_model'}}}"
+    small = ("images_per_prompt=1", "num_inference_steps=4", "bootstrap=10", "grid_prompts=1")
+    edit = ("task=edit", f"edit.sources={layouts}", f"edit.prompts_file={prompts}")
+    edit += ("edit.strength=0.5", "edit.fidelity_blocks=4")
+    return compare_args(Path(_out(c, v)), prompts, [model], *small, *edit)
+
+
+def compare_edit_table(c: Ctx, v: str) -> list[str]:
+    """SDEdit of the sources in a parquet table's image and prompt columns."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (30, 30, 200)).save(buffer, format="PNG")
+    rows = [{"picture": buffer.getvalue(), "caption": "a blue square on a gray background"}]
+    table = c.tmp / "sources.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    model = f"{{name: base, pipeline: {c.world / 'base_model'}}}"
+    small = ("images_per_prompt=1", "num_inference_steps=4", "bootstrap=10", "grid_prompts=1")
+    edit = ("task=edit", f"edit.sources={table}", "edit.image_column=picture")
+    return compare_args(Path(_out(c, v)), table, [model], *small, *edit)
+
+
 def prepare_prompts(c: Ctx, v: str) -> list[str]:
     source = f"source={c.world / 'pairs/train.parquet'}"
     return ["prepare-prompts", "--out", str(c.tmp / "prompts.txt"), source, "num_prompts=4"]
@@ -371,7 +407,14 @@ CHECKS = [
             Variant("flow", spo_flow),
         ),
     ),
-    Check("compare", (Variant("base", compare),)),
+    Check(
+        "compare",
+        (
+            Variant("base", compare),
+            Variant("edit", compare_edit),
+            Variant("edit-table", compare_edit_table),
+        ),
+    ),
     Check("prepare-prompts", (Variant("draw", prepare_prompts),)),
     Check("benchmark", (Variant("tiny", benchmark),)),
     Check("demo", (Variant("quick", demo),)),
@@ -469,7 +512,7 @@ def stub_demo_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             ran.append(stage)
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)
-            if stage == "compare":
+            if stage.startswith("compare"):
                 entry = {"mean": 0.5, "ci95": [0.4, 0.6]}
                 results = {"scores": {"base": {"oracle": entry}}, "win_rates": {}}
                 (out / "results.json").write_text(json.dumps(results))

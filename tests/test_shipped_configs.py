@@ -23,7 +23,7 @@ def shipped(name: str):
 
 def test_every_shipped_config_is_listed_and_the_checkout_link_points_at_them():
     names = shipped_configs()
-    assert len(names) == 35 and {"toy/dpo", "toy/dpo_flow", "sdxl/spo_latent"} <= set(names)
+    assert len(names) == 36 and {"toy/dpo", "toy/compare_edit", "sdxl/spo_latent"} <= set(names)
     assert (ROOT / "configs").resolve() == (ROOT / "spo/configs").resolve()
     on_disk = sorted(f"{p.parent.name}/{p.stem}" for p in ROOT.glob("configs/*/*.yaml"))
     assert names == on_disk

@@ -75,6 +75,11 @@ def test_toy_world_writes_every_part(tmp_path):
         assert (out / rel).is_file(), rel
     train = (out / "prompts/train.txt").read_text().splitlines()
     held_out = (out / "prompts/eval.txt").read_text().splitlines()
+    # the editing sources: two colour layouts of each eval prompt, prompts in name order
+    layouts = out / "edit/layouts"
+    assert len(list(layouts.glob("*.png"))) == 2 * len(held_out) == 32
+    edit_prompts = (layouts / "prompts.txt").read_text().splitlines()
+    assert edit_prompts == [p for p in held_out for _ in range(2)]
     assert len(held_out) == 16 and not set(train) & set(held_out)
 
     ds = datasets.load_dataset(

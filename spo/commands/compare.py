@@ -1,4 +1,6 @@
-"""`spo compare`: the same prompts and seeds through several models, scored by several scorers.
+"""`spo compare`: the same prompts and seeds through several models, scored by several scorers;
+with `task=edit`, the same source images edited (SDEdit) by every model, scored by the scorers
+and by their fidelity to the source.
 
 Every model, LoRA, UNet folder, prompt file and scorer is loaded and checked before the first
 image is generated, so a wrong path fails in seconds with one line. Images are written to
@@ -25,7 +27,8 @@ from spo.config import CompareConfig, ModelSpec
 from spo.data import load_prompts
 from spo.errors import ConfigError
 from spo.evaluation import provenance
-from spo.evaluation.report import write_report
+from spo.evaluation.editing import EditSources, block_colour_fidelity, load_edit_sources
+from spo.evaluation.report import SOURCE, write_report
 from spo.evaluation.scorers import build_scorer, check_scorer
 from spo.evaluation.stats import format_ci, mean_ci, paired_difference_ci, win_rate_ci
 from spo.families import family_class
@@ -172,14 +175,25 @@ def _hint(path: Path) -> str:
     return f" (`{command}` writes it)" if command else ""
 
 
+FIDELITY = "fidelity"  # the editing task's extra column: block-colour fidelity to the source
+
+
 @dataclass
 class Prompts:
     texts: list[str]
     categories: list[str] | None
+    sources: EditSources | None = None  # task=edit: the images the prompts edit
 
 
 def load_prompt_set(cfg: CompareConfig) -> Prompts:
-    """The prompts and, when the source has `category_column`, their categories."""
+    """The prompts and, when the source has `category_column`, their categories; for
+    task=edit, the edit sources (every image decoded) and their prompts."""
+    if cfg.task == "edit":
+        sources = load_edit_sources(cfg.edit, cfg.prompt_column, cfg.prompt_split)
+        if cfg.max_prompts is not None:
+            n = cfg.max_prompts
+            sources = EditSources(sources.images[:n], sources.prompts[:n], sources.names[:n])
+        return Prompts(sources.prompts, None, sources)
     texts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by(cfg.prompts))
     categories = None
     if cfg.category_column:
@@ -221,7 +235,7 @@ def fingerprint(cfg: CompareConfig, spec: ModelSpec, prompts: Prompts) -> dict:
         if value is not None:
             files = [Path(value)] if Path(value).is_file() else sorted(Path(value).rglob("*"))
             weights[key] = {str(f): _file_digest(f) for f in files if f.is_file()}
-    return {
+    stamp = {
         "pipeline": spec.pipeline,
         "weights": weights,
         "prompts": hashlib.sha256("\n".join(prompts.texts).encode()).hexdigest(),
@@ -230,6 +244,12 @@ def fingerprint(cfg: CompareConfig, spec: ModelSpec, prompts: Prompts) -> dict:
         "guidance_scale": cfg.guidance_scale,
         "dtype": cfg.dtype,
     }
+    if prompts.sources is not None:
+        digest = hashlib.sha256()
+        for image in prompts.sources.images:
+            digest.update(image.tobytes())
+        stamp |= {"task": "edit", "strength": cfg.edit.strength, "sources": digest.hexdigest()}
+    return stamp
 
 
 def generate_all(cfg: CompareConfig, prompts: Prompts, device: str) -> None:
@@ -250,26 +270,51 @@ def generate_all(cfg: CompareConfig, prompts: Prompts, device: str) -> None:
         if not todo:
             continue
         model = load_model(spec, DTYPES[cfg.dtype], device)
-        bar = tqdm(total=len(todo), desc=f"generate {spec.name}")
+        sources = prompts.sources.pixels(model.resolution) if prompts.sources else None
+        verb = "edit" if sources is not None else "generate"
+        bar = tqdm(total=len(todo), desc=f"{verb} {spec.name}")
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
-            images = model.generate(
-                [prompts.texts[i] for i, _ in chunk],
-                [image_seed(cfg.seed, i, j) for i, j in chunk],
-                cfg.num_inference_steps,
-                cfg.guidance_scale,
-                batch_size=cfg.batch_size,
-            )
+            texts = [prompts.texts[i] for i, _ in chunk]
+            seeds = [image_seed(cfg.seed, i, j) for i, j in chunk]
+            if sources is None:
+                images = model.generate(
+                    texts, seeds, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size
+                )
+            else:
+                images = model.edit(
+                    texts,
+                    sources[[i for i, _ in chunk]],
+                    seeds,
+                    cfg.edit.strength,
+                    cfg.num_inference_steps,
+                    cfg.guidance_scale,
+                    cfg.batch_size,
+                )
             for (i, j), image in zip(chunk, images, strict=True):
-                path = _image_path(out, spec.name, i, j)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                tmp = path.with_suffix(".tmp.png")
-                Image.fromarray(array).save(tmp)
-                tmp.replace(path)
+                _save_png(_image_path(out, spec.name, i, j), image)
             bar.update(len(chunk))
         bar.close()
         del model
+
+
+def _save_png(path: Path, image: torch.Tensor) -> None:
+    """An image (3, H, W) in [0, 1] as an 8-bit PNG, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(array).save(tmp)
+    tmp.replace(path)
+
+
+def write_sources(cfg: CompareConfig, prompts: Prompts, size: int) -> torch.Tensor:
+    """The edit sources at the edited images' size, (N, 3, size, size), also written where
+    the report's samples read them (a row beside the models'; one per image column)."""
+    pixels = prompts.sources.pixels(size)
+    for i in range(len(prompts.texts)):
+        for j in range(cfg.images_per_prompt):
+            _save_png(_image_path(Path(cfg.out), SOURCE, i, j), pixels[i])
+    return pixels
 
 
 def _load_images(out: Path, model: str, n_prompts: int, per_prompt: int) -> torch.Tensor:
@@ -282,10 +327,14 @@ def _load_images(out: Path, model: str, n_prompts: int, per_prompt: int) -> torc
 
 
 def score_all(cfg: CompareConfig, prompts: Prompts, scorers: dict, batch: int = 64) -> dict:
-    """scores[scorer][model] = array (prompts, images per prompt)."""
+    """scores[scorer][model] = array (prompts, images per prompt); task=edit adds
+    scores["fidelity"], each edit's block-colour fidelity to its source."""
     out, n, per = Path(cfg.out), len(prompts.texts), cfg.images_per_prompt
     texts = [t for t in prompts.texts for _ in range(per)]
     result: dict[str, dict[str, np.ndarray]] = {name: {} for name in scorers}
+    source = None  # task=edit: the sources at the edited images' size, one row per image
+    if prompts.sources is not None:
+        result[FIDELITY] = {}
     for spec in cfg.models:
         images = _load_images(out, spec.name, n, per)
         for name, scorer in scorers.items():
@@ -294,6 +343,11 @@ def score_all(cfg: CompareConfig, prompts: Prompts, scorers: dict, batch: int = 
                 for s in tqdm(range(0, len(texts), batch), desc=f"score {spec.name} {name}")
             ]
             result[name][spec.name] = np.concatenate(values).astype(np.float64).reshape(n, per)
+        if prompts.sources is not None:
+            if source is None:
+                source = write_sources(cfg, prompts, images.shape[-1]).repeat_interleave(per, 0)
+            fidelity = block_colour_fidelity(images, source, cfg.edit.fidelity_blocks)
+            result[FIDELITY][spec.name] = fidelity.double().numpy().reshape(n, per)
     return result
 
 
@@ -332,10 +386,17 @@ def statistics(cfg: CompareConfig, prompts: Prompts, scores: dict) -> dict:
         "images_per_prompt": cfg.images_per_prompt,
         "num_inference_steps": cfg.num_inference_steps,
         "guidance_scale": cfg.guidance_scale,
-        "scorers": list(cfg.scorers),
+        "scorers": list(scores),
         "seed": cfg.seed,
         "base": base,
+        "task": cfg.task,
     }
+    if prompts.sources is not None:
+        results["settings"] |= {
+            "strength": cfg.edit.strength,
+            "fidelity_blocks": cfg.edit.fidelity_blocks,
+            "sources": cfg.edit.sources,
+        }
     return results
 
 

@@ -1,6 +1,7 @@
 """`spo demo`: the whole story on a CPU, each stage the real command with its shipped toy config.
 
-world -> spm -> dpo, spo (the same wall-clock training budget each) -> compare. Before a stage
+world -> spm -> dpo, spo (the same wall-clock training budget each) -> compare (generation) ->
+compare_edit (SDEdit of the world's colour layouts, the same three models). Before a stage
 runs, its equivalent command line is printed, so any stage can be rerun by hand. A finished
 stage leaves `.demo_stage.json` in its folder naming the stages it was built on; a rerun skips
 it while those are unchanged, resumes a stage that was interrupted (the trainers resume from
@@ -23,7 +24,7 @@ from spo.errors import INPUT_ERRORS, TrainingError
 from spo.evaluation.stats import format_ci
 from spo.runs import atomic_write_bytes, check_writable, prepare_run_dir
 
-STAGES = ("world", "spm", "dpo", "spo", "compare")
+STAGES = ("world", "spm", "dpo", "spo", "compare", "compare_edit")
 # `flow=true`: the same story on the toy flow base model (a tiny SD3; method.md, flow models)
 FLOW_STAGES = ("spm_flow", "dpo_flow", "spo_flow", "compare_flow")
 MARKER = ".demo_stage.json"
@@ -33,9 +34,12 @@ RUNNERS = {
     "dpo": train_dpo.run,
     "spo": train_spo.run,
     "compare": compare.run,
+    "compare_edit": compare.run,
 }
 # a flow stage runs its UNet twin's command with the flow toy config of the same name
 FLOW_TWIN = {stage: stage.removesuffix("_flow") for stage in FLOW_STAGES}
+# stages whose toy config is named after the stage, not after its command's default
+OWN_CONFIG = FLOW_STAGES + ("compare_edit",)
 
 # Smoke-test sizes for `--quick` (CI): every stage runs its real code path in seconds.
 QUICK = {
@@ -49,6 +53,8 @@ QUICK = {
             "sampler.num_steps=10", "sampler.divert_step=2", "validation_images.every=2",
             "validation_images.num_inference_steps=10"],
     "compare": ["images_per_prompt=1", "num_inference_steps=10", "bootstrap=200"],
+    "compare_edit": ["images_per_prompt=1", "num_inference_steps=10", "bootstrap=200",
+                     "max_prompts=8"],
 }  # fmt: skip
 
 
@@ -72,6 +78,13 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
         "validation_images.prompts=[]",
     ]
     budget = [f"max_minutes={cfg.budget_minutes}", "max_steps=1000000"]
+    models = [  # a comparison's: the base model and its DPO and SPO results
+        "models=["
+        f"{{name: {name}base, pipeline: {base}}}, "
+        f"{{name: {name}dpo, pipeline: {base}, lora: {root / f'dpo{flow}/final'}}}, "
+        f"{{name: {name}spo, pipeline: {base}, lora: {root / f'spo{flow}/final'}}}]",
+        f"scorers=[oracle, 'spm:{root / f'spm{flow}/final'}', toy_pickscore]",
+    ]
     args = {
         "world": ["toy-world"],
         "spm": [
@@ -101,15 +114,12 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
         "compare": [
             "compare",
             f"prompts={world / 'prompts/eval.txt'}",
-            "models=["
-            f"{{name: {name}base, pipeline: {base}}}, "
-            f"{{name: {name}dpo, pipeline: {base}, lora: {root / f'dpo{flow}/final'}}}, "
-            f"{{name: {name}spo, pipeline: {base}, lora: {root / f'spo{flow}/final'}}}]",
-            f"scorers=[oracle, 'spm:{root / f'spm{flow}/final'}', toy_pickscore]",
+            *models,
         ],
+        "compare_edit": ["compare", f"edit.sources={world / 'edit/layouts'}", *models],
     }[twin]
     command, rest = args[0], args[1:]
-    config = f"toy/{stage}" if flow else TOY_CONFIGS[command]
+    config = f"toy/{stage}" if stage in OWN_CONFIG else TOY_CONFIGS[command]
     head = [command, "--config", config, "--out", str(root / stage)]
     if cfg.quick:
         rest = rest + QUICK[twin]
@@ -139,10 +149,15 @@ def _marker(root: Path, stage: str) -> dict | None:
 def run(cfg: DemoConfig) -> int:
     """`spo demo`: run it, print the headline table and where the report is."""
     report = run_demo(cfg)
-    for table in (report["headline"], report.get("flow_headline")):
+    for title, key in (
+        ("generation", "headline"),
+        ("editing (SDEdit of the colour layouts)", "edit_headline"),
+        ("toy flow world", "flow_headline"),
+    ):
+        table = report.get(key)
         if table is None:
             continue
-        print("\n| " + " | ".join(table[0]) + " |\n|" + " --- |" * len(table[0]))
+        print(f"\n{title}:\n| " + " | ".join(table[0]) + " |\n|" + " --- |" * len(table[0]))
         for row in table[1:]:
             print("| " + " | ".join(row) + " |")
     seconds = ", ".join(
@@ -151,8 +166,9 @@ def run(cfg: DemoConfig) -> int:
     )
     print(f"\nstages: {seconds}")
     print(
-        f"report: {cfg.out}/compare/report.html; validation scores against training time "
-        f"and chain KL: {cfg.out}/compare/proxy_vs_gold.png"
+        f"report: {cfg.out}/compare/report.html (editing: {cfg.out}/compare_edit/report.html); "
+        f"validation scores against training time and chain KL: "
+        f"{cfg.out}/compare/proxy_vs_gold.png"
     )
     return 0
 
@@ -192,6 +208,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"[demo] {stage}: finished in {seconds} s", flush=True)
 
     report["headline"] = headline(json.loads((root / "compare/results.json").read_text()))
+    edits = json.loads((root / "compare_edit/results.json").read_text())
+    report["edit_headline"] = headline(edits)
     if cfg.flow:
         flow_results = json.loads((root / "compare_flow/results.json").read_text())
         report["flow_headline"] = headline(flow_results, base="flow_base")

@@ -4,6 +4,8 @@ OUT/base_model/               the shipped tiny StableDiffusionPipeline, in float
 OUT/flow_base_model/          the shipped tiny StableDiffusion3Pipeline (rectified flow), float32
 OUT/prompts/{train,eval}.txt  eval holds colour/shape/background combinations never in train
 OUT/pairs/{train,validation}.parquet  Pick-a-Pic schema; validation pairs use the eval prompts
+OUT/edit/layouts/             colour layouts of the eval prompts (PNGs + prompts.txt): the
+                              sources of the editing comparison (SDEdit)
 OUT/base_samples.png          a grid of base samples on eval prompts with their oracle rewards
 OUT/flow_base_samples.png     the same for the flow base model
 OUT/world.json                pair statistics and both base models' reports (recognition rates,
@@ -19,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from spo.config import ToyWorldConfig
@@ -28,7 +31,7 @@ from spo.toy.annotator import labelled_pairs
 from spo.toy.base_model import BASE_MODEL_DIR, load_base_pipeline
 from spo.toy.flow_base_model import FLOW_BASE_MODEL_DIR
 from spo.toy.oracle import WEIGHTS, OracleReport, evaluate, recognition_rates
-from spo.toy.render import Prompt, render, split_prompts
+from spo.toy.render import Prompt, colour_layout, render, split_prompts
 
 AESTHETIC_TERMS = ("sharpness", "clean", "framing", "contrast")
 
@@ -160,6 +163,20 @@ def flow_base_model_in_float32():
     return StableDiffusion3Pipeline.from_pretrained(str(FLOW_BASE_MODEL_DIR), dtype=torch.float32)
 
 
+def write_layouts(root: Path, prompts: list, seed: int, per_prompt: int) -> Path:
+    """edit/layouts/: `per_prompt` colour layouts of each eval prompt as PNGs (name order is
+    prompt order) with prompts.txt, one line per image: the sources of the editing
+    comparison (`spo compare --config toy/compare_edit`)."""
+    rng = np.random.default_rng([seed, 2])
+    with atomic_dir(root / "edit" / "layouts") as tmp:
+        lines = []
+        for i, prompt in enumerate(p for p in prompts for _ in range(per_prompt)):
+            Image.fromarray(colour_layout(prompt, rng)).save(tmp / f"{i:03d}.png")
+            lines.append(prompt.text + "\n")
+        (tmp / "prompts.txt").write_text("".join(lines))
+    return root / "edit" / "layouts"
+
+
 def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
     """Write every part of the toy world into run.root (see the module docstring)."""
     for folder, script in (
@@ -202,6 +219,7 @@ def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
         stats[split] = _pair_stats(rows)
         run.log_metrics(0, **{f"{split}/{k}": v for k, v in stats[split].items()})
 
+    write_layouts(root, eval_prompts, cfg.seed, cfg.layouts_per_prompt)
     pipe = load_base_pipeline(root / "base_model")
     report, imgs, texts = base_model_report(pipe, cfg, cfg.grid_images_per_prompt)
     run.log_metrics(0, **{f"base/{k}": v for k, v in report.items() if isinstance(v, float)})

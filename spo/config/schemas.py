@@ -48,6 +48,7 @@ class ToyWorldConfig:
     tie_delta: float = 0.03  # |R(a) - R(b)| below this is labelled a tie (0.5 / 0.5)
     grid_prompts: int = 8  # prompts in the base model's sample grid
     grid_images_per_prompt: int = 4  # images per prompt in that grid
+    layouts_per_prompt: int = 2  # colour layouts of each eval prompt (edit/layouts/)
     num_inference_steps: int = 20  # sampling steps of the base models (DDIM; flow: Euler)
     # CFG when sampling the base model; 2.0, not method.md's 5.0: at 5.0 the toy base model's
     # samples are nearly all clean, leaving no room to prefer (measured in docs/toy-world.md)
@@ -57,7 +58,13 @@ class ToyWorldConfig:
         """Reject nonsensical values before any work starts (one-line ConfigError)."""
         _require(bool(str(self.out).strip()), "out", self.out, "must be a non-empty path")
         _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        for key in ("train_pairs", "validation_pairs", "grid_prompts", "grid_images_per_prompt"):
+        for key in (
+            "train_pairs",
+            "validation_pairs",
+            "grid_prompts",
+            "grid_images_per_prompt",
+            "layouts_per_prompt",
+        ):
             value = getattr(self, key)
             _require(value > 0, key, value, "must be > 0")
         tau = self.annotator_tau
@@ -806,6 +813,31 @@ class ModelSpec:
 
 
 @dataclass
+class EditConfig:
+    """`spo compare task=edit`: SDEdit of source images (the Diffusion-DPO paper's editing
+    experiment): each source is noised to `strength` and denoised by every model with its
+    edit prompt, the same seeds for every model."""
+
+    # a folder of images (png / jpg / webp, in name order) with a prompts file, or a parquet
+    # file / saved or hub dataset with `image_column` and the comparison's `prompt_column`
+    sources: str | None = "runs/toy/world/edit/layouts"
+    # the folder's prompts, one line per image in name order; null: <sources>/prompts.txt
+    prompts_file: str | None = None
+    image_column: str = "image"
+    strength: float = 0.6  # SDEdit's noise strength (the paper's 0.6): 1 is generation
+    # fidelity to the source: 1 - the mean absolute difference of the two images' colours
+    # averaged over `fidelity_blocks` x `fidelity_blocks` blocks (docs/evaluation.md)
+    fidelity_blocks: int = 8
+
+    def validate(self) -> None:
+        s = self.strength
+        _require(math.isfinite(s) and 0 < s <= 1, "edit.strength", s, "must be in (0, 1]")
+        _require(self.sources is not None, "edit.sources", None, "is needed by task=edit")
+        n = self.fidelity_blocks
+        _require(n > 0, "edit.fidelity_blocks", n, "must be > 0")
+
+
+@dataclass
 class CompareConfig:
     """`spo compare`: generate with several models on the same prompts and seeds, score, report."""
 
@@ -837,9 +869,16 @@ class CompareConfig:
     scorers: list[str] = field(default_factory=lambda: ["oracle", "spm:runs/toy/spm/final"])
     bootstrap: int = 1000  # resamples of the prompts for the 95% intervals
     grid_prompts: int = 8  # prompts shown in the report's image grid
+    # generate (from noise, with `prompts`) | edit (SDEdit of `edit.sources` with their own
+    # prompts; `prompts` is not read)
+    task: str = "generate"
+    edit: EditConfig = field(default_factory=EditConfig)
 
     def validate(self) -> None:
         _require(bool(self.models), "models", self.models, "needs at least one model")
+        _require(self.task in ("generate", "edit"), "task", self.task, "must be generate or edit")
+        if self.task == "edit":
+            self.edit.validate()
         names = [m.name for m in self.models]
         _require(len(set(names)) == len(names), "models", names, "names must be unique")
         for m in self.models:

@@ -32,6 +32,7 @@ CONFIG_COMMANDS = {
     "spo_flow_latent": "train-spo",
     "compare": "compare",
     "compare_flow": "compare",
+    "compare_edit": "compare",
 }
 # A command -> its toy config: the experiment its built-in defaults run (the demo's stage).
 TOY_CONFIGS = {

@@ -35,6 +35,7 @@ SAMPLE_PX = 128  # display width of a sample in report.html
 THUMB_PX = 256  # samples larger than this are embedded downscaled (JPEG) to keep the page small
 
 PLOTS = ("means", "differences", "win_rates", "proxy_vs_gold", "judge_accuracy")
+SOURCE = "_source"  # images/<SOURCE>/: an editing comparison's sources, shown beside the edits
 Table = list[list[str]]
 
 
@@ -275,12 +276,13 @@ STYLE = (
 )
 
 
-def page(blocks: list[Block], figures: dict[str, Figure]) -> str:
+def page(blocks: list[Block], figures: dict[str, Figure], title: str = "Comparison") -> str:
     """report.html: the blocks, the style sheet inline, nothing fetched."""
     body = "\n".join(b.html(figures) for b in blocks)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>spo compare</title>"
-        f"<style>{STYLE}</style></head><body>\n<h1>Comparison</h1>\n{body}\n</body></html>\n"
+        f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n"
+        "</body></html>\n"
     )
 
 
@@ -289,11 +291,25 @@ def page(blocks: list[Block], figures: dict[str, Figure]) -> str:
 
 def _intro(cfg: CompareConfig, results: dict, base_label: str, n_models: int) -> Para:
     s = results["settings"]
-    text = (
-        f"{s['prompts']} prompts x {s['images_per_prompt']} images per model; image j of prompt "
-        f"i has the same seed for every model (DDIM {s['num_inference_steps']} steps, CFG "
-        f"{s['guidance_scale']}). Means: 95% bootstrap intervals over prompts "
-        f"({cfg.bootstrap} resamples, the images of a prompt together)."
+    if s.get("task") == "edit":
+        text = (
+            f"Editing (SDEdit): {s['prompts']} source images from {s['sources']}, each noised to "
+            f"strength {s['strength']} and denoised with its edit prompt, {s['images_per_prompt']} "
+            f"edits per source and model; edit j of source i has the same seed for every model "
+            f"({s['num_inference_steps']} steps at full strength, CFG {s['guidance_scale']}). "
+            f"`fidelity`: 1 - the mean absolute difference of the edit's and the source's colours "
+            f"averaged over {s['fidelity_blocks']} x {s['fidelity_blocks']} blocks (the layout "
+            "kept, 1 at best). "
+        )
+    else:
+        text = (
+            f"{s['prompts']} prompts x {s['images_per_prompt']} images per model; image j of "
+            f"prompt i has the same seed for every model (DDIM {s['num_inference_steps']} steps, "
+            f"CFG {s['guidance_scale']}). "
+        )
+    text += (
+        f"Means: 95% bootstrap intervals over prompts ({cfg.bootstrap} resamples, the images of "
+        "a prompt together)."
     )
     if n_models > 1:
         text += (
@@ -557,6 +573,7 @@ def write_report(cfg: CompareConfig, prompts: list[str], results: dict, provenan
     base = cfg.base_model
     others = [m for m in models if m != base]
     figures: dict[str, Figure] = {}
+    editing = results["settings"].get("task") == "edit"
 
     blocks: list[Block] = [_intro(cfg, results, label_of[base], len(models))]
     blocks += _legend(cfg, labels, specs, s_labels, provenance["training"])
@@ -621,14 +638,25 @@ def write_report(cfg: CompareConfig, prompts: list[str], results: dict, provenan
     figures |= training_figures
 
     shown = prompts[: cfg.grid_prompts]
-    blocks += [
-        Heading("Samples"),
-        Para(
-            f"Every image of the first {len(shown)} prompts: a row per model, image j made from "
-            "the same seed for every model."
-        ),
-        Samples(out, shown, models, labels, results["settings"]["images_per_prompt"]),
-    ]
+    per = results["settings"]["images_per_prompt"]
+    if editing:
+        blocks += [
+            Heading("Edits"),
+            Para(
+                f"The first {len(shown)} sources: the source, then a row per model, edit j made "
+                "from the same seed for every model."
+            ),
+            Samples(out, shown, [SOURCE, *models], ["source", *labels], per),
+        ]
+    else:
+        blocks += [
+            Heading("Samples"),
+            Para(
+                f"Every image of the first {len(shown)} prompts: a row per model, image j made "
+                "from the same seed for every model."
+            ),
+            Samples(out, shown, models, labels, per),
+        ]
     blocks += _provenance(provenance, label_of)
 
     for name in PLOTS:  # a plot an earlier report drew but this one has no data for goes
@@ -636,6 +664,7 @@ def write_report(cfg: CompareConfig, prompts: list[str], results: dict, provenan
             atomic_write_bytes(out / f"{name}.png", figures[name].png)
         else:
             (out / f"{name}.png").unlink(missing_ok=True)
-    markdown = "# Comparison\n\n" + "\n\n".join(b.md() for b in blocks) + "\n"
+    title = "Comparison: editing (SDEdit)" if editing else "Comparison"
+    markdown = f"# {title}\n\n" + "\n\n".join(b.md() for b in blocks) + "\n"
     atomic_write_bytes(out / "report.md", markdown.encode())
-    atomic_write_bytes(out / "report.html", page(blocks, figures).encode())
+    atomic_write_bytes(out / "report.html", page(blocks, figures, title).encode())

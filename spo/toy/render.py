@@ -184,3 +184,20 @@ def render(prompt: Prompt, quality: float, rng: np.random.Generator) -> np.ndarr
     if sigma > 0.25:
         arr = ndimage.gaussian_filter(arr, sigma=(sigma, sigma, 0), mode="nearest")
     return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+LAYOUT_BLOCK = 8  # pixels per side of a colour layout's blocks (8 x 8 blocks at 64 px)
+
+
+def colour_layout(
+    prompt: Prompt, rng: np.random.Generator, block: int = LAYOUT_BLOCK
+) -> np.ndarray:
+    """A coarse colour layout of `prompt` (the SDEdit paper's stroke inputs, which the
+    Diffusion-DPO paper edits): a render at a random quality in [0.3, 0.9] (so the object is
+    somewhere, of some size, maybe among clutter) with each `block` x `block` square replaced
+    by its mean colour. Returns (SIZE, SIZE, 3) uint8."""
+    image = render(prompt, rng.uniform(0.3, 0.9), rng).astype(np.float64)
+    n = SIZE // block
+    means = image.reshape(n, block, n, block, 3).mean(axis=(1, 3))
+    blocks = np.repeat(np.repeat(means, block, axis=0), block, axis=1)
+    return np.clip(np.rint(blocks), 0, 255).astype(np.uint8)
