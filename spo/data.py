@@ -56,18 +56,26 @@ def read_pairs(
     *,
     streaming: bool = False,
     limit: int | None = None,
+    keep: Callable[[dict], bool] | None = None,
 ):
-    """The first `limit` pairs (all: None) of a split as a `datasets.Dataset`. With
+    """The first `limit` pairs (all: None) of a split as a `datasets.Dataset`, of the rows
+    `keep` keeps (an annotator selection, `spo.annotators.keeps`; None: every row). With
     `streaming` only those rows are read (into memory), not the whole split: a validation split
     or a `max_train_pairs` subset of a hub dataset without downloading the rest."""
     if not streaming:
         table = load_pair_table(source, split, made_by)
+        if keep is not None:  # the predicate sees the row's columns but its images
+            columns = [c for c in table.column_names if c not in IMAGES]
+            rows = table.select_columns(columns)
+            table = table.select([i for i, row in enumerate(rows) if keep(row)])
         return table.select(range(limit)) if limit is not None and limit < len(table) else table
     import datasets
 
     stream = open_split(source, split, made_by, "pairs", streaming=True)
     with _quiet_datasets(), _reading(source, "pairs"):
-        rows = list(itertools.islice(stream.decode(False), limit))
+        rows = stream.decode(False)
+        rows = filter(keep, rows) if keep is not None else rows
+        rows = list(itertools.islice(rows, limit))
     return datasets.Dataset.from_list(rows, features=stream.features)
 
 

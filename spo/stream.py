@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from accelerate.utils import gather_object
 
+from spo.annotators import keeps
 from spo.data import (
     REQUIRED_COLUMNS,
     BadImageCounter,
@@ -67,8 +68,11 @@ class PairStream:
     """One process's endless, resumable stream of rows of a streaming dataset, each with its
     shard and row number."""
 
-    def __init__(self, data, *, seed: int, buffer: int, source: str) -> None:
+    def __init__(
+        self, data, *, seed: int, buffer: int, source: str, keep: Callable | None = None
+    ) -> None:
         self.data = data
+        self.keep = keep  # rows to keep (an annotator selection); row numbers count every row
         self.seed, self.buffer, self.source = seed, buffer, source
         self.num_shards = data.num_shards
         self.rank, self.world = 0, 1
@@ -168,7 +172,8 @@ class PairStream:
         for i in range(shard, len(shards)):
             part = self.data.shard(num_shards=self.num_shards, index=shards[i])
             for n, data in enumerate(part.skip(row) if row else part, start=row):
-                yield i, n, data
+                if self.keep is None or self.keep(data):
+                    yield i, n, data
             row = 0
 
 
@@ -262,6 +267,7 @@ class StreamedPairs:
 def stream_of_training_pairs(pairs, seed: int) -> PairStream:
     """`open_pair_stream` of a trainer's `pairs` config (train split, shuffle buffer, bad-image
     share)."""
+    selection = pairs.annotators
     return open_pair_stream(
         pairs.train,
         pairs.train_split,
@@ -269,25 +275,36 @@ def stream_of_training_pairs(pairs, seed: int) -> PairStream:
         seed=seed,
         buffer=pairs.shuffle_buffer,
         max_bad_share=pairs.max_bad_image_share,
+        keep=keeps(selection),
+        extra_columns=(selection.column,) if selection.active else (),
     )
 
 
 def open_pair_stream(
-    source: str, split: str, made_by: str | None, *, seed: int, buffer: int, max_bad_share: float
+    source: str,
+    split: str,
+    made_by: str | None,
+    *,
+    seed: int,
+    buffer: int,
+    max_bad_share: float,
+    keep: Callable | None = None,
+    extra_columns: tuple[str, ...] = (),
 ) -> PairStream:
     """A training split as a stream, checked before anything is spent on it: its columns,
     enough data files for the processes the launcher started, and the labels and images of the
-    first PROBE_ROWS rows of its first file."""
+    first PROBE_ROWS rows of its first file. `keep` keeps some rows only (reading
+    `extra_columns` too: the annotator column it looks at)."""
     data = open_split(
         source,
         split,
         made_by,
         "pairs",
         streaming=True,
-        columns=REQUIRED_COLUMNS,
+        columns=REQUIRED_COLUMNS + extra_columns,
         require=check_pair_columns,
     ).decode(False)
-    stream = PairStream(data, seed=seed, buffer=buffer, source=source)
+    stream = PairStream(data, seed=seed, buffer=buffer, source=source, keep=keep)
     stream.check_world(int(os.environ.get("WORLD_SIZE", "1")))
     first = stream.first_rows(PROBE_ROWS)
     if not first:

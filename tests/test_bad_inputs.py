@@ -153,6 +153,10 @@ def in_read_only(c: Ctx) -> str:
     return f"--out={c.tmp / 'ro' / 'run'}"
 
 
+def ids_and_file(c: Ctx) -> tuple[str, str]:
+    return "pairs.annotators.ids=[1]", f"pairs.annotators.file={c.inputs / 'pairs.txt'}"
+
+
 def spm_model(c: Ctx, folder: str) -> str:
     return f"'spm:{c.inputs / folder}'"
 
@@ -266,6 +270,33 @@ CASES: list[Case] = [
     ),
     C("spm-resume-missing", lambda c: spm_train(c, f"resume={c.inputs / 'no_checkpoint'}")),
     C("spm-max-steps-negative", lambda c: spm_train(c, "max_steps=-3")),
+    C(
+        "spm-annotator-selects-no-pair",
+        lambda c: spm_train(
+            c, f"pairs.train={c.inputs / 'users.parquet'}", "pairs.annotators.ids=[7]"
+        ),
+    ),
+    C("spm-annotators-ids-and-file", lambda c: spm_train(c, *ids_and_file(c))),
+    C(
+        "dpo-annotator-selects-no-pair",
+        lambda c: dpo(c, f"pairs.train={c.inputs / 'users.parquet'}", "pairs.annotators.ids=[7]"),
+    ),
+    C(
+        "dpo-annotator-column-missing",
+        lambda c: dpo(c, "pairs.annotators.ids=[1]"),  # the mini world's pairs have no user_id
+    ),
+    C(
+        "dpo-annotator-file-missing",
+        lambda c: dpo(c, f"pairs.annotators.file={c.inputs / 'no_ids.txt'}"),
+    ),
+    C(
+        "spo-prompt-annotators-on-a-prompt-file",
+        lambda c: spo(c, f"prompts={c.inputs / 'pairs.txt'}", "prompt_annotators.ids=[1]"),
+    ),
+    C(
+        "spo-prompt-annotator-selects-no-pair",
+        lambda c: spo(c, f"prompts={c.inputs / 'users.parquet'}", "prompt_annotators.ids=[7]"),
+    ),
     C(
         "spm-backbone-json-missing",
         lambda c: spm_train(c, f"backbone.model={c.inputs / 'no_clip.json'}"),
@@ -628,6 +659,8 @@ def inputs(tmp_path_factory) -> Path:
         root / "columns.parquet",
     )
     pq.write_table(_pairs_table(b"this is not an image"), root / "undecodable.parquet")
+    users = _pairs_table(_png()).append_column("user_id", pa.array([1, 2] * 4))
+    pq.write_table(users, root / "users.parquet")
     (root / "bad.yaml").write_text("seed: [1, 2\nout: x\n")
     (root / "list.yaml").write_text("- seed\n- out\n")
     (root / "typo.yaml").write_text("optim:\n  lerning_rate: 0.1\n")

@@ -243,11 +243,31 @@ def spm_pixel(c: Ctx, v: str) -> list[str]:
     )
 
 
+def grouped(c: Ctx, split: str) -> Path:
+    """The mini world's pairs of `split` with a `group` column (A, B, A, ...): annotators."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = c.tmp / f"grouped_{split}.parquet"
+    if not path.is_file():
+        table = pq.read_table(c.world / f"pairs/{split}.parquet")
+        groups = pa.array(["A" if i % 2 == 0 else "B" for i in range(table.num_rows)])
+        pq.write_table(table.append_column("group", groups), path)
+    return path
+
+
+GROUP_A = ("pairs.annotators.column=group", "pairs.annotators.ids=[A]")
+
+
 def spm_latent_streamed(c: Ctx, v: str) -> list[str]:
-    """The latent judge (its `latent` section), on streamed pairs (`shuffle_buffer`)."""
+    """The latent judge (its `latent` section), on streamed pairs (`shuffle_buffer`) of one
+    annotator group."""
     return judge_training_args(
         c.world,
         Path(_out(c, v)),
+        f"pairs.train={grouped(c, 'train')}",
+        f"pairs.validation={grouped(c, 'validation')}",
+        *GROUP_A,
         "judge=latent",
         "latent.projection_dim=16",
         "max_steps=2",
@@ -287,11 +307,15 @@ def dpo(c: Ctx, v: str, *extra: str) -> list[str]:
 def dpo_full_streamed(c: Ctx, v: str) -> list[str]:
     """Full fine-tuning (`policy.reference_offload`), streamed pairs, pushed to the Hub."""
     extra = ("policy.mode=full", "pairs.streaming=true", "pairs.shuffle_buffer=8")
-    return dpo(c, v, *extra, "push_to_hub=true", "hub_model_id=spo-tests/dpo")
+    group = (f"pairs.train={grouped(c, 'train')}", *GROUP_A)  # one annotator group's pairs
+    return dpo(c, v, *extra, *group, "push_to_hub=true", "hub_model_id=spo-tests/dpo")
 
 
 def spo_lora(c: Ctx, v: str) -> list[str]:
-    return spo_args(c.world, c.judge, Path(_out(c, v)), *VALIDATION_IMAGES, "max_epochs=1")
+    """On the prompts of one annotator group's pairs."""
+    group = (f"prompts={grouped(c, 'train')}", "prompt_annotators.column=group")
+    group += ("prompt_annotators.ids=[A]", "max_prompts=4")
+    return spo_args(c.world, c.judge, Path(_out(c, v)), *VALIDATION_IMAGES, "max_epochs=1", *group)
 
 
 def spo_full(c: Ctx, v: str) -> list[str]:

@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from PIL import Image
 from tqdm.auto import tqdm
 
+from spo.annotators import announce, check_selection, keeps
 from spo.commands import report
 from spo.config import DPOTrainConfig
 from spo.data import (
@@ -63,6 +64,7 @@ def load_dpo_pairs(cfg: DPOTrainConfig) -> tuple[object, np.ndarray, int]:
         made_by(p.train),
         streaming=p.streams(p.train),
         limit=p.max_train_pairs,
+        keep=keeps(p.annotators),
     )
     return table, check_pair_table(table, p.train), len(table)
 
@@ -270,6 +272,8 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     require_base_model(cfg)
     require_family(cfg.base_model, cfg.model_family)
     p = cfg.pairs
+    selection = check_selection(p.annotators, p.train, p.train_split)
+    announce(selection, p.annotators, f"training pairs {p.train}")
     if streamed(cfg):
         stream = stream_of_training_pairs(p, cfg.seed)
     else:

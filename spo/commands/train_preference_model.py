@@ -29,8 +29,10 @@ from preference_model import (
     toy_spm,
 )
 from preference_model.errors import check_safetensors
+from spo.annotators import announce, check_selection, keeps
 from spo.commands import report
 from spo.config import SPMTrainConfig
+from spo.config.schemas import AnnotatorsConfig
 from spo.data import (
     BadImageCounter,
     PairBatch,
@@ -156,11 +158,23 @@ class PairSplit:
     dataset: PairDataset
 
 
-def load_split(source: str, split: str, limit: int | None, streaming: bool = False) -> PairSplit:
+def load_split(
+    source: str,
+    split: str,
+    limit: int | None,
+    streaming: bool = False,
+    annotators: AnnotatorsConfig | None = None,
+) -> PairSplit:
     """Load and check one split of pairs (columns, labels) before any compute is spent; its
     dataset gets the diffusion model's resolution later (`PairSplit.dataset.resolution`).
-    With `streaming` only the first `limit` rows are read (into memory)."""
-    table = read_pairs(source, split, made_by(source), streaming=streaming, limit=limit)
+    With `streaming` only the first `limit` rows are read (into memory); with `annotators`,
+    only their pairs (the count printed)."""
+    keep = None
+    if annotators is not None and annotators.active:
+        selection = check_selection(annotators, source, split)
+        announce(selection, annotators, f"pairs {source} ({split})")
+        keep = keeps(annotators)
+    table = read_pairs(source, split, made_by(source), streaming=streaming, limit=limit, keep=keep)
     labels = check_pair_table(table, source)
     return PairSplit(source, table, labels, PairDataset(table, 0, labels))
 
@@ -315,17 +329,31 @@ def train_preference_model(cfg: SPMTrainConfig) -> dict:
     p = cfg.pairs
     train = stream = None
     if p.streams(p.train) and p.max_train_pairs is None:
+        sel = p.annotators
+        announce(check_selection(sel, p.train, p.train_split), sel, f"training pairs {p.train}")
         stream = stream_of_training_pairs(p, cfg.seed)
         bad = BadImageCounter(p.max_bad_image_share, p.train, split_rows(stream.data))
-        # PickScore's weights need every caption's count: the caption column alone is read
-        captions = load_columns(p.train, ["caption"], p.train_split, made_by(p.train), "pairs")
-        per_prompt = Counter(captions["caption"])
+        # PickScore's weights need every (kept) caption's count: those columns alone are read
+        columns = ["caption", *([sel.column] if sel.active else [])]
+        rows = load_columns(p.train, columns, p.train_split, made_by(p.train), "pairs")
+        keep = keeps(sel) or (lambda row: True)
+        per_prompt = Counter(
+            caption
+            for i, caption in enumerate(rows["caption"])
+            if keep({c: rows[c][i] for c in columns})
+        )
     else:
-        train = load_split(p.train, p.train_split, p.max_train_pairs, p.streams(p.train))
+        train = load_split(
+            p.train, p.train_split, p.max_train_pairs, p.streams(p.train), p.annotators
+        )
         bad = BadImageCounter(p.max_bad_image_share, train.source, len(train.table))
         bad.probe(train.table)
     val = load_split(
-        p.validation, p.validation_split, p.max_validation_pairs, p.streams(p.validation)
+        p.validation,
+        p.validation_split,
+        p.max_validation_pairs,
+        p.streams(p.validation),
+        p.annotators,
     )
     BadImageCounter(p.max_bad_image_share, val.source).probe(val.table)
     loop = TrainLoop(

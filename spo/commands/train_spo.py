@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import preference_model
 from preference_model.errors import check_judge_folder, judge_kind, judge_trained_on
+from spo.annotators import selected_prompts
 from spo.commands import report
 from spo.config import SPOTrainConfig
 from spo.data import load_prompts
@@ -105,9 +106,15 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         ours["resolution"] = cfg.resolution
     check_judge_family(cfg, judge_trained_on(cfg.spm), ours)
     check_lora_targets(cfg.base_model, cfg.policy)
-    prompts = load_prompts(
-        cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)
-    )[: cfg.max_prompts]
+    if cfg.prompt_annotators.active:
+        prompts = selected_prompts(
+            cfg.prompt_annotators, cfg.prompts, cfg.prompt_column, cfg.prompt_split
+        )
+    else:
+        prompts = load_prompts(
+            cfg.prompts, cfg.prompt_column, cfg.prompt_split, made_by=made_by(cfg.prompts)
+        )
+    prompts = prompts[: cfg.max_prompts]
     loop = TrainLoop.for_diffusion(cfg, kind=KIND, name="spo")
     if loop.already_finished:
         return loop.previous_result()

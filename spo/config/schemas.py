@@ -139,6 +139,31 @@ class BackboneConfig:
 
 
 @dataclass
+class AnnotatorsConfig:
+    """Group preferences: only the pairs (or prompts) of some annotators. Pick-a-Pic records
+    who made each choice in `user_id`; another column makes this a column filter
+    (`column: group`, `ids: [A]`)."""
+
+    ids: list[str] | None = None  # the annotator ids to keep, compared as text; null: every row
+    file: str | None = None  # or a file of ids, one a line
+    column: str = "user_id"  # the column holding them
+
+    @property
+    def active(self) -> bool:
+        return self.ids is not None or self.file is not None
+
+    def validate(self, prefix: str) -> None:
+        _require(
+            self.ids is None or self.file is None,
+            f"{prefix}.ids",
+            self.ids,
+            f"give ids or {prefix}.file, not both",
+        )
+        _require(self.ids is None or len(self.ids) > 0, f"{prefix}.ids", self.ids, "is empty")
+        _require(bool(self.column.strip()), f"{prefix}.column", self.column, "is empty")
+
+
+@dataclass
 class TrainPairsConfig:
     """Where the training pairs come from (Pick-a-Pic schema; no validation split)."""
 
@@ -157,6 +182,9 @@ class TrainPairsConfig:
     # Streaming: rows shuffled together, held in memory on every process (Pick-a-Pic: about
     # 330 kB a pair, 330 MB for 1000)
     shuffle_buffer: int = 1000
+    # Group preferences: train (and validate) on the pairs of these annotators only; the
+    # pairs each split keeps are counted and printed before training
+    annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
 
     def streams(self, source: str) -> bool:
         """Whether `source` is read as a stream."""
@@ -171,6 +199,7 @@ class TrainPairsConfig:
         _require(size > 0, "pairs.shuffle_buffer", size, "must be > 0")
         share = self.max_bad_image_share
         _require(0 <= share < 1, "pairs.max_bad_image_share", share, "must be in [0, 1)")
+        self.annotators.validate("pairs.annotators")
 
 
 @dataclass
@@ -739,6 +768,9 @@ class SPOTrainConfig:
     prompt_column: str = "caption"  # for json(l) objects, parquet and datasets
     prompt_split: str = "train"
     max_prompts: int | None = None  # only the first N prompts (None: all)
+    # Group preferences: with `prompts` a pair table, only the prompts of these annotators'
+    # pairs (each once); the group's own judge comes with `spm`
+    prompt_annotators: AnnotatorsConfig = field(default_factory=AnnotatorsConfig)
     policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(lora_rank=4))
     # the release's sampler (k 4, t <= 750 trained, threshold 0.3) at the toy world's CFG 2.0
     sampler: SamplerConfig = field(
@@ -800,6 +832,7 @@ class SPOTrainConfig:
             _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
         n = self.max_prompts
         _require(n is None or n > 0, "max_prompts", n, "must be > 0 or null (all)")
+        self.prompt_annotators.validate("prompt_annotators")
 
 
 @dataclass
