@@ -1,21 +1,27 @@
 """Group preferences: pairs (and SPO's prompts) of selected annotators, read whole, streamed and
-as the trainers' stream, counted before any model loads."""
+as the trainers' stream, counted before any model loads; the two-group toy world."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import dpo_args
 
 from spo.annotators import check_selection, keeps, selected_prompts
 from spo.cli import main
-from spo.config.schemas import AnnotatorsConfig
+from spo.config.schemas import AnnotatorsConfig, ValidationImagesConfig
 from spo.data import read_pairs
 from spo.errors import ConfigError
+from spo.evaluation.scorers import build_scorer
 from spo.stream import open_pair_stream
+from spo.toy.annotator import group_labelled_pairs
+from spo.toy.oracle import GROUPS, evaluate, group_reward, size_taste
+from spo.toy.render import Prompt, render
 
 # Pick-a-Pic's schema with its user_id column: 12 pairs by 4 users (ids as numbers, as there)
 USERS = [101, 202, 303, 404]
@@ -113,3 +119,70 @@ def test_dpo_trains_on_a_group_and_says_how_many_pairs_it_kept(mini_world, tmp_p
     assert f"{half} of {table.num_rows} pairs kept by group in [A] (2 annotators" in (
         capsys.readouterr().out
     )
+
+
+# ------------------------------------------------------------------ the two-group toy world
+
+
+def test_group_oracles_share_r_and_differ_by_the_size_taste():
+    prompt = Prompt("blue", "triangle", "gray")
+    assert size_taste(0.6, "large") == 0 and size_taste(1.4, "large") == pytest.approx(1)
+    assert size_taste(1.0, "large") == pytest.approx(0.5) == size_taste(1.0, "small")
+    assert size_taste(0.8, "small") == pytest.approx(0.75)
+    rng = np.random.default_rng(0)
+    for scale, extent_range in ((0.6, (0.5, 0.7)), (1.4, (1.25, 1.45))):
+        image = render(prompt, 1.0, rng, scale=scale)
+        report = evaluate(image, prompt)
+        assert extent_range[0] < report.extent < extent_range[1]
+        for group in GROUPS:  # 0.8 R + 0.2 taste, by hand
+            taste = size_taste(report.extent, group)
+            assert group_reward(image, prompt, group) == pytest.approx(
+                0.8 * report.reward + 0.2 * taste
+            )
+    with pytest.raises(ValueError, match="unknown group"):
+        size_taste(1.0, "medium")
+
+
+def test_group_pairs_are_labelled_by_both_groups_and_their_tastes_disagree():
+    prompts = [Prompt("red", "circle", "white"), Prompt("green", "square", "black")]
+    # a near-deterministic annotator (tau 1e-4): a label is the sign of the reward difference
+    rows = list(group_labelled_pairs(prompts, 60, 1e-4, 0.0, np.random.default_rng(0)))
+    assert len(rows) == 120 and [r["user_id"] for r in rows[:4]] == ["large", "small"] * 2
+    large, small = rows[::2], rows[1::2]
+    same = [
+        a["jpg_1"] == b["jpg_1"] and a["pair"] == b["pair"]
+        for a, b in zip(large, small, strict=True)
+    ]
+    assert all(same)
+    # the groups share R, so where they disagree the taste decided: large picks the bigger
+    # object (scale) and small the smaller one
+    split = [(a, b) for a, b in zip(large, small, strict=True) if a["label_0"] != b["label_0"]]
+    assert len(split) >= 5
+    bigger_first = [a["scale_0"] > a["scale_1"] for a, _ in split]
+    assert (
+        np.mean(
+            [(a["label_0"] == 1) == big for (a, _), big in zip(split, bigger_first, strict=True)]
+        )
+        > 0.8
+    )
+    assert (
+        np.mean(
+            [(b["label_0"] == 1) != big for (_, b), big in zip(split, bigger_first, strict=True)]
+        )
+        > 0.8
+    )
+
+
+def test_the_group_oracles_are_scorers_and_never_select(tmp_path):
+    images = torch.from_numpy(
+        np.stack([render(Prompt("red", "circle", "white"), 1.0, np.random.default_rng(i), s)
+                  for i, s in ((0, 0.6), (1, 1.4))])
+    ).permute(0, 3, 1, 2).float() / 255  # fmt: skip
+    texts = ["a red circle on a white background"] * 2
+    large = build_scorer("oracle_large")(images, texts)
+    small = build_scorer("oracle_small")(images, texts)
+    assert large[1] > large[0] and small[0] > small[1]
+    with pytest.raises(ConfigError, match="is an oracle"):
+        ValidationImagesConfig(
+            prompts=texts[:1], scorers=["oracle_large", "toy_pickscore"], select_by="oracle_large"
+        ).validate()

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -56,6 +57,8 @@ def test_toy_world_writes_every_part(tmp_path):
             "validation_pairs=12",
             "grid_prompts=2",
             "grid_images_per_prompt=2",
+            "group_pairs=6",
+            "group_validation_pairs=4",
         ]
     )
     assert code == 0
@@ -75,6 +78,14 @@ def test_toy_world_writes_every_part(tmp_path):
         assert (out / rel).is_file(), rel
     train = (out / "prompts/train.txt").read_text().splitlines()
     held_out = (out / "prompts/eval.txt").read_text().splitlines()
+    # the two-group world: every pair labelled by both groups, the group in user_id
+    groups = pq.read_table(out / "pairs/groups_train.parquet").to_pylist()
+    assert [r["user_id"] for r in groups] == ["large", "small"] * 6
+    assert all(
+        a["jpg_0"] == b["jpg_0"] and a["pair"] == b["pair"]
+        for a, b in zip(groups[::2], groups[1::2], strict=True)
+    )
+    assert pq.read_table(out / "pairs/groups_validation.parquet").num_rows == 8
     # the editing sources: two colour layouts of each eval prompt, prompts in name order
     layouts = out / "edit/layouts"
     assert len(list(layouts.glob("*.png"))) == 2 * len(held_out) == 32

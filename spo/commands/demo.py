@@ -44,7 +44,7 @@ OWN_CONFIG = FLOW_STAGES + ("compare_edit",)
 # Smoke-test sizes for `--quick` (CI): every stage runs its real code path in seconds.
 QUICK = {
     "world": ["train_pairs=300", "validation_pairs=64", "grid_prompts=2",
-              "grid_images_per_prompt=1"],
+              "grid_images_per_prompt=1", "group_pairs=40", "group_validation_pairs=16"],
     "spm": ["max_steps=10", "batch_size=8", "validation_every=0", "checkpoint_every=5",
             "pairs.max_validation_pairs=32"],
     "dpo": ["max_steps=10", "batch_size=4", "checkpoint_every=5", "validation_images.every=5",

@@ -4,6 +4,9 @@ OUT/base_model/               the shipped tiny StableDiffusionPipeline, in float
 OUT/flow_base_model/          the shipped tiny StableDiffusion3Pipeline (rectified flow), float32
 OUT/prompts/{train,eval}.txt  eval holds colour/shape/background combinations never in train
 OUT/pairs/{train,validation}.parquet  Pick-a-Pic schema; validation pairs use the eval prompts
+OUT/pairs/groups_{train,validation}.parquet  the two-group world: pairs of renders at random
+                              object scales, each labelled by both annotator groups (the group
+                              in `user_id`): one likes large objects, the other small ones
 OUT/edit/layouts/             colour layouts of the eval prompts (PNGs + prompts.txt): the
                               sources of the editing comparison (SDEdit)
 OUT/base_samples.png          a grid of base samples on eval prompts with their oracle rewards
@@ -27,10 +30,10 @@ from tqdm.auto import tqdm
 from spo.config import ToyWorldConfig
 from spo.families import family_of
 from spo.runs import RunDir, atomic_dir, atomic_write_bytes, prepare_run_dir
-from spo.toy.annotator import labelled_pairs
+from spo.toy.annotator import group_labelled_pairs, labelled_pairs
 from spo.toy.base_model import BASE_MODEL_DIR, load_base_pipeline
 from spo.toy.flow_base_model import FLOW_BASE_MODEL_DIR
-from spo.toy.oracle import WEIGHTS, OracleReport, evaluate, recognition_rates
+from spo.toy.oracle import GROUPS, WEIGHTS, OracleReport, evaluate, recognition_rates
 from spo.toy.render import Prompt, colour_layout, render, split_prompts
 
 AESTHETIC_TERMS = ("sharpness", "clean", "framing", "contrast")
@@ -219,6 +222,14 @@ def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
         stats[split] = _pair_stats(rows)
         run.log_metrics(0, **{f"{split}/{k}": v for k, v in stats[split].items()})
 
+    for split, prompts, n, offset in (
+        ("train", train_prompts, cfg.group_pairs, 3),
+        ("validation", eval_prompts, cfg.group_validation_pairs, 4),
+    ):
+        rng = np.random.default_rng([cfg.seed, offset])
+        pairs = group_labelled_pairs(prompts, n, cfg.annotator_tau, cfg.tie_delta, rng)
+        rows = list(tqdm(pairs, total=len(GROUPS) * n, desc=f"pairs/groups_{split}"))
+        _write_pairs(root / "pairs" / f"groups_{split}.parquet", rows)
     write_layouts(root, eval_prompts, cfg.seed, cfg.layouts_per_prompt)
     pipe = load_base_pipeline(root / "base_model")
     report, imgs, texts = base_model_report(pipe, cfg, cfg.grid_images_per_prompt)

@@ -49,6 +49,9 @@ class ToyWorldConfig:
     grid_prompts: int = 8  # prompts in the base model's sample grid
     grid_images_per_prompt: int = 4  # images per prompt in that grid
     layouts_per_prompt: int = 2  # colour layouts of each eval prompt (edit/layouts/)
+    # the two-group world (pairs/groups_*.parquet): pairs, each labelled by both groups
+    group_pairs: int = 1500
+    group_validation_pairs: int = 250
     num_inference_steps: int = 20  # sampling steps of the base models (DDIM; flow: Euler)
     # CFG when sampling the base model; 2.0, not method.md's 5.0: at 5.0 the toy base model's
     # samples are nearly all clean, leaving no room to prefer (measured in docs/toy-world.md)
@@ -64,6 +67,8 @@ class ToyWorldConfig:
             "grid_prompts",
             "grid_images_per_prompt",
             "layouts_per_prompt",
+            "group_pairs",
+            "group_validation_pairs",
         ):
             value = getattr(self, key)
             _require(value > 0, key, value, "must be > 0")
@@ -495,10 +500,10 @@ class ValidationImagesConfig:
         )
         if self.select_by is not None:
             _require(
-                self.select_by != "oracle",
+                not self.select_by.startswith("oracle"),  # the oracle, or a group's
                 "validation_images.select_by",
                 self.select_by,
-                "is the oracle, the toy world's ground truth: it is reported, never used "
+                "is an oracle, the toy world's ground truth: it is reported, never used "
                 "to choose (name a held-out scorer, e.g. toy_pickscore)",
             )
             _require(

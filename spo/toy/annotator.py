@@ -12,8 +12,9 @@ from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
+from scipy.special import expit
 
-from spo.toy.oracle import reward
+from spo.toy.oracle import GROUPS, group_reward, reward
 from spo.toy.render import Prompt, render
 
 
@@ -23,7 +24,7 @@ def preference_label(
     """label_0 for a pair with rewards (r0, r1): 0.5 for a tie, else a Bradley-Terry draw."""
     if abs(r0 - r1) < delta:
         return 0.5
-    p0 = 1.0 / (1.0 + np.exp(-(r0 - r1) / tau))
+    p0 = expit((r0 - r1) / tau)  # the logistic function, without overflow for a small tau
     return 1.0 if rng.random() < p0 else 0.0
 
 
@@ -55,3 +56,34 @@ def labelled_pairs(
             "reward_0": float(r0),
             "reward_1": float(r1),
         }
+
+
+def group_labelled_pairs(
+    prompts: list[Prompt], n: int, tau: float, delta: float, rng: np.random.Generator
+) -> Iterator[dict]:
+    """The two-group world's pairs: n pairs of renders at independent random qualities and
+    object scales (0.6 to 1.4), each labelled by an annotator of every group of
+    `spo.toy.oracle.GROUPS` with that group's oracle: 2n rows, the group in `user_id` (the
+    annotator column of Pick-a-Pic), the pair's number in `pair`."""
+    for i in range(n):
+        p = prompts[rng.integers(len(prompts))]
+        q0, q1 = rng.uniform(size=2)
+        s0, s1 = rng.uniform(0.6, 1.4, size=2)
+        im0, im1 = render(p, q0, rng, scale=s0), render(p, q1, rng, scale=s1)
+        jpg_0, jpg_1 = png_bytes(im0), png_bytes(im1)
+        for group in GROUPS:
+            r0, r1 = group_reward(im0, p, group), group_reward(im1, p, group)
+            label_0 = preference_label(r0, r1, tau, delta, rng)
+            yield {
+                "caption": p.text,
+                "jpg_0": jpg_0,
+                "jpg_1": jpg_1,
+                "label_0": label_0,
+                "label_1": 1.0 - label_0,
+                "user_id": group,
+                "pair": i,
+                "scale_0": float(s0),
+                "scale_1": float(s1),
+                "reward_0": float(r0),
+                "reward_1": float(r1),
+            }

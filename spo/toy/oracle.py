@@ -27,7 +27,15 @@ from dataclasses import dataclass, fields
 import numpy as np
 from scipy import ndimage
 
-from spo.toy.render import BACKGROUNDS, COLOURS, NOMINAL_RADIUS, SHAPES, SIZE, Prompt, shape_mask
+from spo.toy.render import (
+    BACKGROUNDS,
+    COLOURS,
+    NOMINAL_RADIUS,
+    SHAPES,
+    SIZE,
+    Prompt,
+    shape_mask,
+)
 
 WEIGHTS = {
     "colour": 0.20,
@@ -59,6 +67,7 @@ class OracleReport:
     seen_colour: str | None
     seen_shape: str | None
     seen_background: str
+    extent: float = 0.0  # the main object's bounding box over the nominal one (0: none seen)
 
     @property
     def alignment(self) -> float:
@@ -109,15 +118,7 @@ def evaluate(image, prompt: Prompt | str) -> OracleReport:
     if isinstance(prompt, str):
         prompt = Prompt.parse(prompt)
     arr = _to_array(image)
-    border = np.concatenate(
-        [
-            arr[:2].reshape(-1, 3),
-            arr[-2:].reshape(-1, 3),
-            arr[:, :2].reshape(-1, 3),
-            arr[:, -2:].reshape(-1, 3),
-        ]
-    )
-    bg = np.median(border, axis=0)
+    bg = _border_colour(arr)
     bg_dist = {name: float(np.linalg.norm(bg - np.array(v))) for name, v in BACKGROUNDS.items()}
     seen_background = min(bg_dist, key=bg_dist.get)
     background = float(np.exp(-((bg_dist[prompt.background] / 45.0) ** 2)))
@@ -196,7 +197,21 @@ def evaluate(image, prompt: Prompt | str) -> OracleReport:
         seen_colour=seen_colour,
         seen_shape=seen_shape,
         seen_background=seen_background,
+        extent=float(extent),
     )
+
+
+def _border_colour(arr: np.ndarray) -> np.ndarray:
+    """The median colour of the image's 2-pixel border: the background as the oracle sees it."""
+    border = np.concatenate(
+        [
+            arr[:2].reshape(-1, 3),
+            arr[-2:].reshape(-1, 3),
+            arr[:, :2].reshape(-1, 3),
+            arr[:, -2:].reshape(-1, 3),
+        ]
+    )
+    return np.median(border, axis=0)
 
 
 def _clean(diff: np.ndarray, mask: np.ndarray) -> float:
@@ -225,3 +240,25 @@ def recognition_rates(reports: list[OracleReport], prompts: list[Prompt]) -> dic
         "shape_right": float(np.mean([r.seen_shape == p.shape for r, p in pairs])),
         "background_right": float(np.mean([r.seen_background == p.background for r, p in pairs])),
     }
+
+
+# The two-group world: two annotator groups that agree on R (the object, its background, a good
+# picture) and differ in taste: one likes the object large, the other small (its extent, which
+# the toy VAE keeps: framing is one of R's terms it reproduces, docs/toy-world.md)
+GROUPS = ("large", "small")
+TASTE_WEIGHT = 0.2
+
+
+def size_taste(extent: float, group: str) -> float:
+    """How much `group` likes an object of `extent` (its bounding box over the nominal one), in
+    [0, 1]: the large group's rises from extent 0.6 to 1.4, the small group's falls over it."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+    large = float(np.clip((extent - 0.6) / 0.8, 0.0, 1.0))
+    return large if group == "large" else 1.0 - large
+
+
+def group_reward(image, prompt: Prompt | str, group: str) -> float:
+    """Group `group`'s oracle in [0, 1]: (1 - TASTE_WEIGHT) R + TASTE_WEIGHT size_taste."""
+    report = evaluate(image, prompt)
+    return (1 - TASTE_WEIGHT) * report.reward + TASTE_WEIGHT * size_taste(report.extent, group)

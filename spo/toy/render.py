@@ -132,8 +132,12 @@ def _desaturate(rgb: np.ndarray, amount: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h, s * (1.0 - amount), v)) * 255.0
 
 
-def render(prompt: Prompt, quality: float, rng: np.random.Generator) -> np.ndarray:
-    """Draw `prompt` at `quality` in [0, 1]; returns a (SIZE, SIZE, 3) uint8 array."""
+def render(
+    prompt: Prompt, quality: float, rng: np.random.Generator, scale: float = 1.0
+) -> np.ndarray:
+    """Draw `prompt` at `quality` in [0, 1], the object `scale` times its size (1: the nominal
+    size less its defect; the two-group world's matter of taste); returns a (SIZE, SIZE, 3)
+    uint8 array."""
     d = 1.0 - float(np.clip(quality, 0.0, 1.0))
 
     def mag() -> float:
@@ -145,7 +149,7 @@ def render(prompt: Prompt, quality: float, rng: np.random.Generator) -> np.ndarr
     img = Image.new("RGB", (SIZE * s, SIZE * s), tuple(int(v) for v in bg))
     draw = ImageDraw.Draw(img)
 
-    r = NOMINAL_RADIUS * (1.0 - 0.5 * mag())
+    r = NOMINAL_RADIUS * (1.0 - 0.5 * mag()) * scale
     angle = rng.uniform(0, 2 * np.pi)
     offset = 0.34 * SIZE * mag()
     cx, cy = SIZE / 2 + offset * np.cos(angle), SIZE / 2 + offset * np.sin(angle)

@@ -31,11 +31,15 @@ from spo.evaluation.scorers.oracle import OracleScorer
 
 __all__ = ["SCORERS", "Scorer", "build_scorer", "check_scorer", "prefer_by_scorer"]
 
-NO_ARGUMENT = ("oracle", "toy_pickscore")
+# the toy world's ground truths: the oracle, and each annotator group's of the two-group world
+ORACLES = ("oracle", "oracle_large", "oracle_small")
+NO_ARGUMENT = (*ORACLES, "toy_pickscore")
 
 
 SCORERS: dict[str, Callable[..., Scorer]] = {
     "oracle": lambda arg, device: OracleScorer(),
+    "oracle_large": lambda arg, device: OracleScorer("large"),
+    "oracle_small": lambda arg, device: OracleScorer("small"),
     "toy_pickscore": toy_pickscore_scorer,
     "spm": spm_scorer,
     "pickscore": pickscore_scorer,
@@ -64,7 +68,7 @@ def check_scorer(spec: str, prompts: Sequence[str] = ()) -> None:
             use="the spm: scorer (it scores images; a latent judge scores the noisy latents of its "
             "own model family, in `spo train-spo judge=latent`)",
         )
-    if name == "oracle":
+    if name in ORACLES:
         from spo.toy.render import Prompt
 
         for text in prompts:
