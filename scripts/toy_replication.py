@@ -48,12 +48,23 @@ from spo.evaluation.stats import (
     win_rate_ci,
 )
 
+GROUP_PAIRS = (
+    "pairs.train={world}/pairs/groups_train.parquet",
+    "pairs.validation={world}/pairs/groups_validation.parquet",
+)
+GROUP_A = ("pairs.annotators.ids=[small]",)  # group A: the annotators who like small objects
+GROUP_ORACLES = ("oracle_small", "oracle_large", "oracle")
+GROUP_VALIDATION = (f"validation_images.scorers=[toy_pickscore, {', '.join(GROUP_ORACLES)}]",)
 # judge runs an arm may need -> (demo stage, toy config, extra overrides), trained once first
 JUDGES: dict[str, tuple[str, str, list[str]]] = {
     "spm-no-time": ("spm", "spm.yaml", ["time_conditioning=false"]),
     "latent-judge": ("spm", "latent_judge.yaml", []),
     "flow-spm": ("spm_flow", "spm_flow.yaml", []),
     "flow-latent-judge": ("spm_flow", "latent_judge_flow.yaml", []),
+    # the two-group world (pairs/groups_*: every pair labelled by both groups): a judge of
+    # everyone's labels and one of group A's (the `small` group) alone
+    "spm-groups-all": ("spm", "spm.yaml", [*GROUP_PAIRS]),
+    "spm-groups-small": ("spm", "spm.yaml", [*GROUP_PAIRS, *GROUP_A]),
 }
 
 
@@ -92,6 +103,28 @@ ARMS: dict[str, Arm] = {
         "the latent judge alone: every other setting the pixel SPO arm's",
         "latent-judge",
     ),
+    "dpo-groups-all": Arm(
+        "dpo",
+        ["pairs.train={world}/pairs/groups_train.parquet", *GROUP_VALIDATION],
+        "two-group world: DPO on everyone's labels",
+    ),
+    "dpo-groups-small": Arm(
+        "dpo",
+        ["pairs.train={world}/pairs/groups_train.parquet", *GROUP_A, *GROUP_VALIDATION],
+        "two-group world: DPO on group A's (small objects) labels alone",
+    ),
+    "spo-groups-all": Arm(
+        "spo",
+        ["spm={judge}", *GROUP_VALIDATION],
+        "two-group world: SPO judged by the SPM of everyone's labels",
+        "spm-groups-all",
+    ),
+    "spo-groups-small": Arm(
+        "spo",
+        ["spm={judge}", *GROUP_VALIDATION],
+        "two-group world: SPO judged by the SPM of group A's labels",
+        "spm-groups-small",
+    ),
     "flow-dpo": Arm("dpo_flow", [], "Diffusion-DPO on the toy flow base model"),
     "flow-spo": Arm(
         "spo_flow",
@@ -117,18 +150,24 @@ class World(NamedTuple):
     compare: str  # the comparison's folder in OUT
     reference: str  # the arm the others are paired against
     key: str  # the summary's table of this world's arms
+    label: str = ""  # how its tables are titled beside the scorer
 
 
 WORLDS = {
     "unet": World("base", "base_model", "compare.yaml", "compare", "spo", "arms"),
+    "groups": World("base", "base_model", "compare.yaml", "compare_groups", "spo-groups-all",
+                    "group_arms", "two-group world"),
     "flow": World("flow_base", "flow_base_model", "compare_flow.yaml", "compare_flow",
-                  "flow-spo", "flow_arms"),
+                  "flow-spo", "flow_arms", "toy flow world"),
 }  # fmt: skip
 
 
 def world_of(arm: str) -> str:
-    """The world an arm trains in: flow arms on the toy flow base model."""
-    return "flow" if ARMS[arm].stage.endswith("_flow") else "unet"
+    """The world an arm trains in: flow arms on the toy flow base model, group arms on the
+    two-group world's pairs (the UNet base model, compared by both groups' oracles)."""
+    if ARMS[arm].stage.endswith("_flow"):
+        return "flow"
+    return "groups" if "-groups-" in arm else "unet"
 
 
 def run_logged(args: list[str], log: Path, threads: int) -> None:
@@ -159,12 +198,16 @@ def train_jobs(opts, out: Path) -> dict[str, tuple[list[str], Path, str | None]]
         stage, config, extra = JUDGES[judge]
         args = with_out(stage_args(demo, stage), out / judge)
         args[args.index("--config") + 1] = str(configs / config)
-        jobs[judge] = (args + extra, out / judge, None)
+        world = Path(opts.demo) / "world"
+        jobs[judge] = (args + [e.format(world=world) for e in extra], out / judge, None)
     for seed in opts.seeds:  # seed-major: a slow spell on the machine hits all arms alike
         for arm in opts.arms:
             a = ARMS[arm]
             run = out / "runs" / f"{arm}-s{seed}"
-            overrides = [o.format(judge=out / str(a.judge) / "final") for o in a.overrides]
+            judge = out / str(a.judge) / "final"
+            overrides = [
+                o.format(judge=judge, world=Path(opts.demo) / "world") for o in a.overrides
+            ]
             args = with_out(stage_args(demo, a.stage), run) + [f"seed={seed}", *overrides]
             if a.config is not None:
                 args[args.index("--config") + 1] = str(configs / a.config)
@@ -209,8 +252,11 @@ def compare_args(opts, out: Path, runs: list[str], world: str = "unet") -> list[
                 models.append(
                     f"{{name: {name}, pipeline: {base}, lora: {out / 'runs' / r / result}}}"
                 )
-    spm = Path(opts.demo) / "spm/final" if world == "unet" else out / "flow-spm/final"
-    scorers = ["oracle"] + ([f"'spm:{spm}'"] if spm.is_dir() or world == "unet" else [])
+    if world == "groups":
+        scorers = list(GROUP_ORACLES)
+    else:
+        spm = Path(opts.demo) / "spm/final" if world == "unet" else out / "flow-spm/final"
+        scorers = ["oracle"] + ([f"'spm:{spm}'"] if spm.is_dir() or world == "unet" else [])
     return [
         "compare",
         "--config",
@@ -367,9 +413,9 @@ def markdown(summary: dict, arms: list[str]) -> str:
     """The tables docs/toy-replication.md quotes: per world, its arms against its base and
     against its reference SPO arm (each seed against the same seed)."""
     lines = []
-    for world, w in WORLDS.items():
+    for w in WORLDS.values():
         for scorer, table in summary.get(w.key, {}).items():
-            title = scorer if world == "unet" else f"{scorer}, toy flow world"
+            title = f"{scorer}, {w.label}" if w.label else scorer
             lines += [
                 f"### {title}",
                 "",
@@ -451,6 +497,7 @@ def main() -> int:
     worlds = list(dict.fromkeys(world_of(arm) for arm in opts.arms))
     needed = ["world/prompts/eval.txt"] + [f"world/{WORLDS[w].pipeline}" for w in worlds]
     needed += ["spm/final"] if "unet" in worlds else []
+    needed += ["world/pairs/groups_train.parquet"] if "groups" in worlds else []
     for path in needed:
         if not (opts.demo / path).exists():
             sys.exit(

@@ -163,3 +163,26 @@ def test_flow_arms_train_on_the_flow_base_model_with_their_own_judges(replicatio
     models = _value(replication.compare_args(opts, opts.out, ["flow-spo-s0"], "flow"), "models")
     best = opts.out / "runs/flow-spo-s0/best"
     assert f"{{name: flow-spo-s0-best, pipeline: {flow_base}, lora: {best}}}" in models
+
+
+def test_group_arms_train_on_the_two_group_pairs_and_compare_by_both_oracles(replication, tmp_path):
+    opts = _opts(tmp_path, ["dpo-groups-all", "dpo-groups-small", "spo-groups-small"], [0])
+    jobs = replication.train_jobs(opts, opts.out)
+    assert list(jobs) == ["spm-groups-small", "dpo-groups-all-s0", "dpo-groups-small-s0",
+                          "spo-groups-small-s0"]  # fmt: skip
+    groups = str(opts.demo / "world/pairs/groups_train.parquet")
+    judge, _, _ = jobs["spm-groups-small"]
+    assert _value(reversed(judge), "pairs.train") == groups
+    assert _value(judge, "pairs.annotators.ids") == "[small]"
+    everyone, _, _ = jobs["dpo-groups-all-s0"]
+    assert _value(reversed(everyone), "pairs.train") == groups
+    assert not any(a.startswith("pairs.annotators") for a in everyone)
+    small, _, _ = jobs["dpo-groups-small-s0"]
+    assert _value(small, "pairs.annotators.ids") == "[small]"
+    spo, _, after = jobs["spo-groups-small-s0"]
+    assert after == "spm-groups-small"
+    assert _value(reversed(spo), "spm") == str(opts.out / "spm-groups-small/final")
+    assert "oracle_small" in _value(spo, "validation_images.scorers")
+    compare = replication.compare_args(opts, opts.out, ["spo-groups-small-s0"], "groups")
+    assert compare[compare.index("--out") + 1] == str(opts.out / "compare_groups")
+    assert _value(compare, "scorers") == "[oracle_small, oracle_large, oracle]"

@@ -166,6 +166,20 @@ def flow_base_model_in_float32():
     return StableDiffusion3Pipeline.from_pretrained(str(FLOW_BASE_MODEL_DIR), dtype=torch.float32)
 
 
+def write_group_pairs(root: Path, cfg: ToyWorldConfig) -> None:
+    """pairs/groups_{train,validation}.parquet: the two-group world's pairs (train prompts,
+    and the eval prompts for validation), each labelled by every annotator group."""
+    train_prompts, eval_prompts = split_prompts()
+    for split, prompts, n, offset in (
+        ("train", train_prompts, cfg.group_pairs, 3),
+        ("validation", eval_prompts, cfg.group_validation_pairs, 4),
+    ):
+        rng = np.random.default_rng([cfg.seed, offset])
+        pairs = group_labelled_pairs(prompts, n, cfg.annotator_tau, cfg.tie_delta, rng)
+        rows = list(tqdm(pairs, total=len(GROUPS) * n, desc=f"pairs/groups_{split}"))
+        _write_pairs(root / "pairs" / f"groups_{split}.parquet", rows)
+
+
 def write_layouts(root: Path, prompts: list, seed: int, per_prompt: int) -> Path:
     """edit/layouts/: `per_prompt` colour layouts of each eval prompt as PNGs (name order is
     prompt order) with prompts.txt, one line per image: the sources of the editing
@@ -222,14 +236,7 @@ def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
         stats[split] = _pair_stats(rows)
         run.log_metrics(0, **{f"{split}/{k}": v for k, v in stats[split].items()})
 
-    for split, prompts, n, offset in (
-        ("train", train_prompts, cfg.group_pairs, 3),
-        ("validation", eval_prompts, cfg.group_validation_pairs, 4),
-    ):
-        rng = np.random.default_rng([cfg.seed, offset])
-        pairs = group_labelled_pairs(prompts, n, cfg.annotator_tau, cfg.tie_delta, rng)
-        rows = list(tqdm(pairs, total=len(GROUPS) * n, desc=f"pairs/groups_{split}"))
-        _write_pairs(root / "pairs" / f"groups_{split}.parquet", rows)
+    write_group_pairs(root, cfg)
     write_layouts(root, eval_prompts, cfg.seed, cfg.layouts_per_prompt)
     pipe = load_base_pipeline(root / "base_model")
     report, imgs, texts = base_model_report(pipe, cfg, cfg.grid_images_per_prompt)
