@@ -16,6 +16,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -384,26 +385,16 @@ class DiffusionModel:
     ) -> Tensor:
         """Images (N, 3, H, W) in [0, 1] from the pipeline as it is now (the policy in place);
         image i depends only on (prompts[i], seeds[i])."""
-        out = []
-        # Frozen weights in bf16 / fp16 beside a float32 LoRA: the UNet hands float32 latents
-        # to a half-precision VAE, so sample under autocast as training does.
-        dtype = next(self.vae.parameters()).dtype
-        low = dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=dtype, enabled=low):
-            for i in range(0, len(prompts), batch_size):
-                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-                images = self.pipe(
-                    list(prompts[i : i + batch_size]),
-                    height=self.resolution,
-                    width=self.resolution,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    generator=gens,
-                    output_type="pt",
-                    **self.family_module.pipeline_kwargs(),
-                ).images
-                out.append(images.float().clamp(0, 1).cpu())
-        return torch.cat(out)
+        return self._sample(
+            self.pipe,
+            prompts,
+            seeds,
+            batch_size,
+            height=self.resolution,
+            width=self.resolution,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        )
 
     def edit(
         self,
@@ -427,21 +418,45 @@ class DiffusionModel:
         # which would resize the source); SD's and SDXL's read it off the image
         accepted = inspect.signature(pipe.__call__).parameters
         size = {k: self.resolution for k in ("height", "width") if k in accepted}
+        return self._sample(
+            pipe,
+            prompts,
+            seeds,
+            batch_size,
+            per_image={"image": sources},
+            strength=strength,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            **size,
+        )
+
+    def _sample(
+        self,
+        pipe,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        batch_size: int,
+        per_image: dict[str, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """`pipe` called in batches, image i with its own generator seeded seeds[i] (and its
+        rows of `per_image`); returns (N, 3, H, W) in [0, 1] on the CPU."""
         out = []
+        # Frozen weights in bf16 / fp16 beside a float32 LoRA: the UNet hands float32 latents
+        # to a half-precision VAE, so sample under autocast as training does.
         dtype = next(self.vae.parameters()).dtype
         low = dtype != torch.float32
         with torch.autocast(self.device.type, dtype=dtype, enabled=low):
             for i in range(0, len(prompts), batch_size):
-                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
+                rows = slice(i, i + batch_size)
+                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[rows]]
+                batch = {k: v[rows].to(self.device, dtype) for k, v in (per_image or {}).items()}
                 images = pipe(
-                    list(prompts[i : i + batch_size]),
-                    image=sources[i : i + batch_size].to(self.device, dtype),
-                    strength=strength,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
+                    list(prompts[rows]),
                     generator=gens,
                     output_type="pt",
-                    **size,
+                    **batch,
+                    **kwargs,
                     **self.family_module.pipeline_kwargs(),
                 ).images
                 out.append(images.float().clamp(0, 1).cpu())
