@@ -43,6 +43,8 @@ def test_quick_demo_runs_skips_and_reruns(tmp_path, capsys):
         "compare/results.json",
         "compare/report.html",
         "compare/proxy_vs_gold.png",
+        "compare_edit/report.html",
+        "world/edit/layouts/prompts.txt",
         "demo.json",
     ):
         assert (root / path).is_file(), path
@@ -50,12 +52,15 @@ def test_quick_demo_runs_skips_and_reruns(tmp_path, capsys):
     assert set(results["scores"]) == {"base", "dpo", "spo"}
     assert set(results["scores"]["spo"]) >= {"oracle", "toy_pickscore"}
     assert all(math.isfinite(x) for x in _numbers(results))
+    edits = json.loads((root / "compare_edit/results.json").read_text())
+    assert edits["settings"]["task"] == "edit" and edits["settings"]["strength"] == 0.6
+    assert set(edits["scores"]["spo"]) >= {"oracle", "fidelity"}
     dpo_metrics = (root / "dpo/metrics.jsonl").read_text()
     assert '"val/oracle"' in dpo_metrics  # the reward-vs-compute curve has points
 
     assert main(["demo", "--quick", "--out", str(root)]) == 0
     again = capsys.readouterr().out
-    assert again.count("done, skipped") == 5 and "$ spo" not in again
+    assert again.count("done, skipped") == 6 and "$ spo" not in again
 
     stamp = (root / "spm/final/model.safetensors").stat().st_mtime_ns
     import shutil
@@ -64,7 +69,7 @@ def test_quick_demo_runs_skips_and_reruns(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(root)]) == 0
     third = capsys.readouterr().out
     assert "[demo] world: done, skipped" in third and "[demo] spm: done, skipped" in third
-    for stage in ("dpo", "spo", "compare"):
+    for stage in ("dpo", "spo", "compare", "compare_edit"):
         assert f"[demo] {stage}: $ spo " in third
     assert (root / "spm/final/model.safetensors").stat().st_mtime_ns == stamp
     report = json.loads((root / "demo.json").read_text())
