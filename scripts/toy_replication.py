@@ -148,18 +148,32 @@ class World(NamedTuple):
     pipeline: str  # its folder in the demo's world/
     config: str  # the toy compare config
     compare: str  # the comparison's folder in OUT
-    reference: str  # the arm the others are paired against
+    reference: str  # the arm the others are paired against (`reference_of`)
     key: str  # the summary's table of this world's arms
     label: str = ""  # how its tables are titled beside the scorer
+    versus: str = ""  # the reference column's name, when not the reference arm's
+
+
+def reference_of(arm: str, w: World) -> str:
+    """The arm an arm is paired against (seed i with seed i): its world's reference arm; in
+    the two-group world an arm tuned on group A's pairs against the same trainer tuned on
+    everyone's."""
+    if arm.endswith("-groups-small"):
+        return arm.removesuffix("-small") + "-all"
+    return w.reference
 
 
 WORLDS = {
     "unet": World("base", "base_model", "compare.yaml", "compare", "spo", "arms"),
     "groups": World("base", "base_model", "compare.yaml", "compare_groups", "spo-groups-all",
-                    "group_arms", "two-group world"),
+                    "group_arms", "two-group world", "the same trainer on all pairs"),
     "flow": World("flow_base", "flow_base_model", "compare_flow.yaml", "compare_flow",
                   "flow-spo", "flow_arms", "toy flow world"),
+    # not a world of its own: the UNet arms named by --edit, editing the colour layouts
+    "edit": World("base", "base_model", "compare_edit.yaml", "compare_edit", "spo",
+                  "edit_arms", "editing the colour layouts (SDEdit, strength 0.6)"),
 }  # fmt: skip
+EDITS_PER_LAYOUT = 4  # the demo's compare_edit: 32 layouts x 4 edits per model
 
 
 def world_of(arm: str) -> str:
@@ -168,6 +182,13 @@ def world_of(arm: str) -> str:
     if ARMS[arm].stage.endswith("_flow"):
         return "flow"
     return "groups" if "-groups-" in arm else "unet"
+
+
+def arms_of(opts, world: str) -> list[str]:
+    """The arms compared in `world`: those trained in it, or for "edit" those --edit names."""
+    if world == "edit":
+        return opts.edit
+    return [arm for arm in opts.arms if world_of(arm) == world]
 
 
 def run_logged(args: list[str], log: Path, threads: int) -> None:
@@ -245,6 +266,22 @@ def compare_args(opts, out: Path, runs: list[str], world: str = "unet") -> list[
     folder = Path(opts.demo) / "world"
     base = folder / w.pipeline
     models = [f"{{name: {w.base}, pipeline: {base}}}"]
+    if world == "edit":  # final/ only; the demo's editing stage with these runs
+        models += [
+            f"{{name: {r}, pipeline: {base}, lora: {out / 'runs' / r / 'final'}}}" for r in runs
+        ]
+        return [
+            "compare",
+            "--config",
+            str(Path(__file__).parents[1] / "configs/toy" / w.config),
+            "--out",
+            str(out / w.compare),
+            f"edit.sources={folder / 'edit/layouts'}",
+            "models=[" + ", ".join(models) + "]",
+            f"scorers=[oracle, 'spm:{Path(opts.demo) / 'spm/final'}']",
+            f"images_per_prompt={EDITS_PER_LAYOUT}",
+            "grid_prompts=4",
+        ]
     for r in runs:
         # best/ (where the run kept one) beside final/ of the same run
         for name, result in ((r, "final"), (f"{r}-best", "best")):
@@ -310,7 +347,7 @@ def summarise(opts, out: Path) -> dict:
     differences (to the world's base and to its reference SPO arm)."""
     summary: dict = {"settings": vars(opts) | {"demo": str(opts.demo)}}
     for world, w in WORLDS.items():
-        arms = [arm for arm in opts.arms if world_of(arm) == world]
+        arms = arms_of(opts, world)
         if arms:
             per_image = json.loads((out / w.compare / "scores.json").read_text())
             summary[w.key] = {
@@ -386,9 +423,9 @@ def _table(opts, by_model: dict, arms: list[str], w: World) -> dict:
         arm: np.concatenate([np.array(by_model[f"{arm}-s{s}"]) for s in seeds], axis=1)
         for arm in arms
     }
-    ref = w.reference
     table = {w.base: {"mean": mean_ci(base, opts.bootstrap)}}
     for arm, scores in pooled.items():
+        ref = reference_of(arm, w)
         row = {
             "mean": mean_ci(scores, opts.bootstrap),
             "seed_means": [float(np.mean(by_model[f"{arm}-s{s}"])) for s in seeds],
@@ -399,12 +436,19 @@ def _table(opts, by_model: dict, arms: list[str], w: World) -> dict:
             ],
         }
         if arm != ref and ref in pooled:
-            row["minus_spo"] = mean_ci(scores - pooled[ref], opts.bootstrap)
-            row["seed_minus_spo"] = [
+            row["reference"] = ref
+            row["minus_reference"] = mean_ci(scores - pooled[ref], opts.bootstrap)
+            row["seed_minus_reference"] = [
                 float(np.mean(by_model[f"{arm}-s{s}"]) - np.mean(by_model[f"{ref}-s{s}"]))
                 for s in seeds
             ]
-            row["win_rate_vs_spo"] = win_rate_ci(scores, pooled[ref], opts.bootstrap)
+            row["seed_minus_reference_ci"] = [
+                paired_difference_ci(
+                    np.array(by_model[f"{arm}-s{s}"]), np.array(by_model[f"{ref}-s{s}"])
+                )
+                for s in seeds
+            ]
+            row["win_rate_vs_reference"] = win_rate_ci(scores, pooled[ref], opts.bootstrap)
         table[arm] = row
     return table
 
@@ -416,12 +460,12 @@ def markdown(summary: dict, arms: list[str]) -> str:
     for w in WORLDS.values():
         for scorer, table in summary.get(w.key, {}).items():
             title = f"{scorer}, {w.label}" if w.label else scorer
+            against = w.versus or w.reference
             lines += [
                 f"### {title}",
                 "",
                 f"| arm | mean [95% CI] | seed means | win rate vs {w.base} | minus {w.base} "
-                f"| minus {w.reference} | each seed minus {w.reference} "
-                f"| win rate vs {w.reference} |",
+                f"| minus {against} | each seed minus {against} | win rate vs {against} |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |",
                 f"| {w.base} | {format_ci(table[w.base]['mean'], spec='.3f')} | | | | | | |",
             ]
@@ -429,11 +473,11 @@ def markdown(summary: dict, arms: list[str]) -> str:
                 row = table[arm]
                 seed_means = " / ".join(f"{m:.3f}" for m in row["seed_means"])
                 versus = ["", "", ""]
-                if "minus_spo" in row:
+                if "minus_reference" in row:
                     versus = [
-                        format_ci(row["minus_spo"], spec=".3f"),
-                        " / ".join(f"{d:+.3f}" for d in row["seed_minus_spo"]),
-                        format_ci(row["win_rate_vs_spo"], "rate", ".2f"),
+                        format_ci(row["minus_reference"], spec=".3f"),
+                        " / ".join(f"{d:+.3f}" for d in row["seed_minus_reference"]),
+                        format_ci(row["win_rate_vs_reference"], "rate", ".2f"),
                     ]
                 win = format_ci(row["win_rate_vs_base"], "rate", ".2f")
                 lines.append(
@@ -488,16 +532,27 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="trainings side by side")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per training")
     ap.add_argument("--images-per-prompt", type=int, default=16)
+    ap.add_argument(
+        "--edit",
+        default="",
+        help="comma-separated UNet arms whose final/ runs also edit the world's colour layouts "
+        "(the demo's compare_edit: SDEdit at strength 0.6), e.g. dpo,spo",
+    )
     ap.add_argument("--bootstrap", type=int, default=2000)
     opts = ap.parse_args()
     opts.arms = opts.arms.split(",")
+    opts.edit = [a for a in opts.edit.split(",") if a]
     unknown = [a for a in opts.arms if a not in ARMS]
     if unknown:
         sys.exit(f"error: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    not_trained = [a for a in opts.edit if a not in opts.arms or world_of(a) != "unet"]
+    if not_trained:
+        sys.exit(f"error: --edit takes UNet arms of --arms, not {', '.join(not_trained)}")
     worlds = list(dict.fromkeys(world_of(arm) for arm in opts.arms))
     needed = ["world/prompts/eval.txt"] + [f"world/{WORLDS[w].pipeline}" for w in worlds]
     needed += ["spm/final"] if "unet" in worlds else []
     needed += ["world/pairs/groups_train.parquet"] if "groups" in worlds else []
+    needed += ["world/edit/layouts"] if opts.edit else []
     for path in needed:
         if not (opts.demo / path).exists():
             sys.exit(
@@ -514,6 +569,11 @@ def main() -> int:
         print(f"[replication] {folder}", flush=True)
         args = compare_args(opts, opts.out, runs, world)
         run_logged(args, opts.out / f"logs/{folder}.log", opts.threads)
+    if opts.edit:
+        print(f"[replication] {WORLDS['edit'].compare}", flush=True)
+        runs = [f"{arm}-s{s}" for arm in opts.edit for s in opts.seeds]
+        args = compare_args(opts, opts.out, runs, "edit")
+        run_logged(args, opts.out / f"logs/{WORLDS['edit'].compare}.log", opts.threads)
     summary = summarise(opts, opts.out)
     (opts.out / "replication.json").write_text(json.dumps(summary, indent=2, default=str))
     (opts.out / "replication.md").write_text(markdown(summary, opts.arms))

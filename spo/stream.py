@@ -177,6 +177,20 @@ class PairStream:
             row = 0
 
 
+@dataclass
+class StreamedRow:
+    """One usable row of a stream, not decoded yet."""
+
+    shard: int  # its data file (its number among the split's files)
+    row: int  # its row in that file
+    data: dict[str, Any]
+    labels: np.ndarray
+    crop_at: tuple[float, float]
+    flip: bool
+    swap: bool  # its images swapped to put the winner first
+    weight: float
+
+
 class StreamedPairs:
     """Decoded micro-batches drawn from a `PairStream`: the streaming counterpart of
     `PairDataset` with `micro_batch_rows`. Ties are skipped and counted with `drop_ties`; a row
@@ -203,9 +217,27 @@ class StreamedPairs:
 
     def next_batch(self, n: int) -> PairBatch:
         """The next `n` usable pairs (an undecodable one is None in the count of `bad`)."""
-        items = []
+        items = [
+            pair_item(
+                r.data,
+                r.labels,
+                self.resolution,
+                crop_at=r.crop_at,
+                flip=r.flip,
+                swap=r.swap,
+                weight=r.weight,
+                index=r.row,
+            )
+            for r in self.next_records(n)
+        ]
+        return PairDataset.collate(items)
+
+    def next_records(self, n: int) -> list[StreamedRow]:
+        """The next `n` usable rows, undecoded (ties skipped with `drop_ties`), each with its
+        data file, row number, crop, mirroring, swap and weight."""
+        records = []
         since = self.stream.pos.epoch  # a whole epoch of ties in a row: no usable pair at all
-        while len(items) < n:
+        while len(records) < n:
             shard, row, data = next(self.stream)
             labels = np.array([data["label_0"], data["label_1"]], dtype=np.float64)
             if not valid_labels(labels[None])[0]:
@@ -223,19 +255,20 @@ class StreamedPairs:
             crop_at, flip = augmentation(
                 [self.seed, self.stream.pos.epoch, shard, row], self.random_crop, self.random_flip
             )
-            items.append(
-                pair_item(
-                    data,
-                    labels,
-                    self.resolution,
+            caption = caption_text(data["caption"])
+            records.append(
+                StreamedRow(
+                    shard=shard,
+                    row=row,
+                    data=data,
+                    labels=labels,
                     crop_at=crop_at,
                     flip=flip,
                     swap=self.winner_first and labels[0] < labels[1],
-                    weight=self.weight_of(caption_text(data["caption"])) if self.weight_of else 1.0,
-                    index=row,
+                    weight=self.weight_of(caption) if self.weight_of else 1.0,
                 )
             )
-        return PairDataset.collate(items)
+        return records
 
     def state(self) -> dict[str, Any]:
         return {"position": self.stream.state(), "ties": self.ties}

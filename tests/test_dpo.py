@@ -206,8 +206,8 @@ def test_latent_cache_draws_the_latents_of_the_uncached_step(mini_world):
     """The cached posterior moments give, with the same generator, the latents that encoding
     the step's pixels gives (equal up to the VAE's float rounding), mirror images and the
     winner-first swap included."""
-    from spo.commands.train_dpo import LatentCache
     from spo.data import PairDataset
+    from spo.latent_cache import LatentCache
     from spo.models import DiffusionModel
 
     model = DiffusionModel.from_pretrained(str(mini_world / "base_model"))
@@ -238,7 +238,8 @@ def test_latent_cache_trains_what_the_uncached_run_trains(mini_world, tmp_path, 
         out = tmp_path / f"cache_{on}"
         assert main(_args(mini_world, out, f"latent_cache={str(on).lower()}")) == 0
         runs[on] = load_file(out / "final/pytorch_lora_weights.safetensors")
-    assert re.search(r"latent cache: \d+ pairs x 2 images x 2 mirrors", capsys.readouterr().out)
+    said = capsys.readouterr().out
+    assert re.search(r"latent cache: \d+ pairs \(2 images x 2 mirror\(s\) per pair", said)
     for key, value in runs[True].items():
         assert torch.allclose(value, runs[False][key], atol=1e-5, rtol=1e-3), key
     assert main(_args(mini_world, tmp_path / "tight", "latent_cache_max_gb=1e-9")) == 0

@@ -16,10 +16,11 @@ def replication():
     return load_script("toy_replication")
 
 
-def _opts(tmp_path: Path, arms: list[str], seeds: list[int]) -> Namespace:
+def _opts(tmp_path: Path, arms: list[str], seeds: list[int], edit=()) -> Namespace:
     return Namespace(
         demo=tmp_path / "demo", out=tmp_path / "out", seeds=seeds, arms=arms,
         budget_minutes=1.5, jobs=1, threads=2, images_per_prompt=2, bootstrap=200,
+        edit=list(edit),
     )  # fmt: skip
 
 
@@ -109,10 +110,10 @@ def test_summary_pools_seeds_and_pairs_with_base(replication, tmp_path):
     assert table["spo"]["minus_base"]["mean"] == pytest.approx(0.2)
     assert table["spo"]["win_rate_vs_base"]["rate"] == 1.0  # better on every (prompt, seed)
     assert table["dpo"]["win_rate_vs_base"]["rate"] == 0.5  # worse for seed 0, better for seed 1
-    assert table["dpo"]["minus_spo"]["mean"] == pytest.approx(-0.2)  # seed i against seed i
-    assert table["dpo"]["win_rate_vs_spo"]["rate"] == 0.0
-    assert table["dpo"]["seed_minus_spo"] == pytest.approx([-0.15, -0.25])
-    assert "minus_spo" not in table["spo"]
+    assert table["dpo"]["minus_reference"]["mean"] == pytest.approx(-0.2)  # seed i against seed i
+    assert table["dpo"]["win_rate_vs_reference"]["rate"] == 0.0
+    assert table["dpo"]["seed_minus_reference"] == pytest.approx([-0.15, -0.25])
+    assert "minus_reference" not in table["spo"]
     assert summary["runs"]["dpo-s1"] == {"steps": 13, "train_seconds": 21.0 * 13 + 3}
     kept = summary["best_vs_final"]
     assert list(kept) == ["spo"]  # dpo kept no best/
@@ -186,3 +187,23 @@ def test_group_arms_train_on_the_two_group_pairs_and_compare_by_both_oracles(rep
     compare = replication.compare_args(opts, opts.out, ["spo-groups-small-s0"], "groups")
     assert compare[compare.index("--out") + 1] == str(opts.out / "compare_groups")
     assert _value(compare, "scorers") == "[oracle_small, oracle_large, oracle]"
+    # each group-A arm is paired with the same trainer on everyone's pairs
+    groups = replication.WORLDS["groups"]
+    assert replication.reference_of("dpo-groups-small", groups) == "dpo-groups-all"
+    assert replication.reference_of("spo-groups-small", groups) == "spo-groups-all"
+    assert replication.reference_of("dpo", replication.WORLDS["unet"]) == "spo"
+
+
+def test_edit_arms_edit_the_colour_layouts_with_their_final_runs(replication, tmp_path):
+    opts = _opts(tmp_path, ["dpo", "spo", "spo-k2"], [0, 1], edit=["dpo", "spo"])
+    assert replication.arms_of(opts, "edit") == ["dpo", "spo"]
+    assert replication.arms_of(opts, "unet") == ["dpo", "spo", "spo-k2"]
+    (opts.out / "runs/spo-s0/best").mkdir(parents=True)  # editing uses final/ alone
+    args = replication.compare_args(opts, opts.out, ["dpo-s0", "spo-s0"], "edit")
+    assert args[args.index("--out") + 1] == str(opts.out / "compare_edit")
+    assert args[args.index("--config") + 1].endswith("configs/toy/compare_edit.yaml")
+    assert _value(args, "edit.sources") == str(opts.demo / "world/edit/layouts")
+    models = _value(args, "models")
+    assert str(opts.out / "runs/spo-s0/final") in models and "best" not in models
+    assert _value(args, "images_per_prompt") == str(replication.EDITS_PER_LAYOUT)
+    assert not any(a.startswith("prompts=") for a in args)

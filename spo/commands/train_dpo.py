@@ -8,13 +8,14 @@ the noise of all 2B latents, and the loss compares their errors on winner and lo
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from PIL import Image
 from tqdm.auto import tqdm
 
 from spo.annotators import announce, check_selection, keeps
@@ -23,7 +24,6 @@ from spo.config import DPOTrainConfig
 from spo.data import (
     BadImageCounter,
     PairDataset,
-    caption_text,
     check_pair_table,
     decode_image,
     read_pairs,
@@ -32,11 +32,12 @@ from spo.data import (
 )
 from spo.errors import ConfigError
 from spo.evaluation.scorers import build_scorer, check_scorer, prefer_by_scorer
+from spo.latent_cache import PART_ROWS, DiskLatentCache, LatentCache, row_bytes, source_fingerprint
 from spo.losses import DPOOutput, dpo_loss, sft_loss
 from spo.models import DiffusionModel, TextConditioning, check_family, require_family
 from spo.policy import Policy, check_lora_targets, register_lora_checkpoint_hooks
-from spo.runs import made_by, require_base_model
-from spo.stream import StreamedPairs, describe, stream_of_training_pairs
+from spo.runs import check_writable, made_by, require_base_model
+from spo.stream import PairStream, StreamedPairs, describe, stream_of_training_pairs
 from spo.training.distributed import sum_over_ranks
 from spo.training.loop import TrainLoop, check_precision, micro_batch_rows, seeded_generator
 from spo.training.publish import model_card
@@ -164,99 +165,119 @@ def dpo_objective(
     return out.loss, out
 
 
-class LatentCache:
-    """Every pair image's VAE posterior (mean, std), encoded once before training: both mirror
-    images with `random_flip`, in table order. A step then samples its latents from these
-    moments with its own generator, which draws exactly what encoding the pixels would (the
-    VAE's outputs equal up to float rounding), and decodes no image."""
-
-    def __init__(
-        self,
-        model: DiffusionModel,
-        dataset: PairDataset,
-        batch_size: int = 32,
-        progress: bool = True,
-    ) -> None:
-        flips = (False, True) if dataset.random_flip else (False,)
-        self.flips = flips
-        n, res = len(dataset), dataset.resolution
-        self.ok = np.ones(n, dtype=bool)
-        means, stds = [], []
-        chunks = range(0, n, batch_size)
-        for start in tqdm(chunks, desc="latent cache", leave=False, disable=not progress):
-            rows = list(range(start, min(n, start + batch_size)))
-            pixels = []
-            for i in rows:
-                row = dataset.table[i]
-                try:
-                    images = [decode_image(row[k]) for k in ("jpg_0", "jpg_1")]
-                except Exception:  # undecodable: skipped at batch time, counted as bad
-                    self.ok[i] = False
-                    images = [Image.new("RGB", (res, res))] * 2
-                pixels += [to_pixels(im, res, flip=f) for f in flips for im in images]
-            dist = model.posterior(torch.stack(pixels))
-            shape = (len(rows), len(flips), 2, *dist.mean.shape[1:])
-            means.append(dist.mean.reshape(shape).cpu())
-            stds.append(dist.std.reshape(shape).cpu())
-        self.mean, self.std = torch.cat(means), torch.cat(stds)
-
-    @staticmethod
-    def size_bytes(model: DiffusionModel, n_pairs: int, random_flip: bool) -> int:
-        """Memory of the cache: pairs x 2 images x mirrors x (mean, std) x latent elements."""
-        c, size = model.latent_channels, model.resolution // model.vae_scale_factor
-        item = torch.finfo(next(model.vae.parameters()).dtype).bits // 8
-        return n_pairs * 2 * (2 if random_flip else 1) * 2 * c * size * size * item
-
-    def batch(self, dataset: PairDataset, rows: list[int]):
-        """The decodable rows' moments (mean, std), each (B, 2, C, h, w) winner first, their
-        captions, and the number of rows skipped as undecodable."""
-        good = [i for i in rows if self.ok[i]]
-        flip = [self.flips.index(dataset.augmentation(i)[1]) for i in good]
-        order = [[1, 0] if dataset.swapped(i) else [0, 1] for i in good]
-        idx, flip_idx = torch.tensor(good, dtype=torch.long), torch.tensor(flip)
-        order_idx = torch.tensor(order, dtype=torch.long)
-        pick = (idx[:, None], flip_idx[:, None], order_idx)
-        captions = [caption_text(dataset.table[i]["caption"]) for i in good]
-        return (self.mean[pick], self.std[pick]), captions, len(rows) - len(good)
-
-
 def _latent_cache(
-    cfg: DPOTrainConfig, model: DiffusionModel, dataset: PairDataset | None, main: bool
-) -> LatentCache | None:
-    """The run's latent cache, or None (off, streaming, random crops, or larger than allowed);
-    its size is said before it is built."""
+    cfg: DPOTrainConfig,
+    model: DiffusionModel,
+    *,
+    dataset: PairDataset | None,
+    source_rows: np.ndarray | None,
+    stream: PairStream | None,
+    accelerator,
+) -> LatentCache | DiskLatentCache | None:
+    """The run's latent cache: on disk under `latent_cache_dir` (a table or a stream, built
+    once, reused by later runs), else in memory (a table up to `latent_cache_max_gb`), or None
+    (off, or random crops); its size is said before it is built."""
+    main = accelerator.is_main_process
+    say = print if main else (lambda *_: None)
     if not cfg.latent_cache:
         return None
-    if dataset is None:
-        if main:
-            print("latent cache: off (streaming: the pairs are never all at hand)")
-        return None
     if cfg.random_crop:
-        if main:
-            print("latent cache: off (random_crop draws a new crop every epoch)")
+        say("latent cache: off (random_crop draws a new crop every epoch)")
         return None
-    size = LatentCache.size_bytes(model, len(dataset), cfg.random_flip)
-    what = f"{len(dataset)} pairs x 2 images x {2 if cfg.random_flip else 1} mirrors"
+    flips = 2 if cfg.random_flip else 1
+    per_pair = row_bytes(model, flips)
+    what = f"2 images x {flips} mirror(s) per pair, {per_pair / 1e3:.0f} kB"
+    if cfg.latent_cache_dir is not None:
+        return _disk_cache(cfg, model, dataset, source_rows, stream, accelerator, what)
+    if dataset is None:
+        say("latent cache: off (streaming: set latent_cache_dir to keep one on disk)")
+        return None
+    size = len(dataset) * per_pair
     if size > cfg.latent_cache_max_gb * 1e9:
-        if main:
-            print(
-                f"latent cache: off, {what} need {size / 1e9:.1f} GB > latent_cache_max_gb "
-                f"{cfg.latent_cache_max_gb:g} (raise it, or latent_cache=false to hide this)"
-            )
+        say(
+            f"latent cache: off, {len(dataset)} pairs ({what}) need {size / 1e9:.1f} GB > "
+            f"latent_cache_max_gb {cfg.latent_cache_max_gb:g} (raise it, set latent_cache_dir "
+            "to keep it on disk, or latent_cache=false to hide this)"
+        )
         return None
-    if main:
-        print(f"latent cache: {what} = {size / 1e6:.1f} MB, encoded once")
+    say(f"latent cache: {len(dataset)} pairs ({what}) = {size / 1e6:.1f} MB in memory")
     return LatentCache(model, dataset, progress=main)
 
 
-def stand_in(cache: LatentCache | None, resolution: int):
+def _disk_cache(cfg, model, dataset, source_rows, stream, accelerator, what: str):
+    """The disk cache of the run's table (`dataset` of the split's rows `source_rows`) or
+    stream, built (or finished) first if it is not complete."""
+    p = cfg.pairs
+    data = {
+        "source": source_fingerprint(p.train),
+        "split": p.train_split,
+        "annotators": dataclasses.asdict(p.annotators),
+        "max_train_pairs": p.max_train_pairs,
+    }
+    if stream is not None:
+        parts, rows = stream.num_shards, split_rows(stream.data)
+        data["layout"] = f"{parts} data files"
+
+        def read_part(part: int):
+            rows_of = stream.data.shard(num_shards=stream.num_shards, index=part)
+            return (r if stream.keep is None or stream.keep(r) else None for r in rows_of)
+    else:
+        table = dataset.table
+        rows = int(source_rows.max()) + 1 if len(source_rows) else 0
+        parts = -(-rows // PART_ROWS)
+        data["layout"] = f"{rows} rows, {PART_ROWS} per part"
+        by_source = dict(zip(source_rows.tolist(), range(len(source_rows)), strict=True))
+
+        def read_part(part: int):
+            for r in range(part * PART_ROWS, min(rows, (part + 1) * PART_ROWS)):
+                i = by_source.get(r)  # a tie (DPO drops it) is never read
+                yield None if i is None else table[i]
+
+    cache = DiskLatentCache.for_model(
+        cfg.latent_cache_dir, model, data=data, random_flip=cfg.random_flip, parts=parts
+    )
+    cache.table_rows = source_rows
+    cache.folder.mkdir(parents=True, exist_ok=True)
+    missing = cache.missing()
+    main = accelerator.is_main_process
+    if not missing:
+        if main:
+            print(f"latent cache: reusing {cache.folder} ({what})")
+        return cache
+    if main:
+        size = (
+            f"{rows} pairs: about {rows * row_bytes(model, cache.flips) / 1e9:.2f} GB"
+            if rows
+            else f"an unknown number of pairs: {row_bytes(model, cache.flips):,} bytes each"
+        )
+        print(
+            f"latent cache: encoding {len(missing)} of {parts} parts into {cache.folder} "
+            f"({what}; {size} for the whole split); a killed run resumes the build"
+        )
+        need = rows * row_bytes(model, cache.flips) * len(missing) / max(parts, 1)
+        free = shutil.disk_usage(cache.folder).free
+        if rows and need > free:
+            raise ConfigError(
+                f"latent cache: the missing parts need about {need / 1e9:.1f} GB, "
+                f"{cfg.latent_cache_dir} has {free / 1e9:.1f} GB free"
+            )
+    cache.build(
+        model,
+        read_part,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        progress=main,
+    )
+    return cache
+
+
+def stand_in(cache, resolution: int):
     """One blank pair (pixels, or cached moments): a micro-batch whose pairs are all
     undecodable still runs the model, with weight 0, so accelerate's accumulation count and the
     gradient all-reduce stay in step on every process."""
     if cache is None:
         return torch.zeros(1, 2, 3, resolution, resolution)
-    blank = torch.zeros(1, 2, *cache.mean.shape[3:])
-    return blank, blank
+    return cache.blank()
 
 
 def run(cfg: DPOTrainConfig) -> int:
@@ -283,6 +304,8 @@ def train_dpo(cfg: DPOTrainConfig) -> dict:
     if cfg.relabel_with != "none":
         check_scorer(cfg.relabel_with)
     check_lora_targets(cfg.base_model, cfg.policy)
+    if cfg.latent_cache and cfg.latent_cache_dir is not None:
+        check_writable(cfg.latent_cache_dir)
     loop = TrainLoop.for_diffusion(cfg, kind=KIND, name="dpo")
     if loop.already_finished:
         return loop.previous_result()
@@ -326,8 +349,9 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
                 random_crop=cfg.random_crop,
                 random_flip=cfg.random_flip,
             )
-            n_rows, ties = split_rows(stream.data), 0
+            n_rows, ties, decided = split_rows(stream.data), 0, None
         policy = Policy(model, cfg.policy)
+        policy.compile(cfg.speed.compile, announce=loop.main)
         lr = effective_lr(cfg, accelerator.num_processes)
         if cfg.policy.mode == "lora":
             register_lora_checkpoint_hooks(accelerator, policy)
@@ -339,7 +363,14 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
             lr=lr,
         )
         bad = BadImageCounter(cfg.pairs.max_bad_image_share, cfg.pairs.train, n_rows)
-        cache = _latent_cache(cfg, model, dataset, loop.main)  # its time counts as training time
+        cache = _latent_cache(  # its time counts as training time
+            cfg,
+            model,
+            dataset=dataset,
+            source_rows=decided,
+            stream=stream,
+            accelerator=accelerator,
+        )
         bad.seen, bad.bad = resumed.get("seen_pairs", 0), resumed.get("bad_pairs", 0)
         data = {"data/pairs": n_rows, "data/ties_dropped": ties, "train/effective_lr": lr}
         if pairs is not None:
@@ -361,7 +392,11 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
         while loop.running():
             micro = loop.step * accum
             for _ in range(accum):
-                if pairs is not None:
+                if pairs is not None and cache is not None:  # the disk cache, streamed
+                    records = pairs.next_records(cfg.batch_size)
+                    images, captions, skipped = cache.stream_batch(records)
+                    bad.count(cfg.batch_size, skipped)
+                elif pairs is not None:
                     batch = pairs.next_batch(cfg.batch_size)
                     images, captions, skipped = batch.pixels, batch.captions, batch.bad
                     bad.count(cfg.batch_size, skipped)

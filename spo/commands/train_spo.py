@@ -127,6 +127,7 @@ def train_spo(cfg: SPOTrainConfig) -> dict:
         if cfg.speed.fast_decode:
             model.fast_decode(compile_decoder=cfg.speed.compile_vae)
         policy = Policy(model, cfg.policy)
+        policy.compile(cfg.speed.compile, announce=loop.main)
         if cfg.policy.mode == "lora":
             register_lora_checkpoint_hooks(accelerator, policy)
         unet, resumed = loop.begin(policy.unet, policy.trainable_parameters(), desc="train SPO")

@@ -539,6 +539,30 @@ def _toy_validation() -> ValidationImagesConfig:
     )
 
 
+COMPILE_MODES = ("none", "regional", "full")
+
+
+@dataclass
+class CompileConfig:
+    """torch.compile of the trained denoiser (docs/benchmarks.md): the same math, float
+    rounding aside (tests/test_compile.py bounds it), paid for by a compilation in the first
+    steps (`spo benchmark` reports it apart). Off by default: on a CPU, and in short runs, the
+    compilation costs more than it saves."""
+
+    # none | regional: each repeated block (the family's `compile_blocks`: a UNet's attention
+    # and resnet blocks, a transformer's blocks) compiled once for all its instances, seconds
+    # instead of minutes | full: the whole denoiser as one graph
+    compile: str = "none"
+
+    def validate(self) -> None:
+        _require(
+            self.compile in COMPILE_MODES,
+            "speed.compile",
+            self.compile,
+            "must be " + ", ".join(COMPILE_MODES),
+        )
+
+
 @dataclass
 class DPOTrainConfig:
     """`spo train-dpo`: the Diffusion-DPO baseline (method.md 1)."""
@@ -574,12 +598,19 @@ class DPOTrainConfig:
     prompt_dropout: float = 0.2  # probability of training a pair on the empty prompt
     random_crop: bool = False  # random (else centre) crop, the same for both images of a pair
     random_flip: bool = True  # horizontal flip, the same for both images of a pair
-    # Encode every pair image once per run (both mirror images with random_flip) and train
-    # from the cached VAE posteriors: the same latents as encoding each step, without the
-    # image decoding and the VAE encoder in the loop. Held in memory on every process; off
-    # past latent_cache_max_gb (the size is printed first) and with random_crop.
+    # Encode every pair image once (both mirror images with random_flip) and train from the
+    # cached VAE posteriors: the same latents as encoding each step, without the image
+    # decoding and the VAE encoder in the loop. Off with random_crop. Without
+    # latent_cache_dir: per run, in memory on every process, off past latent_cache_max_gb
+    # (the size is printed first) and for streamed pairs.
     latent_cache: bool = True
     latent_cache_max_gb: float = 8.0
+    # A folder for the cache on disk instead: any size, streamed pairs too, built once
+    # (the size printed first; a killed build resumes) and reused by every later run with
+    # the same VAE, resolution, mirroring and data (a subfolder per hash of those)
+    latent_cache_dir: str | None = None
+    # torch.compile of the trained denoiser (speed.compile: none | regional | full)
+    speed: CompileConfig = field(default_factory=CompileConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
     optimizer: str = "adamw"  # adamw | adafactor | adamw8bit (needs bitsandbytes)
     # How optim.lr becomes the learning rate, with E = batch_size x accumulation x processes:
@@ -618,6 +649,14 @@ class DPOTrainConfig:
         _require(0 <= p < 1, "prompt_dropout", p, "must be in [0, 1)")
         gb = self.latent_cache_max_gb
         _require(math.isfinite(gb) and gb > 0, "latent_cache_max_gb", gb, "must be > 0")
+        folder = self.latent_cache_dir
+        _require(
+            folder is None or bool(str(folder).strip()),
+            "latent_cache_dir",
+            folder,
+            "must be a folder (or null: in memory)",
+        )
+        self.speed.validate()
         _require(
             self.optimizer in ("adamw", "adafactor", "adamw8bit"),
             "optimizer",
@@ -657,7 +696,7 @@ def _validate_family(family: str | None) -> None:
 
 
 @dataclass
-class SpeedConfig:
+class SpeedConfig(CompileConfig):
     """SPO's speed-ups (docs/benchmarks.md measures each). The exact ones (the same math, float
     rounding aside) are on by default; the others change what is computed and are off."""
 
@@ -673,6 +712,7 @@ class SpeedConfig:
     judge_dtype: str = "float32"
 
     def validate(self) -> None:
+        super().validate()
         _require(
             self.judge_dtype in ("float32", "float16", "bfloat16"),
             "speed.judge_dtype",

@@ -63,6 +63,9 @@ class Family:
     hub_tag: ClassVar[str]  # the Hub tag of the family on a model card
     denoiser: ClassVar[str] = "unet"  # the pipeline component that denoises
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # its diffusers class
+    # the denoiser's repeated blocks (class names), what `speed.compile=regional` compiles:
+    # a UNet's transformer and resnet blocks hold nearly all of its FLOPs
+    compile_blocks: ClassVar[tuple[str, ...]] = ("Transformer2DModel", "ResnetBlock2D")
     # ddpm: a discrete noise schedule sampled with DDIM (epsilon or v prediction); flow:
     # rectified flow, velocity prediction, sampled with the pipeline's flow-matching scheduler
     schedule: ClassVar[str] = "ddpm"

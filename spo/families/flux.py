@@ -27,6 +27,7 @@ class FluxFamily(FlowTransformerFamily):
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
     hub_tag = "flux"
     denoiser_class = "FluxTransformer2DModel"
+    compile_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     t5_tokenizer = "tokenizer_2"
     pipeline_t5_tokens = 512  # FluxPipeline's default max_sequence_length
     pipeline_sample_size = 128  # FluxPipeline.default_sample_size: 1024 px with the 8x VAE

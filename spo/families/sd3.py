@@ -18,6 +18,7 @@ class SD3Family(FlowTransformerFamily):
     pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     hub_tag = "sd3"
     denoiser_class = "SD3Transformer2DModel"
+    compile_blocks = ("JointTransformerBlock",)
     t5_tokenizer = "tokenizer_3"
     pipeline_t5_tokens = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
