@@ -52,7 +52,7 @@ def _outputs(policy: Policy) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     ("preset", "mode", "blocks"),
     [
-        ("tiny", "regional", {"Transformer2DModel", "ResnetBlock2D"}),
+        ("tiny", "regional", {"BasicTransformerBlock"}),
         pytest.param("tiny", "full", None, marks=pytest.mark.slow),
         pytest.param("tiny_flow", "regional", {"JointTransformerBlock"}, marks=pytest.mark.slow),
         pytest.param("tiny_flow", "full", None, marks=pytest.mark.slow),

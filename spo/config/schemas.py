@@ -550,8 +550,8 @@ class CompileConfig:
     compilation costs more than it saves."""
 
     # none | regional: each repeated block (the family's `compile_blocks`: a UNet's attention
-    # and resnet blocks, a transformer's blocks) compiled once for all its instances, seconds
-    # instead of minutes | full: the whole denoiser as one graph
+    # blocks, a transformer's blocks) compiled once for all its instances of one size,
+    # seconds instead of minutes | full: the whole denoiser as one graph
     compile: str = "none"
 
     def validate(self) -> None:

@@ -64,8 +64,9 @@ class Family:
     denoiser: ClassVar[str] = "unet"  # the pipeline component that denoises
     denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # its diffusers class
     # the denoiser's repeated blocks (class names), what `speed.compile=regional` compiles:
-    # a UNet's transformer and resnet blocks hold nearly all of its FLOPs
-    compile_blocks: ClassVar[tuple[str, ...]] = ("Transformer2DModel", "ResnetBlock2D")
+    # a UNet's attention blocks, as diffusers' `compile_repeated_blocks` does (its resnet
+    # blocks come in many sizes, each its own compilation, for convolutions cuDNN runs well)
+    compile_blocks: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock",)
     # ddpm: a discrete noise schedule sampled with DDIM (epsilon or v prediction); flow:
     # rectified flow, velocity prediction, sampled with the pipeline's flow-matching scheduler
     schedule: ClassVar[str] = "ddpm"
