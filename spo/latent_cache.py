@@ -41,6 +41,7 @@ from spo.stream import StreamedRow
 PART_ROWS = 4096  # a table's rows per part: what a killed build can lose
 ENCODE_BATCH = 32  # pairs per VAE call while building
 END: Any = object()  # the end of a part's rows
+STORAGE = {2: np.int16, 4: np.int32, 8: np.int64}  # a float's bytes -> the words it is kept in
 
 
 def moments_shape(model: DiffusionModel, flips: int) -> tuple[int, ...]:
@@ -257,9 +258,10 @@ class DiskLatentCache:
             info = json.loads(info_file.read_text())
             ok = np.ones(info["rows"], dtype=bool)
             ok[info["bad_rows"]] = False
-            np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+            # raw words of the dtype's size (numpy has no bfloat16), viewed as it when read
+            words = STORAGE[torch.finfo(self.dtype).bits // 8]
             shape = (info["rows"], self.flips, *self.shape)
-            data = np.memmap(data_file, dtype=np_dtype, mode="r", shape=shape)
+            data = np.memmap(data_file, dtype=words, mode="r", shape=shape)
             self._maps[part] = (data, ok)
         return self._maps[part]
 
@@ -280,7 +282,8 @@ class DiskLatentCache:
         """The moments (B, mirrors, 2, 2, C, h, w) of rows given as (part, row)."""
         if not where:
             return torch.zeros(0, self.flips, *self.shape, dtype=self.dtype)
-        return torch.stack([torch.from_numpy(np.array(self._part(p)[0][r])) for p, r in where])
+        rows = [torch.from_numpy(np.array(self._part(p)[0][r])) for p, r in where]
+        return torch.stack(rows).view(self.dtype)
 
     def batch(self, dataset: PairDataset, rows: list[int]):
         """As `LatentCache.batch`, for a table whose dataset row i is the split's row

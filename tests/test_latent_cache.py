@@ -40,7 +40,7 @@ def test_disk_cache_trains_the_in_memory_weights_and_is_reused(mini_world, tmp_p
     assert "MB in memory" in capsys.readouterr().out
     assert main(dpo_args(mini_world, disk, f"latent_cache_dir={folder}")) == 0
     said = capsys.readouterr().out
-    assert "latent cache: encoding 1 of 1 parts" in said and "GB for the whole split" in said
+    assert "latent cache: encoding 1 of 1 parts" in said and "GB for the whole split's" in said
     (cache,) = folder.iterdir()
     stamp = (cache / "part-00000.bin").stat().st_mtime_ns
     assert main(dpo_args(mini_world, again, f"latent_cache_dir={folder}")) == 0

@@ -170,6 +170,7 @@ def _latent_cache(
     model: DiffusionModel,
     *,
     dataset: PairDataset | None,
+    table,
     source_rows: np.ndarray | None,
     stream: PairStream | None,
     accelerator,
@@ -188,7 +189,7 @@ def _latent_cache(
     per_pair = row_bytes(model, flips)
     what = f"2 images x {flips} mirror(s) per pair, {per_pair / 1e3:.0f} kB"
     if cfg.latent_cache_dir is not None:
-        return _disk_cache(cfg, model, dataset, source_rows, stream, accelerator, what)
+        return _disk_cache(cfg, model, table, source_rows, stream, accelerator, what)
     if dataset is None:
         say("latent cache: off (streaming: set latent_cache_dir to keep one on disk)")
         return None
@@ -204,9 +205,10 @@ def _latent_cache(
     return LatentCache(model, dataset, progress=main)
 
 
-def _disk_cache(cfg, model, dataset, source_rows, stream, accelerator, what: str):
-    """The disk cache of the run's table (`dataset` of the split's rows `source_rows`) or
-    stream, built (or finished) first if it is not complete."""
+def _disk_cache(cfg, model, table, source_rows, stream, accelerator, what: str):
+    """The disk cache of the run's `table` (every row, ties too: a relabelling may need them;
+    the training dataset's row i is its row `source_rows[i]`) or stream, built (or finished)
+    first if it is not complete."""
     p = cfg.pairs
     data = {
         "source": source_fingerprint(p.train),
@@ -222,16 +224,13 @@ def _disk_cache(cfg, model, dataset, source_rows, stream, accelerator, what: str
             rows_of = stream.data.shard(num_shards=stream.num_shards, index=part)
             return (r if stream.keep is None or stream.keep(r) else None for r in rows_of)
     else:
-        table = dataset.table
-        rows = int(source_rows.max()) + 1 if len(source_rows) else 0
+        images = table.select_columns(["caption", "jpg_0", "jpg_1"])
+        rows = len(images)
         parts = -(-rows // PART_ROWS)
         data["layout"] = f"{rows} rows, {PART_ROWS} per part"
-        by_source = dict(zip(source_rows.tolist(), range(len(source_rows)), strict=True))
 
         def read_part(part: int):
-            for r in range(part * PART_ROWS, min(rows, (part + 1) * PART_ROWS)):
-                i = by_source.get(r)  # a tie (DPO drops it) is never read
-                yield None if i is None else table[i]
+            return (images[r] for r in range(part * PART_ROWS, min(rows, (part + 1) * PART_ROWS)))
 
     cache = DiskLatentCache.for_model(
         cfg.latent_cache_dir, model, data=data, random_flip=cfg.random_flip, parts=parts
@@ -245,18 +244,19 @@ def _disk_cache(cfg, model, dataset, source_rows, stream, accelerator, what: str
             print(f"latent cache: reusing {cache.folder} ({what})")
         return cache
     if main:
+        each = row_bytes(model, cache.flips)
         size = (
-            f"{rows} pairs: about {rows * row_bytes(model, cache.flips) / 1e9:.2f} GB"
+            f"about {rows * each / 1e9:.2f} GB for the whole split's {rows} pairs"
             if rows
-            else f"an unknown number of pairs: {row_bytes(model, cache.flips):,} bytes each"
+            else f"{each:,} bytes a pair; the split's size is not known before reading it"
         )
         print(
             f"latent cache: encoding {len(missing)} of {parts} parts into {cache.folder} "
-            f"({what}; {size} for the whole split); a killed run resumes the build"
+            f"({what}; {size}); a killed run resumes the build"
         )
-        need = rows * row_bytes(model, cache.flips) * len(missing) / max(parts, 1)
         free = shutil.disk_usage(cache.folder).free
-        if rows and need > free:
+        need = rows * each * len(missing) / max(parts, 1) if rows else 0
+        if need > free:
             raise ConfigError(
                 f"latent cache: the missing parts need about {need / 1e9:.1f} GB, "
                 f"{cfg.latent_cache_dir} has {free / 1e9:.1f} GB free"
@@ -367,6 +367,7 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
             cfg,
             model,
             dataset=dataset,
+            table=table,
             source_rows=decided,
             stream=stream,
             accelerator=accelerator,
