@@ -343,6 +343,12 @@ CASES: list[Case] = [
     ),
     C("dpo-out-under-file", lambda c: dpo(c, under_file(c))),
     C("dpo-shuffle-buffer-0", lambda c: dpo(c, "pairs.shuffle_buffer=0")),
+    C("dpo-compile-unknown", lambda c: dpo(c, "speed.compile=everything")),
+    C("dpo-latent-cache-dir-blank", lambda c: dpo(c, "latent_cache_dir=' '")),
+    C(
+        "dpo-latent-cache-dir-under-file",
+        lambda c: dpo(c, f"latent_cache_dir={c.inputs / 'pairs.txt'}/cache"),
+    ),
     C(
         "dpo-relabel-while-streaming",
         lambda c: dpo(c, "pairs.streaming=true", "relabel_with=oracle"),
@@ -356,6 +362,7 @@ CASES: list[Case] = [
     # --- train-spo ----------------------------------------------------------------------------
     C("spo-truncated-spm", lambda c: spo(c, spm="spm_truncated")),
     C("spo-fp16-on-cpu", lambda c: spo(c, "mixed_precision=fp16")),
+    C("spo-compile-unknown", lambda c: spo(c, "speed.compile=max-autotune")),
     C("spo-lora-targets-nonexistent", lambda c: spo(c, "policy.lora_targets=[nonexistent]")),
     C(
         "spo-validation-steps-0",
