@@ -270,40 +270,34 @@ def compare_args(opts, out: Path, runs: list[str], world: str = "unet") -> list[
         models += [
             f"{{name: {r}, pipeline: {base}, lora: {out / 'runs' / r / 'final'}}}" for r in runs
         ]
-        return [
-            "compare",
-            "--config",
-            str(Path(__file__).parents[1] / "configs/toy" / w.config),
-            "--out",
-            str(out / w.compare),
-            f"edit.sources={folder / 'edit/layouts'}",
-            "models=[" + ", ".join(models) + "]",
-            f"scorers=[oracle, 'spm:{Path(opts.demo) / 'spm/final'}']",
-            f"images_per_prompt={EDITS_PER_LAYOUT}",
-            "grid_prompts=4",
-        ]
-    for r in runs:
-        # best/ (where the run kept one) beside final/ of the same run
-        for name, result in ((r, "final"), (f"{r}-best", "best")):
-            if result == "final" or (out / "runs" / r / result).is_dir():
-                models.append(
-                    f"{{name: {name}, pipeline: {base}, lora: {out / 'runs' / r / result}}}"
-                )
-    if world == "groups":
-        scorers = list(GROUP_ORACLES)
+        inputs = [f"edit.sources={folder / 'edit/layouts'}"]
+        scorers = ["oracle", f"'spm:{Path(opts.demo) / 'spm/final'}'"]
+        per_input = EDITS_PER_LAYOUT
     else:
-        spm = Path(opts.demo) / "spm/final" if world == "unet" else out / "flow-spm/final"
-        scorers = ["oracle"] + ([f"'spm:{spm}'"] if spm.is_dir() or world == "unet" else [])
+        for r in runs:
+            # best/ (where the run kept one) beside final/ of the same run
+            for name, result in ((r, "final"), (f"{r}-best", "best")):
+                if result == "final" or (out / "runs" / r / result).is_dir():
+                    models.append(
+                        f"{{name: {name}, pipeline: {base}, lora: {out / 'runs' / r / result}}}"
+                    )
+        if world == "groups":
+            scorers = list(GROUP_ORACLES)
+        else:
+            spm = Path(opts.demo) / "spm/final" if world == "unet" else out / "flow-spm/final"
+            scorers = ["oracle"] + ([f"'spm:{spm}'"] if spm.is_dir() or world == "unet" else [])
+        inputs = [f"prompts={folder / 'prompts/eval.txt'}"]
+        per_input = opts.images_per_prompt
     return [
         "compare",
         "--config",
         str(Path(__file__).parents[1] / "configs/toy" / w.config),
         "--out",
         str(out / w.compare),
-        f"prompts={folder / 'prompts/eval.txt'}",
+        *inputs,
         "models=[" + ", ".join(models) + "]",
         f"scorers=[{', '.join(scorers)}]",
-        f"images_per_prompt={opts.images_per_prompt}",
+        f"images_per_prompt={per_input}",
         "grid_prompts=4",
     ]
 
