@@ -75,9 +75,7 @@ def encode_rows(
         except Exception:  # PIL raises many kinds on corrupt bytes; skipped at batch time
             continue
     res = model.resolution
-    size = res // model.vae_scale_factor
-    shape = (len(flips), 2, 2, model.latent_channels, size, size)
-    moments = torch.zeros(len(rows), *shape, dtype=vae_dtype(model))
+    moments = torch.zeros(len(rows), *moments_shape(model, len(flips)), dtype=vae_dtype(model))
     ok = np.zeros(len(rows), dtype=bool)
     if decoded:
         pixels = [to_pixels(im, res, flip=f) for _, ims in decoded for f in flips for im in ims]
@@ -264,9 +262,6 @@ class DiskLatentCache:
             data = np.memmap(data_file, dtype=words, mode="r", shape=shape)
             self._maps[part] = (data, ok)
         return self._maps[part]
-
-    def rows(self, part: int) -> int:
-        return len(self._part(part)[1])
 
     def decodable(self, part: int, row: int) -> bool:
         data, ok = self._part(part)
