@@ -24,6 +24,7 @@ from spo.config.schemas import PolicyConfig
 from spo.errors import ConfigError
 from spo.families import family_class
 from spo.models import DiffusionModel, describe_pipeline_folder
+from spo.training.distributed import gathered, sharded
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -114,6 +115,8 @@ class Policy:
             unet.enable_gradient_checkpointing()
         unet.train()
         self.unet = unet
+        # under FSDP, the weights the next `save` writes, gathered whole by `gather`
+        self._gathered: dict[str, torch.Tensor] | None = None
 
     def compile(self, mode: str, *, announce: bool = False) -> int:
         """Compile the policy (and a full fine-tune's reference) in place, `mode` as
@@ -147,11 +150,23 @@ class Policy:
         finally:
             target.enable_adapters()
 
+    def _saved_state(self) -> dict[str, torch.Tensor]:
+        """What `save` writes, as the denoiser names it: the adapters (peft's key format) for
+        LoRA, every weight for a full fine-tune."""
+        if self.cfg.mode == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            return get_peft_model_state_dict(self.unet)
+        return self.unet.state_dict()
+
+    def gather(self) -> None:
+        """Every rank of an FSDP run calls this before the main process saves: the sharded
+        weights that `save` writes are gathered whole (a collective) and kept for it."""
+        self._gathered = gathered(self._saved_state())
+
     def _peft_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapters in peft's key format, float32 on the CPU."""
-        from peft.utils import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(self.unet)
+        state = self._saved_state() if self._gathered is None else self._gathered
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -224,15 +239,36 @@ class Policy:
             text = json.dumps(config, indent=2, sort_keys=True)
             (folder / CONFIG_NAME).write_text(text + "\n")
         else:
-            folder_name = self.model.family_module.denoiser
-            self.unet.save_pretrained(folder / folder_name, safe_serialization=True)
+            self._denoiser_to_save().save_pretrained(
+                folder / self.model.family_module.denoiser, safe_serialization=True
+            )
         (folder / "policy.json").write_text(json.dumps(self.describe(), indent=2) + "\n")
         if card is not None:
             (folder / "README.md").write_text(card)
+        self._gathered = None
+
+    def _denoiser_to_save(self) -> torch.nn.Module:
+        """The full fine-tune as diffusers saves it: the policy itself, or under FSDP a
+        weightless copy of its class given the gathered weights (what `save_pretrained` writes
+        is then the same folder as without sharding)."""
+        if self._gathered is None:
+            return self.unet
+        import diffusers
+        from accelerate import init_empty_weights
+
+        cls = getattr(diffusers, self.unet.config["_class_name"])
+        with init_empty_weights():
+            whole = cls.from_config(self.unet.config)
+        whole.load_state_dict(self._gathered, assign=True)
+        return whole
 
 
 def register_lora_checkpoint_hooks(accelerator, policy: Policy) -> None:
-    """Checkpoints of LoRA runs hold the adapters only (MBs, not the GBs of the whole UNet)."""
+    """Checkpoints of LoRA runs hold the adapters only (MBs, not the GBs of the whole UNet).
+    Not under FSDP: accelerate then writes the sharded model itself, frozen weights included,
+    before any hook runs."""
+    if sharded(accelerator):
+        return
 
     def save_hook(models, weights, output_dir: str) -> None:
         if accelerator.is_main_process:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,8 @@ from safetensors.torch import load_file
 from spo.training.checkpoints import Checkpointer
 
 ROOT = Path(__file__).parents[1]
+FAULTS = Path(__file__).parent / "faults"
+LAUNCH_TIMEOUT = 240  # a hung multi-process run fails its test instead of the suite
 
 
 def load_script(name: str):
@@ -173,3 +177,50 @@ def dpo_args(world: Path, out: Path, *extra: str) -> list[str]:
         "validation_images.prompts=[]",
         *extra,
     ]
+
+
+def torchrun(
+    args: list[str],
+    *,
+    fault: str | None = None,
+    cpu: bool = True,
+    script: Path | None = None,
+    fsdp_config: Path | None = None,
+):
+    """Two CPU processes of `spo.cli ARGS` (or SCRIPT ARGS): `torchrun --nproc_per_node 2`,
+    or with `fsdp_config` `accelerate launch --config_file FSDP_CONFIG --num_processes 2` with
+    FSDP switched on for CPU processes (tests/faults); `fault` injects one. Returns the
+    finished process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("SPO_FAULT", None)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    if fault or fsdp_config:
+        env["PYTHONPATH"] = f"{FAULTS}{os.pathsep}{ROOT}"
+    if fault:
+        env["SPO_FAULT"] = fault
+    target = ["-m", "spo.cli"] if script is None else [str(script)]
+    if fsdp_config is None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        command += ["--standalone", *target, *args]
+    else:
+        env["SPO_CPU_FSDP"] = "1"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        command += [str(fsdp_config), "--num_processes", "2", "--mixed_precision", "no"]
+        command += [*target, *args]
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # on a hang, the workers go with the launcher
+    )
+    try:
+        out, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

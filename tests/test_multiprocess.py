@@ -6,8 +6,6 @@ processes each think they are alone is refused; two runs cannot share a run fold
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,48 +13,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import dpo_args, judge_training_args, one_error_line, spo_args
+from helpers import dpo_args, judge_training_args, one_error_line, spo_args, torchrun
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_sd3
 
 from spo.cli import main
 from spo.runs import RunLock
-
-ROOT = Path(__file__).parents[1]
-FAULTS = Path(__file__).parent / "faults"
-TIMEOUT = 240  # a hang fails the test instead of the suite
-
-
-def torchrun(
-    args: list[str], *, fault: str | None = None, cpu: bool = True, script: Path | None = None
-):
-    """`torchrun --nproc_per_node 2 -m spo.cli ARGS` (or SCRIPT ARGS); returns the finished
-    process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("SPO_FAULT", None)
-    if cpu:
-        env["ACCELERATE_USE_CPU"] = "true"
-    if fault:
-        env["SPO_FAULT"] = fault
-        env["PYTHONPATH"] = f"{FAULTS}{os.pathsep}{ROOT}"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--standalone", *(["-m", "spo.cli"] if script is None else [str(script)]), *args]
-    proc = subprocess.Popen(
-        command,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # on a hang, the workers go with the launcher
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:

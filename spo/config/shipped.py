@@ -44,6 +44,11 @@ TOY_CONFIGS = {
 }
 
 
+# accelerate's own config files (`accelerate launch --config_file`, docs/training.md), shipped
+# beside spo's but not configs of any spo command
+ACCELERATE_FOLDER = "accelerate"
+
+
 def shipped_root() -> Traversable:
     """The folder of the shipped configs, inside the installed (or checked-out) package."""
     return files("spo") / "configs"
@@ -53,6 +58,8 @@ def shipped_configs(command: str | None = None) -> list[str]:
     """Short names (`toy/dpo`) of the shipped configs; only `command`'s if given."""
     names = []
     for family in sorted(shipped_root().iterdir(), key=lambda t: t.name):
+        if family.name == ACCELERATE_FOLDER:
+            continue
         for config in sorted(family.iterdir(), key=lambda t: t.name):
             stem = config.name.removesuffix(".yaml")
             if config.name.endswith(".yaml") and command in (None, CONFIG_COMMANDS.get(stem)):

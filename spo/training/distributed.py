@@ -20,6 +20,35 @@ from spo.errors import ConfigError, TrainingError
 T = TypeVar("T")
 
 
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (`accelerate launch` with an FSDP config sets
+    ACCELERATE_USE_FSDP): known before the accelerator, hence before any model, exists."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def sharded(accelerator) -> bool:
+    """Whether the trained model is sharded over the processes (FSDP): its weights are then
+    whole only when gathered, and every forward pass needs every rank."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` whole and on the CPU, each shard (FSDP's DTensor) gathered from every rank: a
+    collective, so every rank calls it with the same keys in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    whole = {}
+    for key, value in state.items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        whole[key] = value.detach().cpu()
+    return whole
+
+
 def ranks_where(accelerator, flag: bool) -> list[int]:
     """The ranks where `flag` holds, the same list on every rank (one small gather)."""
     if accelerator.num_processes == 1:

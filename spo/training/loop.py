@@ -44,7 +44,14 @@ from spo.config.schemas import OptimConfig
 from spo.errors import ConfigError, TrainingError
 from spo.runs import RunDir, RunLock, atomic_dir, check_writable, clean_leftovers, prepare_run_dir
 from spo.training.checkpoints import Checkpointer
-from spo.training.distributed import check_world, die_with_launcher, on_main, ranks_where
+from spo.training.distributed import (
+    check_world,
+    die_with_launcher,
+    fsdp_requested,
+    on_main,
+    ranks_where,
+    sharded,
+)
 from spo.training.publish import check_hub_token, push_folder
 from spo.training.validation import BEST_FILE, Best, Validator
 
@@ -278,11 +285,18 @@ class TrainLoop:
         validator: Validator | None = None,
         max_minutes: float | None = None,
         hub_model_id: str | None = None,
+        shardable: bool = False,
     ) -> None:
         """Cheap checks only, before any model loads: the run folder can be written, the
         precision exists on this machine, the resume target exists and is a checkpoint of this
         `kind` and `mode` (the config key `mode_key`; `mode_default` for checkpoints that
-        record none), and a Hub token exists when `final/` is to be pushed to `hub_model_id`."""
+        record none), a Hub token exists when `final/` is to be pushed to `hub_model_id`, and
+        an FSDP launch is refused unless the trainer is `shardable`."""
+        if fsdp_requested() and not shardable:
+            raise ConfigError(
+                f"{name.upper()} training does not run sharded (FSDP); launch it without an "
+                "FSDP accelerate config (FSDP is for train-dpo and train-spo)"
+            )
         self.cfg, self.name, self.mode = cfg, name, mode
         self.validator, self.max_minutes = validator, max_minutes
         self.hub_model_id = hub_model_id
@@ -358,6 +372,7 @@ class TrainLoop:
             validator=Validator(cfg.validation_images),
             max_minutes=cfg.max_minutes,
             hub_model_id=cfg.hub_model_id if cfg.push_to_hub else None,
+            shardable=True,
         )
 
     def make_accelerator(self):
@@ -512,11 +527,17 @@ class TrainLoop:
     def _image_folder(self) -> Path:
         return self.run.root / "validation"
 
+    @property
+    def _validates(self) -> bool:
+        """Whether this rank takes part in validations: the main process, and under FSDP
+        every rank (each sampling step needs every rank's shard of the policy)."""
+        return self.main or sharded(self.accelerator)
+
     def baseline_images(self, model, policy) -> None:
         """Step 0's point of the reward curve, the untrained policy (with scorers only): the
         first candidate for best/."""
         v = self.validator
-        if self.step == 0 and self.main and v is not None and v.scored:
+        if self.step == 0 and self._validates and v is not None and v.scored:
             self._validate(model, policy, 0.0)
 
     def periodic_images(self, model, policy) -> None:
@@ -525,7 +546,7 @@ class TrainLoop:
         v = self.validator
         if v is None or not v.due(self.step) or self.step >= self.cfg.max_steps:
             return
-        if self.main:
+        if self._validates:
             self._validate(model, policy, self.train_seconds())
         spent = self.main and v.patience_spent()
         if v.v.patience is not None and ranks_where(self.accelerator, spent):
@@ -537,16 +558,25 @@ class TrainLoop:
                 )
 
     def _validate(self, model, policy, elapsed_s: float) -> None:
-        """One validation (main process); a new best by `select_by` is written to best/
-        atomically, as final/ is: the policy's weights and best.json."""
-        v = self.validator
+        """One validation (the ranks of `_validates`; the main process writes and scores); a
+        new best by `select_by` is written to best/ atomically, as final/ is: the policy's
+        weights and best.json."""
+        v, together = self.validator, sharded(self.accelerator)
         self.validated_at = self.step
-        logged = v.run(model, self._image_folder, self.step, self.logger, elapsed_s, policy)
-        if not v.select(logged, self.step):
+        logged = v.run(
+            model, self._image_folder, self.step, self.logger, elapsed_s, policy, main=self.main
+        )
+        best = v.select(logged, self.step)  # the main process's scores decide
+        if together:
+            best = bool(ranks_where(self.accelerator, best))
+        if not best:
             return
-        with atomic_dir(self.run.root / "best") as tmp:
-            policy.save(tmp)
-            (tmp / BEST_FILE).write_bytes(v.best_record(self.step, logged))
+        if together:
+            policy.gather()
+        if self.main:
+            with atomic_dir(self.run.root / "best") as tmp:
+                policy.save(tmp)
+                (tmp / BEST_FILE).write_bytes(v.best_record(self.step, logged))
 
     # ------------------------------------------------------------------------------ closing
 
@@ -594,9 +624,14 @@ class TrainLoop:
             self.checkpoints.mark(accelerator, self.step, finished=True)
         accelerator.wait_for_everyone()
 
-        v = self.validator
+        v, together = self.validator, sharded(self.accelerator)
         if summary is not None and v is not None and v.selecting:
             summary["stopped_early"] = self.stopped_early
+
+        def final_images() -> None:  # unless this step had its validation already
+            fresh = self.validated_at != self.step
+            if images_of is not None and v is not None and v.enabled and fresh:
+                self._validate(images_of, policy, self.train_seconds())
 
         def write_final() -> None:  # main process; an error is raised on every rank
             try:
@@ -612,13 +647,16 @@ class TrainLoop:
                     f"{full}: final/ of {self.run.root} was not written ({e.strerror or e}). "
                     f"{self.checkpoints.last_good()}"
                 ) from e
-            fresh = self.validated_at != self.step  # not validated at this step already
-            if images_of is not None and v is not None and v.enabled and fresh:
-                self._validate(images_of, policy, self.train_seconds())
+            if not together:
+                final_images()
             if after is not None:
                 after()
 
+        if together and policy is not None:
+            policy.gather()  # every rank; the main process writes it
         on_main(accelerator, write_final)
+        if together:
+            final_images()
         if self.hub_model_id is not None:
             pushed = on_main(accelerator, lambda: push_folder(self.run.final, self.hub_model_id))
             if pushed is not None:

@@ -78,22 +78,30 @@ class Validator:
     def due(self, step: int) -> bool:
         return self.enabled and bool(self.v.every) and step % self.v.every == 0
 
-    def run(self, model, folder: Path, step: int, logger, elapsed_s: float, policy=None) -> dict:
+    def run(
+        self, model, folder: Path, step: int, logger, elapsed_s: float, policy=None, *, main=True
+    ) -> dict:
         """Sample with the policy as it is now (`model.pipe` holds it), write the grid, score
         it; with `policy` (a `spo.policy.Policy`) also the chain KL. Returns what was logged
-        (without the `val/` prefix)."""
+        (without the `val/` prefix). A sharded run's other ranks (not `main`) only take part
+        in the sampling, and get {}."""
         from torchvision.utils import save_image
 
         v, start = self.v, time.time()
         images = model.generate(self.texts, self.seeds, v.num_inference_steps, v.guidance_scale)
+        kl = None
+        if self.scored and v.chain_kl and policy is not None:
+            kl = self._chain_kl(model, policy)
+        if not main:
+            self.seconds += time.time() - start
+            return {}
         folder.mkdir(parents=True, exist_ok=True)
         save_image(images, folder / f"step-{step}.png", nrow=max(v.images_per_prompt, 4))
         logger.log_images(step, "val/images", images)
         logged: dict[str, float] = {}
         for name, scorer in self.scorers.items():
             logged[name] = float(scorer(images, self.texts).mean())
-        if logged and v.chain_kl and policy is not None:
-            kl = self._chain_kl(model, policy)
+        if kl is not None:
             logged |= {
                 "chain_kl": float(kl.per_element.mean()),
                 "chain_kl_total": float(kl.total.mean()),

@@ -34,3 +34,19 @@ elif FAULT == "nan_on_rank_1":
         return _step(self, loss)
 
     TrainLoop.optimizer_step = _nan_on_rank_1
+
+if os.environ.get("SPO_CPU_FSDP") == "1":
+    # accelerate enables FSDP only for accelerator devices (state.py leaves MULTI_CPU out);
+    # torch's FSDP2 itself runs on CPU processes over gloo, so the tests switch it on there.
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    _init = AcceleratorState.__init__
+
+    def _fsdp_on_cpu(self, *args, **kwargs):
+        _init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+
+    AcceleratorState.__init__ = _fsdp_on_cpu
