@@ -451,6 +451,7 @@ CASES: list[Case] = [
     C("prepare-prompts-out-under-file", lambda c: prepare_prompts(c, under_file(c))),
     # --- demo ---------------------------------------------------------------------------------
     C("demo-budget-0", lambda c: demo(c, "budget_minutes=0")),
+    C("demo-spm-precision-unknown", lambda c: demo(c, "spm_precision=fp16")),
     C("demo-unknown-key", lambda c: demo(c, "budget_minute=1")),
     C("demo-out-under-file", lambda c: demo(c, under_file(c))),
     # --- benchmark ----------------------------------------------------------------------------

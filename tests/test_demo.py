@@ -74,3 +74,23 @@ def test_quick_demo_runs_skips_and_reruns(tmp_path, capsys):
     assert (root / "spm/final/model.safetensors").stat().st_mtime_ns == stamp
     report = json.loads((root / "demo.json").read_text())
     assert report["stages"]["spm"]["skipped"] and not report["stages"]["dpo"]["skipped"]
+
+
+def test_the_spm_stage_runs_in_bfloat16_only_where_asked_or_native(monkeypatch, tmp_path):
+    """spm_precision: bfloat16 gives the SPM stage a bfloat16 pipeline and autocast, float32
+    the toy config as shipped; auto follows what the processor computes natively."""
+    import torch
+
+    from spo.commands.demo import stage_args
+    from spo.config import DemoConfig
+
+    def spm(precision: str) -> list[str]:
+        return stage_args(DemoConfig(out=str(tmp_path), spm_precision=precision), "spm")
+
+    fast = ["base_dtype=bfloat16", "mixed_precision=bf16"]
+    assert all(a in spm("bfloat16") for a in fast)
+    assert not any(a.startswith(("base_dtype", "mixed_precision")) for a in spm("float32"))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    for native in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        assert all(a in spm("auto") for a in fast) == native

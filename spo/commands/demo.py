@@ -85,6 +85,7 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
         f"{{name: {name}spo, pipeline: {base}, lora: {root / f'spo{flow}/final'}}}]",
         f"scorers=[oracle, 'spm:{root / f'spm{flow}/final'}', toy_pickscore]",
     ]
+    bf16 = spm_bfloat16(cfg.spm_precision)
     args = {
         "world": ["toy-world"],
         "spm": [
@@ -92,6 +93,7 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
             *inputs,
             f"pairs.train={world / 'pairs/train.parquet'}",
             f"pairs.validation={world / 'pairs/validation.parquet'}",
+            *(["base_dtype=bfloat16", "mixed_precision=bf16"] if bf16 else []),
         ],
         "dpo": [
             "train-dpo",
@@ -124,6 +126,20 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
     if cfg.quick:
         rest = rest + QUICK[twin]
     return head + last_values(rest)
+
+
+def spm_bfloat16(precision: str) -> bool:
+    """Whether the SPM stage runs in bfloat16 (`spm_precision`; auto: where this machine's
+    accelerate device computes it natively, a CPU with AVX-512 BF16 / AMX or a GPU with bf16;
+    elsewhere bfloat16 is emulated and slower than float32)."""
+    if precision != "auto":
+        return precision == "bfloat16"
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def last_values(overrides: list[str]) -> list[str]:

@@ -1004,11 +1004,24 @@ class DemoConfig:
     # also the flow arm: a judge, DPO and SPO on the toy flow base model (a tiny SD3) at the
     # same budget, compared in compare_flow/ (about 9 minutes more)
     flow: bool = False
+    # The SPM stage's precision: its frozen pipeline (which makes the judge's x0_hat inputs)
+    # and its training autocast. auto: bfloat16 where the processor computes it natively
+    # (AVX-512 BF16 / AMX, or a GPU with bf16), several times faster there, else float32;
+    # float32: the toy spm config as shipped. NOT exact: the judge then learns from
+    # bfloat16-rounded x0_hat (docs/benchmarks.md, the demo's stage times).
+    spm_precision: str = "auto"
 
     def validate(self) -> None:
         _require(bool(str(self.out).strip()), "out", self.out, "must be a non-empty path")
         b = self.budget_minutes
         _require(math.isfinite(b) and b > 0, "budget_minutes", b, "must be > 0")
+        choices = ("auto", "float32", "bfloat16")
+        _require(
+            self.spm_precision in choices,
+            "spm_precision",
+            self.spm_precision,
+            "must be one of " + ", ".join(choices),
+        )
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Fault injection for the multi-process tests, loaded by Python at start-up when this folder is
+"""Fault injection (and FSDP on CPU) for the multi-process tests, loaded by Python at start-up when this folder is
 on PYTHONPATH (tests only; nothing in `spo` knows about it).
 
 SPO_FAULT=kill_after_checkpoint  every process SIGKILLs itself once the first checkpoint is
                                  written (as if the machine went down right after it)
 SPO_FAULT=nan_on_rank_1          rank 1 alone sees a non-finite loss at optimiser step 2
+SPO_CPU_FSDP=1                   accelerate uses FSDP on CPU processes too (tests/test_fsdp.py)
 """
 
 import os
