@@ -92,5 +92,7 @@ def test_the_spm_stage_runs_in_bfloat16_only_where_asked_or_native(monkeypatch, 
     assert not any(a.startswith(("base_dtype", "mixed_precision")) for a in spm("float32"))
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     for native in (True, False):
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        monkeypatch.setattr(
+            torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native
+        )
         assert all(a in spm("auto") for a in fast) == native

@@ -1,5 +1,5 @@
-"""Fault injection (and FSDP on CPU) for the multi-process tests, loaded by Python at start-up when this folder is
-on PYTHONPATH (tests only; nothing in `spo` knows about it).
+"""Fault injection (and FSDP on CPU) for the multi-process tests, loaded by Python at start-up
+when this folder is on PYTHONPATH (tests only; nothing in `spo` knows about it).
 
 SPO_FAULT=kill_after_checkpoint  every process SIGKILLs itself once the first checkpoint is
                                  written (as if the machine went down right after it)
