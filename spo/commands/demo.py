@@ -94,13 +94,15 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
             f"pairs.train={world / 'pairs/train.parquet'}",
             f"pairs.validation={world / 'pairs/validation.parquet'}",
             *(["base_dtype=bfloat16", "mixed_precision=bf16"] if bf16 else []),
+            f"max_steps={cfg.spm_max_steps}",
+            "validation_every=0",
         ],
         "dpo": [
             "train-dpo",
             *inputs,
             f"pairs.train={world / 'pairs/train.parquet'}",
             *validation,
-            "validation_images.every=50",
+            "validation_images.every=100",
             *budget,
         ],
         "spo": [

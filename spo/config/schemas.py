@@ -1000,7 +1000,7 @@ class DemoConfig:
     quick: bool = False  # a minutes-long smoke run of every stage (`spo demo --quick`)
     # The compute budget given to DPO and to SPO alike: wall-clock minutes of training each
     # (validation sampling excluded), so the comparison is at equal compute.
-    budget_minutes: float = 3.5
+    budget_minutes: float = 1.5
     # also the flow arm: a judge, DPO and SPO on the toy flow base model (a tiny SD3) at the
     # same budget, compared in compare_flow/ (about 9 minutes more)
     flow: bool = False
@@ -1010,11 +1010,15 @@ class DemoConfig:
     # float32: the toy spm config as shipped. NOT exact: the judge then learns from
     # bfloat16-rounded x0_hat (docs/benchmarks.md, the demo's stage times).
     spm_precision: str = "auto"
+    # The SPM stage's optimiser steps (the toy spm config trains 250; 200 keeps the demo
+    # within 10 minutes on 2 cores, docs/benchmarks.md says what it changes)
+    spm_max_steps: int = 200
 
     def validate(self) -> None:
         _require(bool(str(self.out).strip()), "out", self.out, "must be a non-empty path")
         b = self.budget_minutes
         _require(math.isfinite(b) and b > 0, "budget_minutes", b, "must be > 0")
+        _require(self.spm_max_steps >= 1, "spm_max_steps", self.spm_max_steps, "must be >= 1")
         choices = ("auto", "float32", "bfloat16")
         _require(
             self.spm_precision in choices,
