@@ -173,7 +173,7 @@ WORLDS = {
     "edit": World("base", "base_model", "compare_edit.yaml", "compare_edit", "spo",
                   "edit_arms", "editing the colour layouts (SDEdit, strength 0.6)"),
 }  # fmt: skip
-EDITS_PER_LAYOUT = 4  # the demo's compare_edit: 32 layouts x 4 edits per model
+EDITS_PER_LAYOUT = 4  # the toy compare_edit config: 32 layouts x 4 edits per model
 
 
 def world_of(arm: str) -> str:

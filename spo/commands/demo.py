@@ -87,7 +87,7 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
     ]
     bf16 = spm_bfloat16(cfg.spm_precision)
     args = {
-        "world": ["toy-world"],
+        "world": ["toy-world", f"flow_base_report={str(cfg.flow).lower()}"],
         "spm": [
             "train-preference-model",
             *inputs,
@@ -120,7 +120,13 @@ def stage_args(cfg: DemoConfig, stage: str) -> list[str]:
             f"prompts={world / 'prompts/eval.txt'}",
             *models,
         ],
-        "compare_edit": ["compare", f"edit.sources={world / 'edit/layouts'}", *models],
+        # 2 edits per layout (the toy config's 4 in toy_replication.py --edit)
+        "compare_edit": [
+            "compare",
+            f"edit.sources={world / 'edit/layouts'}",
+            "images_per_prompt=2",
+            *models,
+        ],
     }[twin]
     command, rest = args[0], args[1:]
     config = f"toy/{stage}" if stage in OWN_CONFIG else TOY_CONFIGS[command]

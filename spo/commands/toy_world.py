@@ -244,14 +244,16 @@ def build_world(cfg: ToyWorldConfig, run: RunDir) -> None:
     per = cfg.grid_images_per_prompt
     shown = min(cfg.grid_prompts, len(eval_prompts)) * per
     save_grid(root / "base_samples.png", imgs[:shown], texts[:shown], per)
-    flow = flow_base_model_in_float32()
-    flow.set_progress_bar_config(disable=True)
-    flow_report, imgs, texts = base_model_report(flow, cfg, cfg.grid_images_per_prompt)
-    run.log_metrics(
-        0, **{f"flow_base/{k}": v for k, v in flow_report.items() if isinstance(v, float)}
-    )
-    save_grid(root / "flow_base_samples.png", imgs[:shown], texts[:shown], per)
-    summary = {"pairs": stats, "base_model": report, "flow_base_model": flow_report}
+    summary = {"pairs": stats, "base_model": report}
+    if cfg.flow_base_report:
+        flow = flow_base_model_in_float32()
+        flow.set_progress_bar_config(disable=True)
+        flow_report, imgs, texts = base_model_report(flow, cfg, cfg.grid_images_per_prompt)
+        run.log_metrics(
+            0, **{f"flow_base/{k}": v for k, v in flow_report.items() if isinstance(v, float)}
+        )
+        save_grid(root / "flow_base_samples.png", imgs[:shown], texts[:shown], per)
+        summary["flow_base_model"] = flow_report
     atomic_write_bytes(root / "world.json", json.dumps(summary, indent=2).encode())
     print(json.dumps(summary, indent=2))
     print(f"toy world written to {root}")

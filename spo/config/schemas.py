@@ -49,6 +49,9 @@ class ToyWorldConfig:
     grid_prompts: int = 8  # prompts in the base model's sample grid
     grid_images_per_prompt: int = 4  # images per prompt in that grid
     layouts_per_prompt: int = 2  # colour layouts of each eval prompt (edit/layouts/)
+    # also sample the flow base model for its report (flow_base_samples.png, world.json's
+    # flow_base_model); `spo demo` skips it unless it runs the flow arm
+    flow_base_report: bool = True
     # the two-group world (pairs/groups_*.parquet): pairs, each labelled by both groups
     group_pairs: int = 1500
     group_validation_pairs: int = 250
