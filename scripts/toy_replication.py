@@ -212,7 +212,14 @@ def with_out(args: list[str], out: Path) -> list[str]:
 
 def train_jobs(opts, out: Path) -> dict[str, tuple[list[str], Path, str | None]]:
     """name -> (spo arguments, output folder, the job it waits for)."""
-    demo = DemoConfig(out=str(opts.demo), budget_minutes=opts.budget_minutes)
+    # the judges as the toy spm config trains them (float32, 250 steps), not the demo's
+    # shortened stage, so the replication's judges stay those its tables were measured with
+    demo = DemoConfig(
+        out=str(opts.demo),
+        budget_minutes=opts.budget_minutes,
+        spm_precision="float32",
+        spm_max_steps=250,
+    )
     configs = Path(__file__).parents[1] / "configs/toy"
     jobs: dict[str, tuple[list[str], Path, str | None]] = {}
     for judge in dict.fromkeys(ARMS[arm].judge for arm in opts.arms if ARMS[arm].judge):
