@@ -24,7 +24,7 @@ from spo.config.schemas import PolicyConfig
 from spo.errors import ConfigError
 from spo.families import family_class
 from spo.models import DiffusionModel, describe_pipeline_folder
-from spo.training.distributed import gathered, sharded
+from spo.training.distributed import gathered, master_weights, sharded
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -115,7 +115,8 @@ class Policy:
             unet.enable_gradient_checkpointing()
         unet.train()
         self.unet = unet
-        # under FSDP, the weights the next `save` writes, gathered whole by `gather`
+        # of a sharded run (FSDP, DeepSpeed), the weights the next `save` writes, made whole
+        # by `gather`
         self._gathered: dict[str, torch.Tensor] | None = None
 
     def compile(self, mode: str, *, announce: bool = False) -> int:
@@ -150,19 +151,22 @@ class Policy:
         finally:
             target.enable_adapters()
 
-    def _saved_state(self) -> dict[str, torch.Tensor]:
+    def _saved_state(self, state: dict[str, torch.Tensor] | None = None):
         """What `save` writes, as the denoiser names it: the adapters (peft's key format) for
-        LoRA, every weight for a full fine-tune."""
+        LoRA, every weight for a full fine-tune; taken from `state` (a state dict of the
+        denoiser) when given, else from the denoiser itself."""
         if self.cfg.mode == "lora":
             from peft.utils import get_peft_model_state_dict
 
-            return get_peft_model_state_dict(self.unet)
-        return self.unet.state_dict()
+            return get_peft_model_state_dict(self.unet, state_dict=state)
+        return self.unet.state_dict() if state is None else state
 
     def gather(self) -> None:
-        """Every rank of an FSDP run calls this before the main process saves: the sharded
-        weights that `save` writes are gathered whole (a collective) and kept for it."""
-        self._gathered = gathered(self._saved_state())
+        """Every rank of a sharded run (FSDP, DeepSpeed) calls this before the main process
+        saves: the weights that `save` writes are gathered whole (a collective; DeepSpeed's
+        float32 masters) and kept for it."""
+        state = self.unet.state_dict() | master_weights(self.unet)  # DeepSpeed: float32
+        self._gathered = gathered(self._saved_state(state))
 
     def _peft_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapters in peft's key format, float32 on the CPU."""
@@ -248,7 +252,7 @@ class Policy:
         self._gathered = None
 
     def _denoiser_to_save(self) -> torch.nn.Module:
-        """The full fine-tune as diffusers saves it: the policy itself, or under FSDP a
+        """The full fine-tune as diffusers saves it: the policy itself, or when sharded a
         weightless copy of its class given the gathered weights (what `save_pretrained` writes
         is then the same folder as without sharding)."""
         if self._gathered is None:
@@ -265,8 +269,8 @@ class Policy:
 
 def register_lora_checkpoint_hooks(accelerator, policy: Policy) -> None:
     """Checkpoints of LoRA runs hold the adapters only (MBs, not the GBs of the whole UNet).
-    Not under FSDP: accelerate then writes the sharded model itself, frozen weights included,
-    before any hook runs."""
+    Not under FSDP or DeepSpeed: the engine then writes the model itself, each rank its part,
+    frozen weights included."""
     if sharded(accelerator):
         return
 

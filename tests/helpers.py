@@ -185,28 +185,32 @@ def torchrun(
     fault: str | None = None,
     cpu: bool = True,
     script: Path | None = None,
-    fsdp_config: Path | None = None,
+    accelerate_config: Path | None = None,
 ):
     """Two CPU processes of `spo.cli ARGS` (or SCRIPT ARGS): `torchrun --nproc_per_node 2`,
-    or with `fsdp_config` `accelerate launch --config_file FSDP_CONFIG --num_processes 2` with
-    FSDP switched on for CPU processes (tests/faults); `fault` injects one. Returns the
-    finished process."""
+    or with `accelerate_config` (a shipped FSDP or DeepSpeed file) `accelerate launch
+    --config_file ACCELERATE_CONFIG --num_processes 2`, the engine switched on for CPU
+    processes (tests/faults); `fault` injects one. Returns the finished process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("SPO_FAULT", None)
     if cpu:
         env["ACCELERATE_USE_CPU"] = "true"
-    if fault or fsdp_config:
+    if fault or accelerate_config:
         env["PYTHONPATH"] = f"{FAULTS}{os.pathsep}{ROOT}"
     if fault:
         env["SPO_FAULT"] = fault
     target = ["-m", "spo.cli"] if script is None else [str(script)]
-    if fsdp_config is None:
+    if accelerate_config is None:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
         command += ["--standalone", *target, *args]
     else:
-        env["SPO_CPU_FSDP"] = "1"
+        if "DEEPSPEED" in accelerate_config.read_text():
+            env["SPO_CPU_DEEPSPEED"] = "1"
+            env.pop("ACCELERATE_USE_CPU", None)  # DeepSpeed starts only off the CPU path
+        else:
+            env["SPO_CPU_FSDP"] = "1"
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-        command += [str(fsdp_config), "--num_processes", "2", "--mixed_precision", "no"]
+        command += [str(accelerate_config), "--num_processes", "2", "--mixed_precision", "no"]
         command += [*target, *args]
     proc = subprocess.Popen(
         command,

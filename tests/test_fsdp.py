@@ -25,15 +25,15 @@ def test_sharded_full_dpo_resumes_to_the_same_weights_and_saves_for_diffusers(mi
 
     fsdp = CONFIGS / "fsdp_sdxl_full.yaml"  # the tiny UNet has SDXL's block classes
     args = lambda out: dpo_args(mini_world, out, "policy.mode=full")  # noqa: E731
-    straight = torchrun(args(tmp_path / "a"), fsdp_config=fsdp)
+    straight = torchrun(args(tmp_path / "a"), accelerate_config=fsdp)
     assert straight.returncode == 0, straight.stderr[-3000:]
     shards = sorted(p.name for p in (tmp_path / "a/checkpoints/step-2").rglob("*.distcp"))
     assert shards == ["__0_0.distcp", "__0_0.distcp", "__1_0.distcp", "__1_0.distcp"]
 
-    killed = torchrun(args(tmp_path / "k"), fsdp_config=fsdp, fault="kill_after_checkpoint")
+    killed = torchrun(args(tmp_path / "k"), accelerate_config=fsdp, fault="kill_after_checkpoint")
     assert killed.returncode != 0
     assert not (tmp_path / "k/final" / UNET).exists()
-    resumed = torchrun(args(tmp_path / "k"), fsdp_config=fsdp)
+    resumed = torchrun(args(tmp_path / "k"), accelerate_config=fsdp)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     a, k = load_file(tmp_path / "a/final" / UNET), load_file(tmp_path / "k/final" / UNET)
@@ -50,7 +50,7 @@ def test_sharded_full_dpo_trains_the_weights_of_unsharded_processes(mini_world, 
     """FSDP averages gradients by reduce-scatter where DDP all-reduces: the same run's
     weights agree to float rounding."""
     args = lambda out: dpo_args(mini_world, out, "policy.mode=full")  # noqa: E731
-    sharded = torchrun(args(tmp_path / "fsdp"), fsdp_config=CONFIGS / "fsdp_sdxl_full.yaml")
+    sharded = torchrun(args(tmp_path / "fsdp"), accelerate_config=CONFIGS / "fsdp_sdxl_full.yaml")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     unsharded = torchrun(args(tmp_path / "ddp"))
     assert unsharded.returncode == 0, unsharded.stderr[-3000:]
@@ -68,11 +68,11 @@ def test_sharded_flux_lora_resumes_and_saves_what_diffusers_loads(mini_world, tm
     flux = build_tiny_flux(tmp_path / "flux")
     fsdp = CONFIGS / "fsdp_flux_lora.yaml"
     args = lambda out: dpo_args(mini_world, out, f"base_model={flux}", "beta=100")  # noqa: E731
-    straight = torchrun(args(tmp_path / "a"), fsdp_config=fsdp)
+    straight = torchrun(args(tmp_path / "a"), accelerate_config=fsdp)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = torchrun(args(tmp_path / "k"), fsdp_config=fsdp, fault="kill_after_checkpoint")
+    killed = torchrun(args(tmp_path / "k"), accelerate_config=fsdp, fault="kill_after_checkpoint")
     assert killed.returncode != 0
-    resumed = torchrun(args(tmp_path / "k"), fsdp_config=fsdp)
+    resumed = torchrun(args(tmp_path / "k"), accelerate_config=fsdp)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     a, k = (load_file(tmp_path / run / "final" / LORA) for run in ("a", "k"))
@@ -105,7 +105,8 @@ def test_the_shipped_accelerate_configs_wrap_blocks_their_model_has(name, preset
     from spo.architectures import build_pipeline
     from spo.families import family_of
 
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(n for n, _ in CONFIG_PRESETS)
+    shipped = sorted(p.name for p in CONFIGS.glob("fsdp_*.yaml"))
+    assert shipped == sorted(n for n, _ in CONFIG_PRESETS)
     config = load_config_from_file(str(CONFIGS / name))
     assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
     pipe = build_pipeline(preset, "meta", torch.bfloat16)
@@ -115,10 +116,13 @@ def test_the_shipped_accelerate_configs_wrap_blocks_their_model_has(name, preset
         assert cls in present, cls
 
 
-def test_the_judges_trainer_refuses_an_fsdp_launch(mini_world, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("flag", "engine"), [("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")])
+def test_the_judges_trainer_refuses_a_sharded_launch(
+    mini_world, tmp_path, monkeypatch, capsys, flag, engine
+):
     from helpers import judge_training_args
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(f"ACCELERATE_USE_{flag}", "true")
     assert main(judge_training_args(mini_world, tmp_path / "j")) == 2
-    assert "does not run sharded (FSDP)" in one_error_line(capsys)
+    assert f"does not run sharded ({engine})" in one_error_line(capsys)
     assert not (tmp_path / "j").exists()

@@ -426,7 +426,7 @@ def _train(cfg: DPOTrainConfig, loop: TrainLoop, *, stream=None, table=None, lab
                     empty=empty,
                 )
                 with accelerator.accumulate(unet):
-                    with accelerator.autocast():
+                    with loop.autocast():
                         loss, out = dpo_objective(model, unet, policy, inputs, cfg)
                     loop.optimizer_step(loss * weight)
                 if not weight:

@@ -283,7 +283,7 @@ def _train_round(
         if b == len(batches) - 1:
             accelerator.step = accum - 1  # accelerate's count: the next micro-batch syncs
         with accelerator.accumulate(unet):
-            with accelerator.autocast():
+            with loop.autocast():
                 logp_w, logp_l = chain_log_probs(model, unet, batch, **settings)
                 with policy.reference(unet) as reference:
                     ref_w, ref_l = chain_log_probs(model, reference, batch, **settings)

@@ -22,7 +22,7 @@ import torch
 
 from spo.errors import ConfigError, TrainingError
 from spo.runs import atomic_write_bytes
-from spo.training.distributed import on_main, ranks_where
+from spo.training.distributed import local_part, on_main, ranks_where
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -65,8 +65,9 @@ class Checkpointer:
 
     def save(self, accelerator, step: int, state: dict[str, Any], params=()) -> Path:
         """Write `step-N` from every rank. Refused (TrainingError on every rank, nothing
-        written) when a parameter in `params` is not finite or the disk has no room for it."""
-        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        written) when a parameter in `params` (this rank's part of it) is not finite or the
+        disk has no room for it."""
+        finite = all(bool(torch.isfinite(local_part(p)).all()) for p in params)
         if ranks_where(accelerator, not finite):
             raise TrainingError(
                 f"the weights are not finite at step {step}; not saved as a checkpoint. "
@@ -125,7 +126,8 @@ class Checkpointer:
         done = self._complete()
         if done:
             return folder_bytes(max(done, key=_step_of))
-        return 3 * sum(p.numel() * p.element_size() for p in params) + 64_000
+        sizes = (getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+        return 3 * sum(sizes) + 64_000  # ds_numel: a ZeRO-3 weight's whole size
 
     def _make_room(self, step: int, needed: int) -> None:
         """Delete old checkpoints early (never the newest) when the disk cannot hold one

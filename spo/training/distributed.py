@@ -20,32 +20,104 @@ from spo.errors import ConfigError, TrainingError
 T = TypeVar("T")
 
 
-def fsdp_requested() -> bool:
-    """Whether the launcher asked for FSDP (`accelerate launch` with an FSDP config sets
-    ACCELERATE_USE_FSDP): known before the accelerator, hence before any model, exists."""
+def sharding_launch() -> str | None:
+    """The sharding engine the launcher asked for, "FSDP" or "DeepSpeed" (`accelerate launch`
+    with such a config sets ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED), else None: known
+    before the accelerator, hence before any model, exists."""
     from accelerate.utils import parse_flag_from_env
 
-    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    return None
+
+
+def deepspeed_plugin(cfg):
+    """The DeepSpeed plugin of a DeepSpeed launch, its ZeRO stage, offload and 16-bit saving
+    from the launcher's config, and what the run's own config decides from `cfg`: gradient
+    accumulation, clipping (optim.max_grad_norm, 0 = off) and the micro-batch (batch_size).
+    A DeepSpeed config file that sets these otherwise is refused in one line: DeepSpeed's value
+    would silently replace the config's."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    clip = max(0.0, float(cfg.optim.max_grad_norm))
+    plugin = DeepSpeedPlugin(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, gradient_clipping=clip
+    )
+    ds = plugin.deepspeed_config
+    asked = {
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": clip,
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+    }
+    for key, value in asked.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif float(ds[key]) != value:
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={ds[key]} where this run's config says "
+                f"{value}; set it to auto there (the run's config decides it)"
+            )
+    return plugin
+
+
+def load_models_whole() -> None:
+    """Under DeepSpeed, models load whole on every process: accelerate registers the ZeRO
+    config with transformers, which then loads any ZeRO-3 model partitioned
+    (`deepspeed.zero.Init`), whatever `zero3_init_flag` says. The toolkit's frozen models (text
+    encoders, a flow model's T5) run outside DeepSpeed's engine, where a partitioned weight is
+    empty; the trained model is split when `accelerator.prepare` hands it to DeepSpeed."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def sharded(accelerator) -> bool:
-    """Whether the trained model is sharded over the processes (FSDP): its weights are then
-    whole only when gathered, and every forward pass needs every rank."""
+    """Whether the trained weights are split over the processes (FSDP, DeepSpeed ZeRO: the
+    weights themselves at ZeRO-3, else their float32 masters): they are then whole only when
+    every rank gathers them, and with FSDP or ZeRO-3 every forward pass needs every rank. The
+    engine then also writes the model's checkpoint itself, each rank its part."""
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type == DistributedType.FSDP
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def master_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Under DeepSpeed, each trainable weight of `module` (by its state-dict name) whole and in
+    float32 as the optimizer keeps it: its master copy, which is what was trained when the
+    engine computes in 16 bits, and is split over the ranks (ZeRO-1/2/3). A collective: every
+    rank calls it. {} for weights DeepSpeed does not manage (FSDP, DDP)."""
+    from accelerate.utils import is_deepspeed_available
+
+    if not is_deepspeed_available():
+        return {}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            full = safe_get_full_fp32_param(param)
+            if full is not None:
+                masters[name] = full
+    return masters
+
+
+def local_part(param: torch.Tensor) -> torch.Tensor:
+    """The part of `param` this rank holds: its ZeRO-3 partition, else the tensor itself."""
+    return getattr(param, "ds_tensor", param)
 
 
 def gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` whole and on the CPU, each shard (FSDP's DTensor) gathered from every rank: a
-    collective, so every rank calls it with the same keys in the same order."""
+    """`state` whole and copied to the CPU, each shard (FSDP's DTensor) gathered from every
+    rank: a collective, so every rank calls it with the same keys in the same order."""
     from torch.distributed.tensor import DTensor
 
     whole = {}
     for key, value in state.items():
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        whole[key] = value.detach().cpu()
+        whole[key] = value.detach().to("cpu", copy=True)
     return whole
 
 

@@ -46,11 +46,13 @@ from spo.runs import RunDir, RunLock, atomic_dir, check_writable, clean_leftover
 from spo.training.checkpoints import Checkpointer
 from spo.training.distributed import (
     check_world,
+    deepspeed_plugin,
     die_with_launcher,
-    fsdp_requested,
+    load_models_whole,
     on_main,
     ranks_where,
     sharded,
+    sharding_launch,
 )
 from spo.training.publish import check_hub_token, push_folder
 from spo.training.validation import BEST_FILE, Best, Validator
@@ -258,15 +260,34 @@ def config_changes(recorded: Any, cfg: Any) -> dict[str, tuple[Any, Any]]:
 
 def make_accelerator(cfg):
     """The run's Accelerator: mixed precision (the config's, else the launcher's), gradient
-    accumulation, tracker, project folder."""
+    accumulation, tracker, project folder; under a DeepSpeed launch, the plugin given the
+    config's accumulation, clipping and micro-batch (`deepspeed_plugin`), the models to be
+    loaded whole (`load_models_whole`)."""
     from accelerate import Accelerator
 
-    return Accelerator(
+    deepspeed = sharding_launch() == "DeepSpeed"
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.tracker == "none" else cfg.tracker,
         project_dir=cfg.out,
+        **({"deepspeed_plugin": deepspeed_plugin(cfg)} if deepspeed else {}),
     )
+    if deepspeed:
+        load_models_whole()
+    return accelerator
+
+
+def autocast(accelerator):
+    """The run's autocast: accelerate's; under DeepSpeed with 16-bit weights (its config's bf16
+    or fp16, where accelerate's autocast does nothing) torch's autocast to that dtype, so that
+    float32 inputs meet the engine's 16-bit weights as in any mixed-precision run."""
+    from accelerate.utils import DistributedType
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and half is not None:
+        return torch.autocast(accelerator.device.type, dtype=half)
+    return accelerator.autocast()
 
 
 class TrainLoop:
@@ -291,12 +312,21 @@ class TrainLoop:
         precision exists on this machine, the resume target exists and is a checkpoint of this
         `kind` and `mode` (the config key `mode_key`; `mode_default` for checkpoints that
         record none), a Hub token exists when `final/` is to be pushed to `hub_model_id`, and
-        an FSDP launch is refused unless the trainer is `shardable`."""
-        if fsdp_requested() and not shardable:
+        a sharded launch (FSDP, DeepSpeed) is refused unless the trainer is `shardable`."""
+        engine = sharding_launch()
+        if engine and not shardable:
             raise ConfigError(
-                f"{name.upper()} training does not run sharded (FSDP); launch it without an "
-                "FSDP accelerate config (FSDP is for train-dpo and train-spo)"
+                f"{name.upper()} training does not run sharded ({engine}); launch it without "
+                f"a {engine} accelerate config ({engine} is for train-dpo and train-spo)"
             )
+        if engine == "DeepSpeed":
+            from accelerate.utils import is_deepspeed_available
+
+            if not is_deepspeed_available():
+                raise ConfigError(
+                    "a DeepSpeed launch needs the deepspeed package: "
+                    "pip install 'spo-diffusion[deepspeed]'"
+                )
         self.cfg, self.name, self.mode = cfg, name, mode
         self.validator, self.max_minutes = validator, max_minutes
         self.hub_model_id = hub_model_id
@@ -467,6 +497,10 @@ class TrainLoop:
         spent = out_of_time(self.max_minutes, self.train_seconds())
         return not ranks_where(self.accelerator, spent)
 
+    def autocast(self):
+        """The context the loss is computed in (`autocast`)."""
+        return autocast(self.accelerator)
+
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Backward, clip, step, inside `accelerator.accumulate`. A non-finite loss on any
         rank stops every rank, with nothing saved: the newest checkpoint is the last good
@@ -529,8 +563,9 @@ class TrainLoop:
 
     @property
     def _validates(self) -> bool:
-        """Whether this rank takes part in validations: the main process, and under FSDP
-        every rank (each sampling step needs every rank's shard of the policy)."""
+        """Whether this rank takes part in validations: the main process, and when the policy
+        is sharded (FSDP, DeepSpeed) every rank (each sampling step of FSDP or ZeRO-3 needs
+        every rank's shard; best/ needs every rank's part of the weights)."""
         return self.main or sharded(self.accelerator)
 
     def baseline_images(self, model, policy) -> None:

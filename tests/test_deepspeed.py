@@ -1,0 +1,170 @@
+"""DeepSpeed ZeRO through accelerate in two real CPU processes, launched with the shipped
+accelerate config files: a ZeRO-3 full fine-tune (its weights split over the ranks) trains,
+checkpoints every rank's partition, is killed, resumes to the weights of the uninterrupted run,
+and writes a final/ that stock diffusers loads; ZeRO-2 trains the weights two plain DDP
+processes train. accelerate starts DeepSpeed only off the CPU path, so tests/faults gives it
+gloo on CPU processes (DeepSpeed's CPU accelerator); the shipped configs are used as they are."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import (
+    ROOT,
+    dpo_args,
+    judge_training_args,
+    one_error_line,
+    spo_args,
+    torchrun,
+)
+from safetensors.torch import load_file
+from tiny_pipelines import build_tiny_flux
+
+from spo.cli import main
+
+pytest.importorskip("deepspeed")  # the dev install has it ('spo-diffusion[dev]')
+
+CONFIGS = ROOT / "configs/accelerate"
+ZERO2, ZERO3 = CONFIGS / "deepspeed_zero2.yaml", CONFIGS / "deepspeed_zero3.yaml"
+UNET = "unet/diffusion_pytorch_model.safetensors"
+LORA = "pytorch_lora_weights.safetensors"
+
+
+def test_zero3_full_dpo_resumes_to_the_same_weights_and_saves_for_diffusers(mini_world, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    args = lambda out: dpo_args(mini_world, out, "policy.mode=full")  # noqa: E731
+    straight = torchrun(args(tmp_path / "a"), accelerate_config=ZERO3)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    step = tmp_path / "a/checkpoints/step-2"
+    partitions = sorted(p.name for p in step.rglob("*model_states.pt"))
+    assert partitions == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
+
+    killed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3, fault="kill_after_checkpoint")
+    assert killed.returncode != 0
+    assert not (tmp_path / "k/final" / UNET).exists()
+    resumed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, k = load_file(tmp_path / "a/final" / UNET), load_file(tmp_path / "k/final" / UNET)
+    assert a.keys() == k.keys() and all(torch.equal(a[n], k[n]) for n in a)
+
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "a/final/unet")
+    assert loaded.state_dict().keys() == a.keys()
+    assert all(torch.equal(v, a[n]) for n, v in loaded.state_dict().items())
+    base = load_file(mini_world / "base_model" / UNET)
+    assert base.keys() == a.keys()
+    assert any(not torch.equal(base[n].float(), a[n]) for n in a)  # it trained
+
+
+@pytest.mark.slow
+def test_zero2_and_zero3_full_dpo_train_the_weights_of_plain_processes(mini_world, tmp_path):
+    """ZeRO averages gradients by its own reductions where DDP all-reduces: the same run's
+    weights agree to float rounding, with either stage."""
+    args = lambda out: dpo_args(mini_world, out, "policy.mode=full")  # noqa: E731
+    runs = {"zero2": ZERO2, "zero3": ZERO3, "ddp": None}
+    for name, config in runs.items():
+        done = torchrun(args(tmp_path / name), accelerate_config=config)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ddp = load_file(tmp_path / "ddp/final" / UNET)
+    for name in ("zero2", "zero3"):
+        weights = load_file(tmp_path / name / "final" / UNET)
+        assert weights.keys() == ddp.keys()
+        assert max((weights[n] - ddp[n]).abs().max().item() for n in ddp) <= 1e-5, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [ZERO2, ZERO3], ids=["zero2", "zero3"])
+def test_a_bf16_engine_saves_its_float32_masters(mini_world, tmp_path, config):
+    """With bf16 in DeepSpeed's config the engine computes with 16-bit weights and its
+    optimizer keeps float32 masters: final/ holds the masters (what was trained), not the
+    bf16 copies."""
+    args = dpo_args(mini_world, tmp_path / "r", "mixed_precision=bf16", "optim.lr=1e-3")
+    done = torchrun(args, accelerate_config=config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapters = load_file(tmp_path / "r/final/adapter_model.safetensors")  # peft's names
+    trained = [v for n, v in adapters.items() if "lora_B" in n]
+    assert trained and any(v.abs().max() > 0 for v in trained)
+    assert all(v.dtype == torch.float32 for v in adapters.values())
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in trained)
+
+
+@pytest.mark.slow
+def test_zero3_flux_lora_resumes_and_saves_what_diffusers_loads(mini_world, tmp_path):
+    """LoRA on the tiny FLUX, its frozen transformer split by ZeRO-3: killed and resumed to
+    the uninterrupted run's adapters, which FluxPipeline.load_lora_weights applies."""
+    from diffusers import FluxPipeline
+
+    flux = build_tiny_flux(tmp_path / "flux")
+    args = lambda out: dpo_args(mini_world, out, f"base_model={flux}", "beta=100")  # noqa: E731
+    straight = torchrun(args(tmp_path / "a"), accelerate_config=ZERO3)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3, fault="kill_after_checkpoint")
+    assert killed.returncode != 0
+    resumed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, k = (load_file(tmp_path / run / "final" / LORA) for run in ("a", "k"))
+    assert a.keys() == k.keys() and all(torch.equal(a[n], k[n]) for n in a)
+    assert any(v.abs().max() > 0 for n, v in a.items() if "lora_B" in n)  # it trained
+
+    pipe = FluxPipeline.from_pretrained(flux)
+    before = {n: v.clone() for n, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(tmp_path / "a/final")
+    pipe.fuse_lora()
+    after = {n.replace(".base_layer", ""): v for n, v in pipe.transformer.state_dict().items()}
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed and all(n.endswith(".weight") and "attn.to_" in n for n in changed)
+
+
+@pytest.mark.slow
+def test_zero3_spo_samples_together_and_resumes_to_the_same_adapters(mini_world, tmp_path):
+    """SPO under ZeRO-3: every sampling step's forward needs both ranks (each samples its own
+    prompts), and accumulation over 2 micro-batches is DeepSpeed's; killed after a checkpoint,
+    the run resumes to bitwise the uninterrupted run's adapters."""
+    assert main(judge_training_args(mini_world, tmp_path / "judge", "max_steps=2")) == 0
+    prompts = tmp_path / "prompts.txt"
+    shapes = ("a red circle", "a blue cross", "a green square", "a yellow star")
+    prompts.write_text("".join(f"{s} on a white background\n" for s in shapes))
+    extra = (f"prompts={prompts}", "checkpoint_every=1", "gradient_accumulation_steps=2")
+    args = lambda out: spo_args(mini_world, tmp_path / "judge/final", out, *extra)  # noqa: E731
+    straight = torchrun(args(tmp_path / "a"), accelerate_config=ZERO3)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3, fault="kill_after_checkpoint")
+    assert killed.returncode != 0
+    resumed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, k = (load_file(tmp_path / run / "final" / LORA) for run in ("a", "k"))
+    assert a.keys() == k.keys() and all(torch.equal(a[n], k[n]) for n in a)
+    assert any(v.abs().max() > 0 for n, v in a.items() if "lora.up" in n or "lora_B" in n)
+
+
+@pytest.mark.parametrize(("config", "stage"), [(ZERO2, 2), (ZERO3, 3)])
+def test_the_shipped_deepspeed_configs_ask_for_their_stage(config, stage):
+    """As accelerate reads them: DeepSpeed, the stage, ZeRO-3 gathering its 16-bit weights to
+    save (final/ needs them), and no accumulation or clipping of their own (the run's config
+    decides those)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.distributed_type == "DEEPSPEED"
+    ds = loaded.deepspeed_config
+    assert ds["zero_stage"] == stage
+    assert ds.get("zero3_save_16bit_model", False) == (stage == 3)
+    assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds
+
+
+def test_a_deepspeed_file_that_overrides_the_runs_accumulation_is_refused(
+    mini_world, tmp_path, monkeypatch, capsys
+):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    assert main(dpo_args(mini_world, tmp_path / "d")) == 2
+    line = one_error_line(capsys)
+    assert "gradient_accumulation_steps=4" in line and "says 1" in line
+    assert not (tmp_path / "d").exists()
