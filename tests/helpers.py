@@ -228,3 +228,34 @@ def torchrun(
         proc.communicate()
         raise
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def launches_resume_exactly(args, root: Path, weights: str, **launch) -> dict[str, torch.Tensor]:
+    """`torchrun(args(root / "a"), **launch)` uninterrupted; `args(root / "k")` killed right
+    after its first checkpoint and launched again: it resumes, and its `final/<weights>` equals
+    the uninterrupted run's bitwise. Returns those weights."""
+    straight = torchrun(args(root / "a"), **launch)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = torchrun(args(root / "k"), fault="kill_after_checkpoint", **launch)
+    assert killed.returncode != 0
+    assert not (root / "k/final" / weights).exists()
+    resumed = torchrun(args(root / "k"), **launch)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, k = (load_file(root / run / "final" / weights) for run in ("a", "k"))
+    assert a.keys() == k.keys() and all(torch.equal(a[n], k[n]) for n in a)
+    return a
+
+
+def assert_flux_lora_applies(flux: Path, lora: Path) -> None:
+    """Stock `FluxPipeline.load_lora_weights` applies the LoRA folder `lora` to the pipeline
+    `flux`: fused, it changes attention projection weights and nothing else."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(flux)
+    before = {n: v.clone() for n, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora()
+    after = {n.replace(".base_layer", ""): v for n, v in pipe.transformer.state_dict().items()}
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed and all(n.endswith(".weight") and "attn.to_" in n for n in changed)

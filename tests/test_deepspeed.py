@@ -13,8 +13,10 @@ import pytest
 import torch
 from helpers import (
     ROOT,
+    assert_flux_lora_applies,
     dpo_args,
     judge_training_args,
+    launches_resume_exactly,
     one_error_line,
     spo_args,
     torchrun,
@@ -36,20 +38,10 @@ def test_zero3_full_dpo_resumes_to_the_same_weights_and_saves_for_diffusers(mini
     from diffusers import UNet2DConditionModel
 
     args = lambda out: dpo_args(mini_world, out, "policy.mode=full")  # noqa: E731
-    straight = torchrun(args(tmp_path / "a"), accelerate_config=ZERO3)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = launches_resume_exactly(args, tmp_path, UNET, accelerate_config=ZERO3)
     step = tmp_path / "a/checkpoints/step-2"
     partitions = sorted(p.name for p in step.rglob("*model_states.pt"))
     assert partitions == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
-
-    killed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3, fault="kill_after_checkpoint")
-    assert killed.returncode != 0
-    assert not (tmp_path / "k/final" / UNET).exists()
-    resumed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    a, k = load_file(tmp_path / "a/final" / UNET), load_file(tmp_path / "k/final" / UNET)
-    assert a.keys() == k.keys() and all(torch.equal(a[n], k[n]) for n in a)
 
     loaded = UNet2DConditionModel.from_pretrained(tmp_path / "a/final/unet")
     assert loaded.state_dict().keys() == a.keys()
@@ -95,28 +87,11 @@ def test_a_bf16_engine_saves_its_float32_masters(mini_world, tmp_path, config):
 def test_zero3_flux_lora_resumes_and_saves_what_diffusers_loads(mini_world, tmp_path):
     """LoRA on the tiny FLUX, its frozen transformer split by ZeRO-3: killed and resumed to
     the uninterrupted run's adapters, which FluxPipeline.load_lora_weights applies."""
-    from diffusers import FluxPipeline
-
     flux = build_tiny_flux(tmp_path / "flux")
     args = lambda out: dpo_args(mini_world, out, f"base_model={flux}", "beta=100")  # noqa: E731
-    straight = torchrun(args(tmp_path / "a"), accelerate_config=ZERO3)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3, fault="kill_after_checkpoint")
-    assert killed.returncode != 0
-    resumed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    a, k = (load_file(tmp_path / run / "final" / LORA) for run in ("a", "k"))
-    assert a.keys() == k.keys() and all(torch.equal(a[n], k[n]) for n in a)
+    a = launches_resume_exactly(args, tmp_path, LORA, accelerate_config=ZERO3)
     assert any(v.abs().max() > 0 for n, v in a.items() if "lora_B" in n)  # it trained
-
-    pipe = FluxPipeline.from_pretrained(flux)
-    before = {n: v.clone() for n, v in pipe.transformer.state_dict().items()}
-    pipe.load_lora_weights(tmp_path / "a/final")
-    pipe.fuse_lora()
-    after = {n.replace(".base_layer", ""): v for n, v in pipe.transformer.state_dict().items()}
-    changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert changed and all(n.endswith(".weight") and "attn.to_" in n for n in changed)
+    assert_flux_lora_applies(flux, tmp_path / "a/final")
 
 
 @pytest.mark.slow
@@ -130,15 +105,7 @@ def test_zero3_spo_samples_together_and_resumes_to_the_same_adapters(mini_world,
     prompts.write_text("".join(f"{s} on a white background\n" for s in shapes))
     extra = (f"prompts={prompts}", "checkpoint_every=1", "gradient_accumulation_steps=2")
     args = lambda out: spo_args(mini_world, tmp_path / "judge/final", out, *extra)  # noqa: E731
-    straight = torchrun(args(tmp_path / "a"), accelerate_config=ZERO3)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3, fault="kill_after_checkpoint")
-    assert killed.returncode != 0
-    resumed = torchrun(args(tmp_path / "k"), accelerate_config=ZERO3)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    a, k = (load_file(tmp_path / run / "final" / LORA) for run in ("a", "k"))
-    assert a.keys() == k.keys() and all(torch.equal(a[n], k[n]) for n in a)
+    a = launches_resume_exactly(args, tmp_path, LORA, accelerate_config=ZERO3)
     assert any(v.abs().max() > 0 for n, v in a.items() if "lora.up" in n or "lora_B" in n)
 
 

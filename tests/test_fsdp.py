@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ROOT, dpo_args, one_error_line, torchrun
+from helpers import (
+    ROOT,
+    assert_flux_lora_applies,
+    dpo_args,
+    launches_resume_exactly,
+    one_error_line,
+    torchrun,
+)
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_flux
 
@@ -25,19 +32,9 @@ def test_sharded_full_dpo_resumes_to_the_same_weights_and_saves_for_diffusers(mi
 
     fsdp = CONFIGS / "fsdp_sdxl_full.yaml"  # the tiny UNet has SDXL's block classes
     args = lambda out: dpo_args(mini_world, out, "policy.mode=full")  # noqa: E731
-    straight = torchrun(args(tmp_path / "a"), accelerate_config=fsdp)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = launches_resume_exactly(args, tmp_path, UNET, accelerate_config=fsdp)
     shards = sorted(p.name for p in (tmp_path / "a/checkpoints/step-2").rglob("*.distcp"))
     assert shards == ["__0_0.distcp", "__0_0.distcp", "__1_0.distcp", "__1_0.distcp"]
-
-    killed = torchrun(args(tmp_path / "k"), accelerate_config=fsdp, fault="kill_after_checkpoint")
-    assert killed.returncode != 0
-    assert not (tmp_path / "k/final" / UNET).exists()
-    resumed = torchrun(args(tmp_path / "k"), accelerate_config=fsdp)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    a, k = load_file(tmp_path / "a/final" / UNET), load_file(tmp_path / "k/final" / UNET)
-    assert a.keys() == k.keys() and all(torch.equal(a[n], k[n]) for n in a)
 
     loaded = UNet2DConditionModel.from_pretrained(tmp_path / "a/final/unet")
     assert all(torch.equal(v, a[n]) for n, v in loaded.state_dict().items())
@@ -63,29 +60,12 @@ def test_sharded_full_dpo_trains_the_weights_of_unsharded_processes(mini_world, 
 def test_sharded_flux_lora_resumes_and_saves_what_diffusers_loads(mini_world, tmp_path):
     """LoRA on the tiny FLUX, its frozen transformer sharded: killed and resumed to the
     uninterrupted run's adapters, which FluxPipeline.load_lora_weights applies."""
-    from diffusers import FluxPipeline
-
     flux = build_tiny_flux(tmp_path / "flux")
     fsdp = CONFIGS / "fsdp_flux_lora.yaml"
     args = lambda out: dpo_args(mini_world, out, f"base_model={flux}", "beta=100")  # noqa: E731
-    straight = torchrun(args(tmp_path / "a"), accelerate_config=fsdp)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = torchrun(args(tmp_path / "k"), accelerate_config=fsdp, fault="kill_after_checkpoint")
-    assert killed.returncode != 0
-    resumed = torchrun(args(tmp_path / "k"), accelerate_config=fsdp)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    a, k = (load_file(tmp_path / run / "final" / LORA) for run in ("a", "k"))
-    assert a.keys() == k.keys() and all(torch.equal(a[n], k[n]) for n in a)
+    a = launches_resume_exactly(args, tmp_path, LORA, accelerate_config=fsdp)
     assert any(v.abs().max() > 0 for n, v in a.items() if "lora_B" in n)  # it trained
-
-    pipe = FluxPipeline.from_pretrained(flux)
-    before = {n: v.clone() for n, v in pipe.transformer.state_dict().items()}
-    pipe.load_lora_weights(tmp_path / "a/final")
-    pipe.fuse_lora()
-    after = {n.replace(".base_layer", ""): v for n, v in pipe.transformer.state_dict().items()}
-    changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert changed and all(n.endswith(".weight") and "attn.to_" in n for n in changed)
+    assert_flux_lora_applies(flux, tmp_path / "a/final")
 
 
 CONFIG_PRESETS = [
