@@ -221,7 +221,8 @@ def _out(c: Ctx, variant: str) -> str:
 
 def toy_world(c: Ctx, v: str) -> list[str]:
     small = ["train_pairs=6", "validation_pairs=4", "grid_prompts=1", "grid_images_per_prompt=1"]
-    return ["toy-world", "--out", _out(c, v), *small, "num_inference_steps=2"]
+    groups = ["group_pairs=6", "group_validation_pairs=4"]
+    return ["toy-world", "--out", _out(c, v), *small, *groups, "num_inference_steps=2"]
 
 
 def spm_pixel(c: Ctx, v: str) -> list[str]:

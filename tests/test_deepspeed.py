@@ -1,9 +1,10 @@
 """DeepSpeed ZeRO through accelerate in two real CPU processes, launched with the shipped
 accelerate config files: a ZeRO-3 full fine-tune (its weights split over the ranks) trains,
-checkpoints every rank's partition, is killed, resumes to the weights of the uninterrupted run,
-and writes a final/ that stock diffusers loads; ZeRO-2 trains the weights two plain DDP
-processes train. accelerate starts DeepSpeed only off the CPU path, so tests/faults gives it
-gloo on CPU processes (DeepSpeed's CPU accelerator); the shipped configs are used as they are."""
+checkpoints every rank's partition and writes a final/ that stock diffusers loads (CI); killed,
+it resumes to the weights of the uninterrupted run, and ZeRO-2 and ZeRO-3 train the weights
+two plain DDP processes train (slow). accelerate starts DeepSpeed only off the CPU path, so
+tests/faults gives it gloo on CPU processes (DeepSpeed's CPU accelerator); the shipped configs
+are used as they are."""
 
 from __future__ import annotations
 
@@ -34,21 +35,32 @@ UNET = "unet/diffusion_pytorch_model.safetensors"
 LORA = "pytorch_lora_weights.safetensors"
 
 
-def test_zero3_full_dpo_resumes_to_the_same_weights_and_saves_for_diffusers(mini_world, tmp_path):
+def test_zero3_full_dpo_checkpoints_partitions_and_saves_for_diffusers(mini_world, tmp_path):
+    """The short version CI runs (the kill and resume is slow): one ZeRO-3 full fine-tune
+    checkpoints each rank's partition and writes a whole, trained `unet/` for diffusers."""
     from diffusers import UNet2DConditionModel
 
-    args = lambda out: dpo_args(mini_world, out, "policy.mode=full")  # noqa: E731
-    a = launches_resume_exactly(args, tmp_path, UNET, accelerate_config=ZERO3)
+    done = torchrun(
+        dpo_args(mini_world, tmp_path / "a", "policy.mode=full"), accelerate_config=ZERO3
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     step = tmp_path / "a/checkpoints/step-2"
     partitions = sorted(p.name for p in step.rglob("*model_states.pt"))
     assert partitions == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
 
+    a = load_file(tmp_path / "a/final" / UNET)
     loaded = UNet2DConditionModel.from_pretrained(tmp_path / "a/final/unet")
     assert loaded.state_dict().keys() == a.keys()
     assert all(torch.equal(v, a[n]) for n, v in loaded.state_dict().items())
     base = load_file(mini_world / "base_model" / UNET)
     assert base.keys() == a.keys()
     assert any(not torch.equal(base[n].float(), a[n]) for n in a)  # it trained
+
+
+@pytest.mark.slow
+def test_zero3_full_dpo_resumes_to_the_same_weights(mini_world, tmp_path):
+    args = lambda out: dpo_args(mini_world, out, "policy.mode=full")  # noqa: E731
+    launches_resume_exactly(args, tmp_path, UNET, accelerate_config=ZERO3)
 
 
 @pytest.mark.slow

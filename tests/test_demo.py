@@ -62,18 +62,19 @@ def test_quick_demo_runs_skips_and_reruns(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("done, skipped") == 6 and "$ spo" not in again
 
-    stamp = (root / "spm/final/model.safetensors").stat().st_mtime_ns
+    stamp = (root / "spo/final/pytorch_lora_weights.safetensors").stat().st_mtime_ns
     import shutil
 
-    shutil.rmtree(root / "dpo")
+    shutil.rmtree(root / "compare")  # a stage gone: it and the stages after it run again
     assert main(["demo", "--quick", "--out", str(root)]) == 0
     third = capsys.readouterr().out
-    assert "[demo] world: done, skipped" in third and "[demo] spm: done, skipped" in third
-    for stage in ("dpo", "spo", "compare", "compare_edit"):
+    for stage in ("world", "spm", "dpo", "spo"):
+        assert f"[demo] {stage}: done, skipped" in third
+    for stage in ("compare", "compare_edit"):
         assert f"[demo] {stage}: $ spo " in third
-    assert (root / "spm/final/model.safetensors").stat().st_mtime_ns == stamp
+    assert (root / "spo/final/pytorch_lora_weights.safetensors").stat().st_mtime_ns == stamp
     report = json.loads((root / "demo.json").read_text())
-    assert report["stages"]["spm"]["skipped"] and not report["stages"]["dpo"]["skipped"]
+    assert report["stages"]["spo"]["skipped"] and not report["stages"]["compare"]["skipped"]
 
 
 def test_the_spm_stage_runs_in_bfloat16_only_where_asked_or_native(monkeypatch, tmp_path):

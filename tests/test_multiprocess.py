@@ -119,18 +119,17 @@ FLOW_TRAINERS = ("flow-dpo", "flow-latent-judge", "flow-spo-latent")
     "trainer",
     ["dpo", "spm", "spo", *(pytest.param(t, marks=pytest.mark.slow) for t in FLOW_TRAINERS)],
 )
-def test_two_processes_repeat_and_resume_to_the_same_weights(
+def test_two_processes_resume_to_the_same_weights(
     trainer, mini_world, judge, four_prompts, tmp_path, request
 ):
     sd3 = request.getfixturevalue("sd3") if trainer in FLOW_TRAINERS else None
     latent = trainer == "flow-spo-latent"
     flow_judge = request.getfixturevalue("flow_latent_judge") if latent else None
     args, name = _cases(mini_world, judge, four_prompts, sd3, flow_judge)[trainer]
+    # No separate repeat of the straight run: the killed run retraces its steps before the
+    # kill and the resumed one after it, so their equality needs a run that repeats bitwise.
     straight = torchrun(args(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    again = torchrun(args(tmp_path / "b"))
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert_equal(weights(tmp_path / "a", name), weights(tmp_path / "b", name))
 
     killed = torchrun(args(tmp_path / "k"), fault="kill_after_checkpoint")
     assert killed.returncode != 0
