@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import judge_training_args
 from tiny_pipelines import build_tiny_sd
 
+from spo.cli import main
 from spo.toy.annotator import labelled_pairs
 from spo.toy.render import split_prompts
 
@@ -59,3 +61,20 @@ def mini_world(tmp_path_factory) -> Path:
     build_tiny_sd(root / "base_model")
     (root / "clip.json").write_text(json.dumps(TINY_CLIP))
     return root
+
+
+@pytest.fixture(scope="module")
+def four_prompts(mini_world) -> Path:
+    """Four eval-style prompts, one per shape (the 2-process SPO runs)."""
+    path = mini_world / "four_prompts.txt"
+    shapes = ("a red circle", "a blue cross", "a green square", "a yellow star")
+    path.write_text("".join(f"{s} on a white background\n" for s in shapes))
+    return path
+
+
+@pytest.fixture(scope="module")
+def judge(mini_world, tmp_path_factory) -> Path:
+    """A pixel SPM trained 2 steps on the mini world (the 2-process SPO runs' judge)."""
+    out = tmp_path_factory.mktemp("judge")
+    assert main(judge_training_args(mini_world, out, "max_steps=2")) == 0
+    return out / "final"

@@ -239,6 +239,7 @@ def launches_resume_exactly(args, root: Path, weights: str, **launch) -> dict[st
     killed = torchrun(args(root / "k"), fault="kill_after_checkpoint", **launch)
     assert killed.returncode != 0
     assert not (root / "k/final" / weights).exists()
+    assert (root / "k/checkpoints/latest").is_file()
     resumed = torchrun(args(root / "k"), **launch)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
@@ -259,3 +260,19 @@ def assert_flux_lora_applies(flux: Path, lora: Path) -> None:
     after = {n.replace(".base_layer", ""): v for n, v in pipe.transformer.state_dict().items()}
     changed = [n for n in before if not torch.equal(before[n], after[n])]
     assert changed and all(n.endswith(".weight") and "attn.to_" in n for n in changed)
+
+
+def assert_trained_unet_saved(world: Path, final: Path) -> dict[str, torch.Tensor]:
+    """A full fine-tune's `final/unet/`: it holds every weight the base model has, stock
+    `UNet2DConditionModel.from_pretrained` loads them unchanged, and they differ from the base
+    model's (it trained). Returns them."""
+    from diffusers import UNet2DConditionModel
+
+    name = "diffusion_pytorch_model.safetensors"
+    saved = load_file(final / "unet" / name)
+    loaded = UNet2DConditionModel.from_pretrained(final / "unet").state_dict()
+    base = load_file(world / "base_model/unet" / name)
+    assert loaded.keys() == saved.keys() == base.keys()
+    assert all(torch.equal(v, saved[n]) for n, v in loaded.items())
+    assert any(not torch.equal(base[n].float(), saved[n]) for n in saved)
+    return saved

@@ -15,8 +15,8 @@ import torch
 from helpers import (
     ROOT,
     assert_flux_lora_applies,
+    assert_trained_unet_saved,
     dpo_args,
-    judge_training_args,
     launches_resume_exactly,
     one_error_line,
     spo_args,
@@ -38,8 +38,6 @@ LORA = "pytorch_lora_weights.safetensors"
 def test_zero3_full_dpo_checkpoints_partitions_and_saves_for_diffusers(mini_world, tmp_path):
     """The short version CI runs (the kill and resume is slow): one ZeRO-3 full fine-tune
     checkpoints each rank's partition and writes a whole, trained `unet/` for diffusers."""
-    from diffusers import UNet2DConditionModel
-
     done = torchrun(
         dpo_args(mini_world, tmp_path / "a", "policy.mode=full"), accelerate_config=ZERO3
     )
@@ -48,13 +46,7 @@ def test_zero3_full_dpo_checkpoints_partitions_and_saves_for_diffusers(mini_worl
     partitions = sorted(p.name for p in step.rglob("*model_states.pt"))
     assert partitions == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
 
-    a = load_file(tmp_path / "a/final" / UNET)
-    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "a/final/unet")
-    assert loaded.state_dict().keys() == a.keys()
-    assert all(torch.equal(v, a[n]) for n, v in loaded.state_dict().items())
-    base = load_file(mini_world / "base_model" / UNET)
-    assert base.keys() == a.keys()
-    assert any(not torch.equal(base[n].float(), a[n]) for n in a)  # it trained
+    assert_trained_unet_saved(mini_world, tmp_path / "a/final")
 
 
 @pytest.mark.slow
@@ -107,16 +99,14 @@ def test_zero3_flux_lora_resumes_and_saves_what_diffusers_loads(mini_world, tmp_
 
 
 @pytest.mark.slow
-def test_zero3_spo_samples_together_and_resumes_to_the_same_adapters(mini_world, tmp_path):
+def test_zero3_spo_samples_together_and_resumes_to_the_same_adapters(
+    mini_world, judge, four_prompts, tmp_path
+):
     """SPO under ZeRO-3: every sampling step's forward needs both ranks (each samples its own
     prompts), and accumulation over 2 micro-batches is DeepSpeed's; killed after a checkpoint,
     the run resumes to bitwise the uninterrupted run's adapters."""
-    assert main(judge_training_args(mini_world, tmp_path / "judge", "max_steps=2")) == 0
-    prompts = tmp_path / "prompts.txt"
-    shapes = ("a red circle", "a blue cross", "a green square", "a yellow star")
-    prompts.write_text("".join(f"{s} on a white background\n" for s in shapes))
-    extra = (f"prompts={prompts}", "checkpoint_every=1", "gradient_accumulation_steps=2")
-    args = lambda out: spo_args(mini_world, tmp_path / "judge/final", out, *extra)  # noqa: E731
+    extra = (f"prompts={four_prompts}", "checkpoint_every=1", "gradient_accumulation_steps=2")
+    args = lambda out: spo_args(mini_world, judge, out, *extra)  # noqa: E731
     a = launches_resume_exactly(args, tmp_path, LORA, accelerate_config=ZERO3)
     assert any(v.abs().max() > 0 for n, v in a.items() if "lora.up" in n or "lora_B" in n)
 

@@ -1,6 +1,6 @@
 """Two real CPU processes (`torchrun --nproc_per_node 2`, accelerate on CPU): every trainer
-runs, checkpoints, is killed and resumes to the weights of the uninterrupted run; the same
-command twice gives the same weights; a non-finite loss on one rank stops both; a launch whose
+runs, checkpoints, is killed and resumes to the weights of the uninterrupted run (so a run
+repeats bitwise too); a non-finite loss on one rank stops both; a launch whose
 processes each think they are alone is refused; two runs cannot share a run folder."""
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import dpo_args, judge_training_args, one_error_line, spo_args, torchrun
+from helpers import (
+    dpo_args,
+    judge_training_args,
+    launches_resume_exactly,
+    one_error_line,
+    spo_args,
+    torchrun,
+)
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_sd3
 
@@ -27,21 +34,6 @@ def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 def assert_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def four_prompts(mini_world) -> Path:
-    path = mini_world / "four_prompts.txt"
-    shapes = ("a red circle", "a blue cross", "a green square", "a yellow star")
-    path.write_text("".join(f"{s} on a white background\n" for s in shapes))
-    return path
-
-
-@pytest.fixture(scope="module")
-def judge(mini_world, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("judge")
-    assert main(judge_training_args(mini_world, out, "max_steps=2")) == 0
-    return out / "final"
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +120,7 @@ def test_two_processes_resume_to_the_same_weights(
     args, name = _cases(mini_world, judge, four_prompts, sd3, flow_judge)[trainer]
     # No separate repeat of the straight run: the killed run retraces its steps before the
     # kill and the resumed one after it, so their equality needs a run that repeats bitwise.
-    straight = torchrun(args(tmp_path / "a"))
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
-    killed = torchrun(args(tmp_path / "k"), fault="kill_after_checkpoint")
-    assert killed.returncode != 0
-    assert not (tmp_path / "k/final" / name).exists()
-    assert (tmp_path / "k/checkpoints/latest").is_file()
-    resumed = torchrun(args(tmp_path / "k"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
-    assert_equal(weights(tmp_path / "a", name), weights(tmp_path / "k", name))
+    launches_resume_exactly(args, tmp_path, name)
 
 
 def test_two_processes_train_the_spm_on_the_released_loss_of_the_gathered_batch(tmp_path):

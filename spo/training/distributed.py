@@ -109,15 +109,15 @@ def local_part(param: torch.Tensor) -> torch.Tensor:
 
 
 def gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` whole and copied to the CPU, each shard (FSDP's DTensor) gathered from every
-    rank: a collective, so every rank calls it with the same keys in the same order."""
+    """`state` whole and on the CPU, each shard (FSDP's DTensor) gathered from every rank: a
+    collective, so every rank calls it with the same keys in the same order."""
     from torch.distributed.tensor import DTensor
 
     whole = {}
     for key, value in state.items():
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        whole[key] = value.detach().to("cpu", copy=True)
+        whole[key] = value.detach().cpu()
     return whole
 
 
